@@ -1,0 +1,74 @@
+"""Generation events: one Redis stream per generation (SSE, long-poll wake-ups) plus webhook fan-out.
+
+Streams give increasing ids per generation, work across API replicas, and let `Last-Event-ID` resume.
+"""
+
+import json
+import time
+from enum import StrEnum
+from typing import Any
+
+import redis
+
+from app.contract import keys
+from app.contract.records import decode
+from app.contract.resource import ImageUrl, render
+
+
+class EventType(StrEnum):
+    queued = "generation.queued"
+    started = "generation.started"
+    progress = "generation.progress"
+    succeeded = "generation.succeeded"
+    failed = "generation.failed"
+    canceled = "generation.canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (EventType.succeeded, EventType.failed, EventType.canceled)
+
+
+TERMINAL_EVENT = {"succeeded": EventType.succeeded, "failed": EventType.failed, "canceled": EventType.canceled}
+STREAM_MAXLEN = 2000
+
+
+def emit(
+    r: "redis.Redis[bytes]",
+    gen_id: str,
+    event_type: EventType,
+    image_url: ImageUrl,
+    ttl_seconds: int,
+    webhook_queue: Any = None,
+) -> str | None:
+    """Append an event carrying the current resource; enqueue a webhook delivery when subscribed."""
+    raw = r.hgetall(keys.generation(gen_id))
+    if not raw:
+        return None
+    rec = decode(raw)
+    resource = render(rec, image_url)
+    body = json.dumps(resource, separators=(",", ":"))
+    pipe = r.pipeline(transaction=False)
+    pipe.xadd(keys.events(gen_id), {"type": event_type.value, "data": body}, maxlen=STREAM_MAXLEN, approximate=True)
+    pipe.expire(keys.events(gen_id), ttl_seconds)
+    event_id = pipe.execute()[0]
+    event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
+    hook = rec.get("webhook")
+    if webhook_queue is not None and hook and event_type.value in hook.get("events", []):
+        webhook_queue.enqueue(
+            "worker.webhooks.deliver",
+            {
+                "generation_id": gen_id,
+                "event_id": f"evt_{gen_id}_{event_id}",
+                "type": event_type.value,
+                "timestamp": time.time(),
+                "data": resource,
+                "url": hook["url"],
+                "address": hook.get("address"),
+                "attempt": 1,
+                "request_id": rec.get("request_id") or None,
+            },
+            job_timeout=60,
+            result_ttl=300,
+            failure_ttl=86400,
+        )
+    return str(event_id)

@@ -1,0 +1,104 @@
+"""Resolved generation parameters and the versioned job payload.
+
+The API resolves every default (seed included) before enqueueing, so the worker never guesses and the
+resource shows exactly what ran. Field names follow diffusers where one exists.
+"""
+
+import hashlib
+import json
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED = 2**53 - 1  # seeds stay exact in JavaScript numbers
+PAYLOAD_VERSION = 1
+
+
+class RefinerMode(StrEnum):
+    none = "none"
+    ensemble = "ensemble"  # base denoising_end == refiner denoising_start on the same latents
+    img2img = "img2img"  # refiner re-denoises the decoded base image with `strength`
+
+
+class LongPrompt(StrEnum):
+    chunk = "chunk"  # 77-token chunks, embeddings concatenated
+    reject = "reject"  # 422 that reports the token counts
+
+
+class OutputFormat(StrEnum):
+    png = "png"
+    webp = "webp"
+    jpeg = "jpeg"
+
+
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
+
+CONTENT_TYPES = {OutputFormat.png: "image/png", OutputFormat.webp: "image/webp", OutputFormat.jpeg: "image/jpeg"}
+
+
+class RefinerParams(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    mode: RefinerMode = RefinerMode.none
+    denoising_start: float = 0.8
+    strength: float = 0.3
+    num_inference_steps: int | None = None
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+
+class GenerationParams(BaseModel):
+    """Every parameter of one generation, fully resolved by the API."""
+
+    # extra="ignore": an older worker accepts a newer API's additive fields during a rolling upgrade.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    prompt: str
+    prompt_2: str | None = None
+    negative_prompt: str | None = None
+    negative_prompt_2: str | None = None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+    seed: int = Field(ge=0, le=MAX_SEED)
+    num_images_per_prompt: int = 1
+    scheduler: str = "euler"
+    original_size: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_original_size: tuple[int, int] | None = None
+    negative_target_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    refiner: RefinerParams = RefinerParams()
+    output_format: OutputFormat = OutputFormat.png
+    output_quality: int = 90
+    long_prompt: LongPrompt = LongPrompt.chunk
+
+    def image_seed(self, index: int) -> int:
+        return (self.seed + index) % (MAX_SEED + 1)
+
+    def batch_key(self) -> str:
+        """Jobs with equal keys can share one pipeline call (everything but prompts and seeds)."""
+        shared = self.model_dump(
+            mode="json",
+            exclude={"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "num_images_per_prompt"},
+        )
+        # absent vs empty negative prompts take different code paths in the pipeline: never mix them
+        shared["_absent"] = [self.prompt_2 is None, self.negative_prompt is None, self.negative_prompt_2 is None]
+        return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class JobPayload(BaseModel):
+    """What travels through rq. `v` lets an old worker refuse what it cannot understand."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    v: int = PAYLOAD_VERSION
+    generation_id: str
+    token: str
+    attempt: int = 1
+    params: GenerationParams
+    request_id: str | None = None

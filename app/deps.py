@@ -1,0 +1,22 @@
+"""Annotated dependencies so routes read as prose."""
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.auth import Principal, authenticate
+from app.generations import GenerationService
+from app.settings import Settings
+
+
+def get_service(request: Request) -> GenerationService:
+    return request.app.state.service  # type: ignore[no-any-return]
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+ServiceDep = Annotated[GenerationService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -1,0 +1,184 @@
+"""API-side logic for generations: create, read, wait, cancel, images. Routes stay thin."""
+
+import json
+import re
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aredis
+from rq import Queue
+from rq.serializers import JSONSerializer
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import Principal
+from app.contract import keys, queueing
+from app.contract.events import EventType, emit
+from app.contract.records import decode
+from app.contract.resource import render
+from app.enqueue import Enqueuer, resolve
+from app.errors import Problem
+from app.schemas import GenerationCreate
+from app.settings import Settings
+from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable
+
+ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+
+def not_found(gen_id: str) -> Problem:
+    return Problem(404, f"generation `{gen_id}` does not exist", kind="generation-not-found")
+
+
+class GenerationService:
+    def __init__(
+        self, r: "redis.Redis[bytes]", ar: "aredis.Redis[bytes]", settings: Settings, store: ObjectStore
+    ) -> None:
+        self.r = r
+        self.ar = ar
+        self.settings = settings
+        self.store = store
+        self.enqueuer = Enqueuer(r, settings)
+        self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
+        self._position = ar.register_script(queueing.POSITION)
+        self._cancel = r.register_script(queueing.CANCEL)
+        self.public_base_url = (settings.public_base_url or "").rstrip("/")
+
+    # --- URLs -------------------------------------------------------------------------------------
+    def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
+        if self.settings.image_url_mode == "presigned" and img.get("key"):
+            url = self.store.presigned_url(img["key"])
+            if url:
+                return url
+        return f"{self.public_base_url}/v1/generations/{gen_id}/images/{img['index']}"
+
+    def location(self, gen_id: str) -> str:
+        return f"{self.public_base_url}/v1/generations/{gen_id}"
+
+    # --- create -----------------------------------------------------------------------------------
+    async def refiner_available(self) -> bool:
+        if not self.settings.refiner_configured:
+            return False
+        workers = await self.live_workers()
+        if not workers:
+            return True  # none registered yet: accept and let it queue
+        return any(w.get("has_refiner") == "1" for w in workers)
+
+    async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None) -> dict[str, Any]:
+        params = resolve(req, self.settings, await self.refiner_available())
+        webhook = req.webhook.model_dump() if req.webhook else None
+        sub = await run_in_threadpool(
+            self.enqueuer.submit,
+            params,
+            principal.owner,
+            req.priority,
+            req.deadline,
+            webhook,
+            None,
+            request_id,
+        )
+        rec = {k: v for k, v in sub.record.items()}
+        for k in ("created_at", "expires_at"):
+            rec[k] = str(rec[k])
+        return render(rec, self.image_url, await self._queue_position(sub.gen_id))
+
+    # --- read -------------------------------------------------------------------------------------
+    async def record(self, gen_id: str, principal: Principal) -> dict[str, Any]:
+        if not ID_RE.match(gen_id):
+            raise not_found(gen_id[:64])
+        raw = await self.ar.hgetall(keys.generation(gen_id))  # type: ignore[misc]
+        if not raw:
+            raise not_found(gen_id)
+        rec = decode(raw)
+        if rec.get("owner") != principal.owner:
+            raise not_found(gen_id)  # never reveal that another key's generation exists
+        expires = rec.get("expires_at")
+        if expires and float(expires) < time.time():
+            raise not_found(gen_id)
+        return rec
+
+    async def _queue_position(self, gen_id: str) -> int | None:
+        pos = await self._position(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY], args=[keys.PREFIX])
+        return int(pos) if pos is not None and int(pos) >= 0 else None
+
+    async def resource(self, rec: dict[str, Any]) -> dict[str, Any]:
+        pos = await self._queue_position(rec["id"]) if rec["status"] == "queued" else None
+        return render(rec, self.image_url, pos)
+
+    async def get(self, gen_id: str, principal: Principal) -> dict[str, Any]:
+        return await self.resource(await self.record(gen_id, principal))
+
+    async def wait(self, gen_id: str, principal: Principal, timeout: float) -> dict[str, Any]:
+        """Answer as soon as the generation is final or `timeout` passes; woken by its event stream."""
+        rec = await self.record(gen_id, principal)
+        deadline = time.monotonic() + timeout
+        last = "0-0"
+        while rec["status"] not in TERMINAL:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            res = await self.ar.xread({keys.events(gen_id): last}, block=max(1, int(remaining * 1000)), count=100)
+            if not res:
+                break
+            for _stream, entries in res:
+                for eid, _fields in entries:
+                    last = eid.decode() if isinstance(eid, bytes) else eid
+            rec = await self.record(gen_id, principal)
+        return await self.resource(rec)
+
+    # --- cancel -----------------------------------------------------------------------------------
+    def _cancel_sync(self, gen_id: str) -> str:
+        raw = self._cancel(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY], args=[keys.PREFIX, time.time()])
+        result = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if result == "canceled:new":
+            emit(self.r, gen_id, EventType.canceled, self.image_url, self.settings.generation_ttl_seconds,
+                 self.webhook_queue)
+            self.enqueuer.feed()
+            return "canceled"
+        if result == "running":
+            self.r.publish(keys.CANCEL_CHANNEL, gen_id)
+        return result
+
+    async def cancel(self, gen_id: str, principal: Principal) -> dict[str, Any]:
+        rec = await self.record(gen_id, principal)
+        outcome = await run_in_threadpool(self._cancel_sync, gen_id)
+        if outcome in ("succeeded", "failed"):
+            raise Problem(409, f"generation `{gen_id}` already {outcome}; it cannot be canceled",
+                          kind="generation-final")
+        rec = await self.record(gen_id, principal)
+        return await self.resource(rec)
+
+    # --- images -----------------------------------------------------------------------------------
+    async def image(self, gen_id: str, index: int, principal: Principal) -> tuple[bytes, str] | str:
+        rec = await self.record(gen_id, principal)
+        images = {img["index"]: img for img in rec.get("images") or []}
+        if index not in images:
+            raise Problem(404, f"generation `{gen_id}` has no image {index}", kind="image-not-found")
+        img = images[index]
+        if self.settings.image_url_mode == "presigned":
+            url = self.store.presigned_url(img["key"])
+            if url:
+                return url
+        try:
+            obj = await run_in_threadpool(self.store.get, img["key"])
+        except ObjectNotFound as exc:
+            raise Problem(404, f"image {index} of `{gen_id}` is gone from storage", kind="image-not-found") from exc
+        except StorageUnavailable as exc:
+            raise Problem(503, "object storage is unavailable", kind="storage-unavailable",
+                          headers={"Retry-After": "5"}) from exc
+        return obj.data, obj.content_type
+
+    # --- workers ----------------------------------------------------------------------------------
+    async def live_workers(self) -> list[dict[str, str]]:
+        cutoff = time.time() - 15
+        ids = await self.ar.zrangebyscore(keys.WORKERS, cutoff, "+inf")
+        workers = []
+        for wid in ids:
+            raw = await self.ar.hgetall(keys.worker(wid.decode()))  # type: ignore[misc]
+            if raw:
+                workers.append({k.decode(): v.decode() for k, v in raw.items()})
+        return workers
+
+
+def resource_json(resource: dict[str, Any]) -> str:
+    return json.dumps(resource, separators=(",", ":"))

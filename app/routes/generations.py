@@ -1,0 +1,116 @@
+"""HTTP routes for /v1/generations."""
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from app.deps import PrincipalDep, ServiceDep, SettingsDep
+from app.errors import Problem
+from app.schemas import Generation, GenerationCreate, ProblemDetails
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)")
+GenId = Annotated[str, Path(description="Generation id", max_length=64)]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ProblemDetails, "content": {"application/problem+json": {}}} for c in codes}
+
+
+def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
+    if not prefer:
+        return None
+    m = PREFER_WAIT.search(prefer)
+    if not m:
+        return None
+    return min(int(m.group(1)), max_wait)
+
+
+@router.post(
+    "",
+    operation_id="create_generation",
+    status_code=202,
+    response_model=Generation,
+    responses={201: {"model": Generation, "description": "Finished within `Prefer: wait`"},
+               **_problems(401, 409, 413, 415, 422, 429, 503)},
+    summary="Generate images from a prompt",
+)
+async def create_generation(
+    body: GenerationCreate,
+    request: Request,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer 201 when done within N s")] = None,
+) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None)
+    resource = await service.create(body, principal, request_id)
+    headers = {"Location": service.location(resource["id"])}
+    wait = prefer_wait(prefer, settings.max_wait_seconds)
+    if wait:
+        resource = await service.wait(resource["id"], principal, wait)
+        if resource["status"] in ("succeeded", "failed", "canceled"):
+            headers["Preference-Applied"] = f"wait={wait}"
+            return JSONResponse(resource, status_code=201, headers=headers)
+    return JSONResponse(resource, status_code=202, headers=headers)
+
+
+@router.get(
+    "/{gen_id}",
+    operation_id="get_generation",
+    response_model=Generation,
+    responses=_problems(401, 404, 429, 503),
+    summary="Read a generation (optionally long-poll with Prefer: wait=N)",
+)
+async def get_generation(
+    gen_id: GenId,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    prefer: Annotated[str | None, Header(description="`wait=N`: answer when final or after N s")] = None,
+) -> dict[str, Any]:
+    wait = prefer_wait(prefer, settings.max_wait_seconds)
+    if wait:
+        return await service.wait(gen_id, principal, wait)
+    return await service.get(gen_id, principal)
+
+
+@router.post(
+    "/{gen_id}/cancel",
+    operation_id="cancel_generation",
+    status_code=202,
+    response_model=Generation,
+    responses=_problems(401, 404, 409, 429, 503),
+    summary="Cancel a queued or running generation",
+)
+async def cancel_generation(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> dict[str, Any]:
+    return await service.cancel(gen_id, principal)
+
+
+@router.get(
+    "/{gen_id}/images/{index}",
+    operation_id="get_generation_image",
+    responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
+                     "description": "The image bytes"},
+               307: {"description": "Redirect to a presigned object-store URL"},
+               **_problems(401, 404, 429, 503)},
+    response_class=Response,
+    summary="Download one image",
+)
+async def get_generation_image(
+    gen_id: GenId,
+    index: Annotated[int, Path(ge=0, le=64)],
+    service: ServiceDep,
+    principal: PrincipalDep,
+) -> Response:
+    result = await service.image(gen_id, index, principal)
+    if isinstance(result, str):
+        return RedirectResponse(result, status_code=307)
+    data, content_type = result
+    return Response(data, media_type=content_type, headers={"Cache-Control": "private, max-age=3600"})
+
+
+__all__ = ["router", "Problem"]

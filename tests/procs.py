@@ -1,0 +1,184 @@
+"""Real processes for end-to-end tests: a private redis-server, uvicorn API processes, SDXL workers.
+
+Every test Redis is our own on a free loopback port; the machine's Redis is never touched.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing is not up yet
+            last_exc = exc
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+class RedisServer:
+    def __init__(self, appendonly: bool = False) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sdxl-redis-")
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--dir", self.dir, "--logfile", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: redis.Redis(port=self.port, socket_timeout=1).ping(), 10, "redis-server")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self) -> "redis.Redis[bytes]":
+        return redis.Redis(port=self.port, socket_timeout=5)
+
+
+def base_env(redis_url: str, model_dir: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        SDXL_REDIS_URL=redis_url,
+        SDXL_BASE_MODEL=str(model_dir / "base"),
+        SDXL_REFINER_MODEL=str(model_dir / "refiner"),
+        SDXL_STORAGE_DIR=str(data_dir / "images"),
+        SDXL_HEARTBEAT_SECONDS="1",
+        SDXL_LEASE_SECONDS="5",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "ab")
+        self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT)
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._fh.close()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        self._fh.flush()
+        return self.log.read_text(errors="replace")
+
+
+class Service:
+    """An API process plus workers, all real processes, on one private Redis."""
+
+    def __init__(self, redis_url: str, model_dir: Path, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.redis_url = redis_url
+        self.model_dir = model_dir
+        self.data_dir = data_dir
+        self.extra = env or {}
+        self.apis: list[Proc] = []
+        self.workers: list[Proc] = []
+        self.port = 0
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(self.redis_url, self.model_dir, self.data_dir, **{**self.extra, **extra})
+
+    def start_api(self, **extra: str) -> str:
+        port = free_port()
+        api = Proc([PY, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
+                    "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5"],
+                   self.env(**extra), self.data_dir / f"api-{port}.log")
+        self.apis.append(api)
+        if not self.port:
+            self.port = port
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200, 30, "API")
+        return f"http://127.0.0.1:{port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start_worker(self, wait_ready: bool = True, **extra: str) -> Proc:
+        wid = f"w{len(self.workers)}-{free_port()}"
+        w = Proc([PY, "-m", "worker"], self.env(SDXL_WORKER_ID=wid, **extra), self.data_dir / f"worker-{wid}.log")
+        w.worker_id = wid  # type: ignore[attr-defined]
+        self.workers.append(w)
+        if wait_ready:
+            self.wait_worker_ready(wid)
+        return w
+
+    def wait_worker_ready(self, wid: str, timeout: float = 90) -> None:
+        r = redis.Redis.from_url(self.redis_url)
+
+        def ready() -> bool:
+            for w in self.workers:
+                if getattr(w, "worker_id", None) == wid and w.proc.poll() is not None:
+                    raise RuntimeError(f"worker {wid} exited:\n{w.output()[-3000:]}")
+            return r.hget(f"sdxl:worker:{wid}", "state") == b"ready"
+
+        wait_for(ready, timeout, f"worker {wid} ready", interval=0.2)
+
+    def stop(self) -> None:
+        for p in self.workers + self.apis:
+            p.stop()
+
+
+@contextmanager
+def running_service(redis_url: str, model_dir: Path, data_dir: Path, workers: int = 1,
+                    env: dict[str, str] | None = None) -> Iterator[Service]:
+    svc = Service(redis_url, model_dir, data_dir, env)
+    try:
+        svc.start_api()
+        for _ in range(workers):
+            svc.start_worker()
+        yield svc
+    finally:
+        svc.stop()

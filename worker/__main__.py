@@ -1,0 +1,77 @@
+"""`python -m worker`: register, load the models once, warm up, then serve rq jobs until SIGTERM."""
+
+import logging
+import os
+import sys
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from rq.serializers import JSONSerializer
+
+from app.logs import configure
+from app.storage import build_store
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker")
+
+
+def redis_client(url: str, retry_seconds: float) -> "redis.Redis[bytes]":
+    # ride out Redis restarts (stock rq quits with exit 0 and strands the job): cap 2 s per try
+    retries = max(1, int(retry_seconds / 2))
+    return redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=2, base=0.1), retries),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        health_check_interval=5,
+        socket_connect_timeout=2,
+        socket_timeout=30,
+    )
+
+
+def main() -> int:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    configure("worker", os.environ.get("SDXL_LOG_LEVEL", "INFO"))
+    settings = WorkerSettings()
+    worker_id = settings.resolved_worker_id()
+    r = redis_client(settings.redis_url, settings.redis_retry_seconds)
+
+    from worker.worker import CancelListener, Heartbeat, Registry, SDXLWorker, make_queue
+
+    registry = Registry(r, worker_id, ttl=settings.lease_seconds * 2)
+    registry.update(state="loading", has_refiner=int(bool(settings.refiner_model)))
+    try:
+        from worker.pipeline import Engine
+
+        engine = Engine(settings)
+    except Exception as exc:  # a broken model path must stop the worker loudly, not serve failures
+        log.error("could not load the models: %s: %s", type(exc).__name__, exc,
+                  extra={"base_model": settings.base_model, "refiner_model": settings.refiner_model})
+        registry.remove()
+        return 2
+    from worker import state
+    from worker.runner import Runner
+
+    runner = Runner(r, engine, build_store(settings), settings, worker_id)
+    state.set_runner(runner)
+    registry.update(state="warming", has_refiner=int(engine.refiner is not None), model_loads=engine.load_count,
+                    load_seconds=round(engine.load_seconds, 3))
+    if settings.warmup:
+        engine.warmup()
+    worker = SDXLWorker([make_queue(r)], connection=r, name=worker_id, serializer=JSONSerializer,
+                        exception_handlers=[runner.rq_exception_handler])
+    worker.attach(runner, registry, settings)
+    Heartbeat(worker, settings).start()
+    CancelListener(r, runner).start()
+    registry.update(state="ready", warm=1)
+    log.info("worker ready", extra={"worker_id": worker_id})
+    try:
+        worker.work(logging_level=os.environ.get("SDXL_LOG_LEVEL", "INFO"))
+    finally:
+        registry.remove()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,454 @@
+"""SDXL model builders: tiny random-weight pipelines for tests, full-size ones for GPU benchmarks.
+
+Everything here is built from the real architecture classes with locally generated tokenizers, so nothing
+is downloaded (run with HF_HUB_OFFLINE=1). Folders are written with ``save_pretrained`` and therefore have
+exactly the hub layout of stabilityai/stable-diffusion-xl-{base,refiner}-1.0.
+
+CLI::
+
+    python -m worker.models build-tiny DIR [--seed N] [--force]
+    python -m worker.models build-full DIR [--device cuda] [--dtype float16]
+    python -m worker.models count
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
+
+__all__ = [
+    "FULL_CONFIGS",
+    "PUBLISHED_PARAMETER_COUNTS",
+    "TINY_CONFIGS",
+    "build_full",
+    "build_tiny",
+    "count_full_parameters",
+    "make_tokenizer",
+    "write_bpe_files",
+]
+
+Config = dict[str, Any]
+
+# --------------------------------------------------------------------------------------------------------
+# SDXL 1.0 official architecture configs (diffusers/transformers config.json of the hub repos, minus the
+# bookkeeping keys). Parameter counts instantiated from them must match PUBLISHED_PARAMETER_COUNTS.
+# --------------------------------------------------------------------------------------------------------
+# Tiny configs: same classes, block types and conditioning wiring as SDXL 1.0, shrunk until a 256 px,
+# 10-step base+refiner run takes about 0.3 s on 2 CPU cores. At these widths CPU time is dominated by
+# per-op overhead and full-resolution VAE convs, so depth (layers_per_block 1) and the VAE's top-level
+# widths are cut, while the cheap-to-run low-resolution UNet level and the text encoders carry most of
+# the weights (~14 MB base, ~10 MB refiner). The VAE keeps 4 blocks so the latent scale stays 8
+# (256 px -> 32 px latents).
+# --------------------------------------------------------------------------------------------------------
+
+_TINY_TIME_DIM = 8
+_TINY_TE1_HIDDEN = 32
+_TINY_TE2_HIDDEN = 64
+_TINY_TE2_PROJ = 32
+
+_TINY_CLIP_COMMON: Config = {
+    **_CLIP_COMMON,
+    "num_hidden_layers": 4,  # >= 2 because SDXL reads hidden_states[-2]
+    "vocab_size": 0,  # replaced by the generated vocab size
+}
+
+_TINY_UNET_COMMON: Config = {
+    **_UNET_COMMON,
+    "addition_time_embed_dim": _TINY_TIME_DIM,
+    "addition_embed_type_num_heads": 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "sample_size": 32,
+}
+
+TINY_CONFIGS: dict[str, Config] = {
+    "unet": {
+        **_TINY_UNET_COMMON,
+        "attention_head_dim": [1, 1, 2],
+        "block_out_channels": [16, 32, 96],
+        "cross_attention_dim": _TINY_TE1_HIDDEN + _TINY_TE2_HIDDEN,
+        "down_block_types": BASE_UNET_CONFIG["down_block_types"],
+        "up_block_types": BASE_UNET_CONFIG["up_block_types"],
+        "projection_class_embeddings_input_dim": _TINY_TIME_DIM * 6 + _TINY_TE2_PROJ,
+        "transformer_layers_per_block": [1, 1, 2],
+    },
+    "refiner_unet": {
+        **_TINY_UNET_COMMON,
+        "attention_head_dim": [1, 1, 2, 2],
+        "block_out_channels": [16, 32, 64, 64],
+        "cross_attention_dim": _TINY_TE2_HIDDEN,
+        "down_block_types": REFINER_UNET_CONFIG["down_block_types"],
+        "up_block_types": REFINER_UNET_CONFIG["up_block_types"],
+        "projection_class_embeddings_input_dim": _TINY_TIME_DIM * 5 + _TINY_TE2_PROJ,
+        "transformer_layers_per_block": 1,
+    },
+    "vae": {
+        **VAE_CONFIG,
+        "block_out_channels": [8, 8, 16, 16],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 256,
+    },
+    "text_encoder": {
+        **_TINY_CLIP_COMMON,
+        "hidden_act": "quick_gelu",
+        "hidden_size": _TINY_TE1_HIDDEN,
+        "intermediate_size": 4 * _TINY_TE1_HIDDEN,
+        "num_attention_heads": 4,
+        "projection_dim": _TINY_TE1_HIDDEN,
+    },
+    "text_encoder_2": {
+        **_TINY_CLIP_COMMON,
+        "hidden_act": "gelu",
+        "hidden_size": _TINY_TE2_HIDDEN,
+        "intermediate_size": 4 * _TINY_TE2_HIDDEN,
+        "num_attention_heads": 4,
+        "projection_dim": _TINY_TE2_PROJ,
+    },
+    "scheduler": SCHEDULER_CONFIG,
+}
+
+# --------------------------------------------------------------------------------------------------------
+# Local CLIP-style byte-level BPE tokenizer
+# --------------------------------------------------------------------------------------------------------
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+_NUM_MERGES = 400
+
+# Merges are learned from this word list so that common English (and prompt) words split into a few
+# tokens instead of one token per letter, like real CLIP does on rarer words.
+_MERGE_CORPUS = """
+a photo of an astronaut riding a horse on the moon in the style of a detailed oil painting portrait
+the quick brown fox jumps over the lazy dog and then runs into the forest near the river at night
+beautiful landscape with mountains lake trees clouds sunset sunrise golden hour cinematic lighting
+high quality highly detailed sharp focus studio photograph professional color colorful vibrant
+city street building house room window door light shadow water fire ice snow rain sky sea ocean
+cat dog bird fish flower garden castle dragon robot car train ship boat plane space planet star
+woman man girl boy child people person face eyes hair hands smile standing sitting walking running
+red green blue yellow orange purple black white gray pink dark bright soft warm cold blurry ugly
+digital art illustration concept anime drawing sketch render realistic photorealistic fantasy
+this that these those there here where when what which with without from into onto about under
+is are was were be been being have has had do does did will would could should can may might
+one two three four five six seven eight nine ten first second third last next little small large
+big old new young good best better great long short tall wide deep open close morning evening
+""".split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP reversible byte -> printable unicode char table (same order as the real CLIP vocab)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs], strict=True))
+
+
+def _learn_merges(words: list[str], num_merges: int) -> list[tuple[str, str]]:
+    """Plain BPE training, ties broken lexicographically so the output is deterministic."""
+    byte_map = _bytes_to_unicode()
+    freqs: Counter[tuple[str, ...]] = Counter()
+    for word in words:
+        chars = [byte_map[b] for b in word.lower().encode("utf-8")]
+        freqs[tuple(chars[:-1]) + (chars[-1] + "</w>",)] += 1
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for symbols, freq in freqs.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += freq
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        merged: Counter[tuple[str, ...]] = Counter()
+        for symbols, freq in freqs.items():
+            out: list[str] = []
+            i = 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    out.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    out.append(symbols[i])
+                    i += 1
+            merged[tuple(out)] += freq
+        freqs = merged
+    return merges
+
+
+def write_bpe_files(out_dir: Path, num_merges: int = _NUM_MERGES) -> tuple[Path, Path]:
+    """Write a small CLIP-style vocab.json + merges.txt; returns their paths.
+
+    Layout follows the real CLIP vocab: 256 byte chars, their ``</w>`` variants, merged tokens, then
+    ``<|startoftext|>`` and ``<|endoftext|>`` last, so ``<|endoftext|>`` has the highest id and "!" is id 0.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars]
+    merges = _learn_merges(_MERGE_CORPUS, num_merges)
+    seen = set(tokens)
+    for a, b in merges:
+        if a + b not in seen:
+            tokens.append(a + b)
+            seen.add(a + b)
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab_path = out_dir / "vocab.json"
+    merges_path = out_dir / "merges.txt"
+    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
+    )
+    return vocab_path, merges_path
+
+
+def make_tokenizer(vocab_file: Path, merges_file: Path, pad_token: str = EOS_TOKEN) -> CLIPTokenizer:
+    """CLIPTokenizer from local files. model_max_length must be set: transformers 5 otherwise pads to a
+    huge length. SDXL's tokenizer pads with <|endoftext|>, tokenizer_2 with "!"."""
+    return CLIPTokenizer(
+        str(vocab_file),
+        str(merges_file),
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=pad_token,
+        model_max_length=MODEL_MAX_LENGTH,
+    )
+
+
+def _make_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer, Path, Path, int]:
+    tmp = Path(tempfile.mkdtemp(prefix="sdxl-bpe-"))
+    vocab_file, merges_file = write_bpe_files(tmp)
+    tok = make_tokenizer(vocab_file, merges_file, EOS_TOKEN)
+    tok_2 = make_tokenizer(vocab_file, merges_file, "!")
+    return tok, tok_2, vocab_file, merges_file, len(tok)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Construction
+# --------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _clip_config(cfg: Config) -> CLIPTextConfig:
+    return CLIPTextConfig(**copy.deepcopy(cfg))
+
+
+def _make_components(
+    configs: dict[str, Config], seed: int, vocab_size: int | None = None
+) -> dict[str, Any]:
+    """Instantiate every module under the caller's device/dtype context, reseeding torch before each one so
+    a component's weights depend only on (seed, component) and not on construction order."""
+    te_cfg = dict(configs["text_encoder"])
+    te2_cfg = dict(configs["text_encoder_2"])
+    if vocab_size is not None:
+        te_cfg["vocab_size"] = te2_cfg["vocab_size"] = vocab_size
+    builders: dict[str, Any] = {
+        "unet": lambda: UNet2DConditionModel(**copy.deepcopy(configs["unet"])),
+        "refiner_unet": lambda: UNet2DConditionModel(**copy.deepcopy(configs["refiner_unet"])),
+        "vae": lambda: AutoencoderKL(**copy.deepcopy(configs["vae"])),
+        "text_encoder": lambda: CLIPTextModel(_clip_config(te_cfg)),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(_clip_config(te2_cfg)),
+    }
+    out: dict[str, Any] = {}
+    for i, (name, build) in enumerate(builders.items()):
+        torch.manual_seed(seed * 1000 + i)
+        out[name] = build().eval().requires_grad_(False)
+    return out
+
+
+def _assemble(
+    parts: dict[str, Any], tok: CLIPTokenizer, tok_2: CLIPTokenizer
+) -> tuple[StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]:
+    # Separate scheduler objects: a scheduler carries per-run state (step index).
+    base = StableDiffusionXLPipeline(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=tok,
+        tokenizer_2=tok_2,
+        unet=parts["unet"],
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        force_zeros_for_empty_prompt=True,
+    )
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=parts["vae"],
+        text_encoder=None,
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer=None,
+        tokenizer_2=tok_2,
+        unet=parts["refiner_unet"],
+        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+    return base, refiner
+
+
+def _fix_saved_tokenizers(pipe_dir: Path, vocab_file: Path, merges_file: Path) -> None:
+    """transformers 5 saves only tokenizer.json + tokenizer_config.json, and tokenizer.json inherits any
+    padding/truncation state left on the backend by an earlier call. Strip that state (so a bare
+    `tokenizers.Tokenizer.from_file` counts real tokens) and add vocab.json/merges.txt like the hub has."""
+    for name in ("tokenizer", "tokenizer_2"):
+        tdir = pipe_dir / name
+        tjson = tdir / "tokenizer.json"
+        if not tjson.exists():
+            continue
+        data = json.loads(tjson.read_text(encoding="utf-8"))
+        if data.get("padding") is not None or data.get("truncation") is not None:
+            data["padding"] = None
+            data["truncation"] = None
+            tjson.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tdir / "vocab.json").write_bytes(vocab_file.read_bytes())
+        (tdir / "merges.txt").write_bytes(merges_file.read_bytes())
+
+
+def _save(
+    base: StableDiffusionXLPipeline,
+    refiner: StableDiffusionXLImg2ImgPipeline,
+    out_dir: Path,
+    vocab_file: Path,
+    merges_file: Path,
+) -> tuple[Path, Path]:
+    base_dir, refiner_dir = out_dir / "base", out_dir / "refiner"
+    base.save_pretrained(base_dir, safe_serialization=True)
+    refiner.save_pretrained(refiner_dir, safe_serialization=True)
+    _fix_saved_tokenizers(base_dir, vocab_file, merges_file)
+    _fix_saved_tokenizers(refiner_dir, vocab_file, merges_file)
+    return base_dir, refiner_dir
+
+
+def build_tiny(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
+    """Build a tiny random-weight SDXL base + refiner and save them to out_dir/base and out_dir/refiner.
+
+    Same architecture classes and conditioning wiring as SDXL 1.0 (two CLIP encoders for the base, only
+    text_encoder_2 plus aesthetic score for the refiner; text_encoder_2 and VAE are shared and identical in
+    both folders, as on the hub). Deterministic: the same seed gives byte-identical safetensors.
+    Returns (base_dir, refiner_dir).
+    """
+    out_dir = Path(out_dir)
+    tok, tok_2, vocab_file, merges_file, vocab_size = _make_tokenizers()
+    with torch.device("cpu"), _default_dtype(torch.float32):
+        parts = _make_components(TINY_CONFIGS, seed, vocab_size=vocab_size)
+    base, refiner = _assemble(parts, tok, tok_2)
+    return _save(base, refiner, out_dir, vocab_file, merges_file)
+
+
+def build_full(
+    device: str,
+    dtype: torch.dtype,
+    out_dir: Path | None = None,
+    seed: int = 0,
+) -> tuple[StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]:
+    """Full-size SDXL 1.0 base + refiner with random weights, created directly on `device` in `dtype`.
+
+    Meant for GPU benchmarks: the compute does not depend on weight values. Modules are constructed
+    under ``torch.device(device)`` with the default dtype temporarily set to `dtype`, so no fp32 CPU copy
+    is ever made (about 11.5 GB in fp16). Weights come from the modules' own default initialisers
+    (PyTorch's kaiming-uniform for diffusers layers, normal(0, 0.02) for CLIP), which keep activations
+    O(1), so outputs are finite and NaN-free; they are not meaningful images. text_encoder_2 and vae are
+    the same objects in both pipelines. The VAE keeps the official ``force_upcast=True``, so in fp16 the
+    pipeline decodes in fp32 as the real SDXL VAE does. If `out_dir` is given both are also saved
+    (hub layout) to out_dir/base and out_dir/refiner.
+    """
+    tok, tok_2, vocab_file, merges_file, _ = _make_tokenizers()
+    with torch.device(device), _default_dtype(dtype):
+        parts = _make_components(FULL_CONFIGS, seed)
+    base, refiner = _assemble(parts, tok, tok_2)
+    if out_dir is not None:
+        _save(base, refiner, Path(out_dir), vocab_file, merges_file)
+    return base, refiner
+
+
+def count_full_parameters() -> dict[str, int]:
+    """Parameter count of each SDXL 1.0 component, instantiated on the meta device (no memory used)."""
+    with torch.device("meta"):
+        parts = _make_components(FULL_CONFIGS, seed=0)
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise argparse.ArgumentTypeError(f"not a floating torch dtype: {name}")
+    return dtype
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.models", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p_tiny = sub.add_parser("build-tiny", help="build tiny random SDXL base + refiner into DIR")
+    p_tiny.add_argument("dir", type=Path)
+    p_tiny.add_argument("--seed", type=int, default=0)
+    p_tiny.add_argument("--force", action="store_true", help="rebuild even if DIR already holds both")
+
+    p_full = sub.add_parser("build-full", help="build full-size random SDXL base + refiner into DIR")
+    p_full.add_argument("dir", type=Path)
+    p_full.add_argument("--device", default="cuda")
+    p_full.add_argument("--dtype", type=_parse_dtype, default=torch.float16)
+    p_full.add_argument("--seed", type=int, default=0)
+
+    sub.add_parser("count", help="print SDXL 1.0 parameter counts (meta device) as JSON")
+
+    args = parser.parse_args(argv)
+    if args.command == "build-tiny":
+        base_dir, refiner_dir = args.dir / "base", args.dir / "refiner"
+        built = (base_dir / "model_index.json").exists() and (refiner_dir / "model_index.json").exists()
+        if args.force or not built:
+            base_dir, refiner_dir = build_tiny(args.dir, seed=args.seed)
+        print(base_dir)
+        print(refiner_dir)
+    elif args.command == "build-full":
+        build_full(args.device, args.dtype, out_dir=args.dir, seed=args.seed)
+        print(args.dir / "base")
+        print(args.dir / "refiner")
+    else:
+        print(json.dumps(count_full_parameters(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

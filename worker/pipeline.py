@@ -1,0 +1,331 @@
+"""SDXL base + refiner, loaded once, called as one batch of image specs -> decoded images.
+
+Runs on the worker's main thread only: a diffusers pipeline is not safe to share between threads and
+torch's CPU thread pool is per thread.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from PIL import Image
+
+from app.contract.params import GenerationParams, RefinerMode
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker.pipeline")
+
+SCHEDULER_CLASSES: dict[str, tuple[type[Any], dict[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "ddim": (DDIMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StepAbort(Exception):
+    """Raised from the step callback to stop a pipeline call (cancel, shutdown, lost ownership)."""
+
+
+@dataclass
+class ImageSpec:
+    """One image of a call: its prompts and its own seed (batched images keep their own generators)."""
+
+    prompt: str
+    prompt_2: str | None
+    negative_prompt: str | None
+    negative_prompt_2: str | None
+    seed: int
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    total_steps: int = 0
+    stage: str = "base"
+    started: float = field(default_factory=time.monotonic)
+
+    def eta(self) -> float | None:
+        if self.step <= 0 or self.total_steps <= 0:
+            return None
+        elapsed = time.monotonic() - self.started
+        return round(elapsed / self.step * max(self.total_steps - self.step, 0), 3)
+
+
+# (progress) -> None; may raise StepAbort
+StepHook = Callable[[Progress], None]
+
+
+@dataclass
+class StageTimes:
+    base: float = 0.0
+    refiner: float = 0.0
+    decoding: float = 0.0
+
+
+class Engine:
+    """Holds the resident pipelines and runs one batch at a time."""
+
+    load_count = 0  # process-wide: proves models are loaded once, not per job
+
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.device = torch.device(settings.device)
+        self.dtype = DTYPES[settings.dtype]
+        t0 = time.monotonic()
+        self.base = StableDiffusionXLPipeline.from_pretrained(
+            settings.base_model, revision=settings.revision, variant=settings.variant, dtype=self.dtype,
+            add_watermarker=False,
+        )
+        self.refiner: StableDiffusionXLImg2ImgPipeline | None = None
+        if settings.refiner_model:
+            # shares text_encoder_2 and the VAE with the base: ~1.5 GB less in fp16
+            self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                settings.refiner_model, revision=settings.refiner_revision or settings.revision,
+                variant=settings.variant, dtype=self.dtype,
+                text_encoder_2=self.base.text_encoder_2, vae=self.base.vae, add_watermarker=False,
+            )
+        for pipe in self.pipes():
+            pipe.to(self.device)
+            pipe.set_progress_bar_config(disable=True)
+            if settings.channels_last:
+                pipe.unet.to(memory_format=torch.channels_last)
+            if settings.fuse_qkv:
+                pipe.fuse_qkv_projections()
+            if settings.compile_mode:
+                pipe.unet = torch.compile(pipe.unet, mode=settings.compile_mode, fullgraph=False)
+        self.watermarker = self._watermarker(settings.watermark)
+        self._schedulers: dict[tuple[int, str], Any] = {}
+        Engine.load_count += 1
+        self.load_seconds = time.monotonic() - t0
+        log.info("models loaded", extra={"seconds": round(self.load_seconds, 3), "base": settings.base_model,
+                                         "refiner": settings.refiner_model})
+
+    def pipes(self) -> list[Any]:
+        return [p for p in (self.base, self.refiner) if p is not None]
+
+    @staticmethod
+    def _watermarker(enabled: bool | None) -> Any:
+        from diffusers.utils import is_invisible_watermark_available
+
+        if enabled is False:
+            return None
+        if not is_invisible_watermark_available():
+            if enabled:
+                raise RuntimeError("SDXL_WATERMARK=true but invisible-watermark is not installed")
+            return None
+        from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+
+        return StableDiffusionXLWatermarker()
+
+    def model_info(self) -> dict[str, Any]:
+        import diffusers
+        import transformers
+
+        return {
+            "base_model": self.settings.base_model,
+            "base_revision": self.settings.revision,
+            "refiner_model": self.settings.refiner_model,
+            "refiner_revision": self.settings.refiner_revision or self.settings.revision,
+            "variant": self.settings.variant,
+            "dtype": self.settings.dtype,
+            "versions": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                         "torch": torch.__version__.split("+")[0]},
+        }
+
+    def scheduler(self, pipe: Any, name: str) -> Any:
+        key = (id(pipe), name)
+        if key not in self._schedulers:
+            cls, overrides = SCHEDULER_CLASSES[name]
+            self._schedulers[key] = cls.from_config(pipe.scheduler.config, **overrides)
+        return self._schedulers[key]
+
+    def scheduler_config(self, name: str) -> dict[str, Any]:
+        return dict(self.scheduler(self.base, name).config)
+
+    def full_step_count(self, name: str, steps: int) -> int:
+        sched = SCHEDULER_CLASSES[name][0].from_config(self.base.scheduler.config, **SCHEDULER_CLASSES[name][1])
+        sched.set_timesteps(steps)
+        return len(sched.timesteps)
+
+    # --- running ----------------------------------------------------------------------------------
+    def run(self, params: GenerationParams, specs: list[ImageSpec], hook: StepHook) -> tuple[list[Image.Image],
+                                                                                            StageTimes]:
+        """Base (+ refiner) for every spec with the shared params; returns PIL images in spec order."""
+        times = StageTimes()
+        mode = params.refiner.mode if self.refiner is not None else RefinerMode.none
+        progress = Progress(stage="base")
+        full = self.full_step_count(params.scheduler, params.num_inference_steps)
+        progress.total_steps = full
+        if mode == RefinerMode.img2img:
+            r_steps = params.refiner.num_inference_steps or params.num_inference_steps
+            progress.total_steps += max(1, int(self.full_step_count(params.scheduler, r_steps) * params.refiner.strength))
+
+        def callback(stage: str, offset: int) -> Callable[..., dict[str, Any]]:
+            def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+                if i == 0:
+                    if stage == "base":
+                        base_total = pipe.num_timesteps
+                        if mode == RefinerMode.none:
+                            progress.total_steps = base_total
+                        elif mode == RefinerMode.img2img:
+                            progress.total_steps = base_total + (progress.total_steps - full)
+                    else:
+                        progress.total_steps = offset + pipe.num_timesteps
+                progress.stage = stage
+                progress.step = offset + i + 1
+                hook(progress)
+                return {}
+
+            return on_step_end
+
+        common = self._common_kwargs(params, specs)
+        t0 = time.monotonic()
+        base_kwargs: dict[str, Any] = dict(
+            **common,
+            num_inference_steps=params.num_inference_steps,
+            guidance_rescale=params.guidance_rescale,
+            clip_skip=params.clip_skip,
+            **self._micro_conditioning(params),
+            width=params.width,
+            height=params.height,
+            output_type="latent",
+            callback_on_step_end=callback("base", 0),
+        )
+        self.base.scheduler = self.scheduler(self.base, params.scheduler)
+        if mode == RefinerMode.ensemble:
+            base_kwargs["denoising_end"] = params.refiner.denoising_start
+        latents = self.base(**base_kwargs).images
+        times.base = time.monotonic() - t0
+        base_steps = progress.step
+
+        if mode != RefinerMode.none:
+            assert self.refiner is not None
+            self.refiner.scheduler = self.scheduler(self.refiner, params.scheduler)
+            refiner_kwargs: dict[str, Any] = dict(
+                **{k: v for k, v in common.items() if k not in ("prompt", "negative_prompt")},
+                prompt=common["prompt_2"],
+                negative_prompt=common["negative_prompt_2"],
+                aesthetic_score=params.refiner.aesthetic_score,
+                negative_aesthetic_score=params.refiner.negative_aesthetic_score,
+                **self._micro_conditioning(params),
+                guidance_rescale=params.guidance_rescale,
+                output_type="latent",
+                callback_on_step_end=callback("refiner", base_steps),
+            )
+            if mode == RefinerMode.ensemble:
+                refiner_kwargs.update(image=latents, num_inference_steps=params.num_inference_steps,
+                                      denoising_start=params.refiner.denoising_start)
+            else:
+                progress.stage = "decoding"
+                hook(progress)
+                decoded = self.decode(latents)
+                refiner_kwargs.update(image=decoded, strength=params.refiner.strength,
+                                      num_inference_steps=params.refiner.num_inference_steps
+                                      or params.num_inference_steps)
+            t1 = time.monotonic()
+            latents = self.refiner(**refiner_kwargs).images
+            times.refiner = time.monotonic() - t1
+
+        progress.stage = "decoding"
+        hook(progress)
+        t2 = time.monotonic()
+        images = self.to_pil(self.decode(latents))
+        times.decoding = time.monotonic() - t2
+        return images, times
+
+    @staticmethod
+    def _micro_conditioning(params: GenerationParams) -> dict[str, Any]:
+        """SDXL size/crop conditioning; unset values are left out so diffusers applies its own defaults."""
+        values = {
+            "original_size": params.original_size,
+            "target_size": params.target_size,
+            "crops_coords_top_left": params.crops_coords_top_left,
+            "negative_original_size": params.negative_original_size,
+            "negative_target_size": params.negative_target_size,
+            "negative_crops_coords_top_left": params.negative_crops_coords_top_left,
+        }
+        return {k: tuple(v) for k, v in values.items() if v is not None}
+
+    def _common_kwargs(self, params: GenerationParams, specs: list[ImageSpec]) -> dict[str, Any]:
+        negative_absent = params.negative_prompt is None
+        return {
+            "prompt": [s.prompt for s in specs],
+            "prompt_2": [s.prompt_2 or s.prompt for s in specs],
+            # absent negative prompt -> None, so SDXL zeroes the negative embedding (force_zeros_for_empty_prompt)
+            "negative_prompt": None if negative_absent else [s.negative_prompt or "" for s in specs],
+            "negative_prompt_2": None if negative_absent else [
+                s.negative_prompt_2 if s.negative_prompt_2 is not None else (s.negative_prompt or "") for s in specs
+            ],
+            "guidance_scale": params.guidance_scale,
+            "num_images_per_prompt": 1,
+            "generator": [torch.Generator(device="cpu").manual_seed(s.seed) for s in specs],
+        }
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode as diffusers does it, one image at a time when slicing (bounded peak memory)."""
+        vae = self.base.vae
+        needs_upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if needs_upcast:
+            vae.to(dtype=torch.float32)
+        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        latents = latents / vae.config.scaling_factor
+        chunks = latents.split(1) if self.settings.vae_slicing else [latents]
+        out = torch.cat([vae.decode(c, return_dict=False)[0] for c in chunks])
+        if needs_upcast:
+            vae.to(dtype=torch.float16)
+        if not torch.isfinite(out).all():
+            raise NonFiniteOutput("the VAE produced NaN or Inf pixels")
+        return out
+
+    def to_pil(self, decoded: torch.Tensor) -> list[Image.Image]:
+        if self.watermarker is not None:
+            decoded = self.watermarker.apply_watermark(decoded)
+        return self.base.image_processor.postprocess(decoded, output_type="pil")  # type: ignore[no-any-return]
+
+    def free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def warmup(self) -> None:
+        """One tiny run so the first user request pays no lazy init (or compilation)."""
+        p = GenerationParams(prompt="warm-up", width=256 if self.settings.compile_mode is None else 1024,
+                             height=256 if self.settings.compile_mode is None else 1024,
+                             num_inference_steps=2, guidance_scale=5.0, seed=0,
+                             refiner={"mode": "ensemble" if self.refiner else "none"})
+        self.run(p, [ImageSpec("warm-up", None, None, None, 0)], lambda _p: None)
+
+    def memory(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}
+
+
+class NonFiniteOutput(Exception):
+    pass
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -1,0 +1,397 @@
+"""One job (or micro-batch of compatible jobs): claim -> pipeline -> encode -> store -> finish -> events.
+
+Every state change goes through the compare-and-set scripts with this attempt's ownership token, so a
+worker that lost its job (lease expired during a Redis outage, job handed to another worker) stores
+nothing and finishes nothing.
+"""
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.contract import keys, queueing
+from app.contract.events import TERMINAL_EVENT, EventType, emit
+from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
+from app.contract.records import TRANSITION, decode, encode
+from app.contract.status import ErrorType
+from app.storage import ObjectStore, StorageUnavailable, image_key
+from worker import encode as encoding
+from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, StepAbort, is_oom
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker.runner")
+
+
+@dataclass
+class Member:
+    """One generation inside the current pipeline call."""
+
+    payload: JobPayload
+    rq_job_id: str
+    record: dict[str, Any] = field(default_factory=dict)
+    outcome: str | None = None  # canceled / superseded / requeue once decided
+
+    @property
+    def gen_id(self) -> str:
+        return self.payload.generation_id
+
+
+class Runner:
+    def __init__(self, r: "redis.Redis[bytes]", engine: Engine, store: ObjectStore, settings: WorkerSettings,
+                 worker_id: str) -> None:
+        self.r = r
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_id
+        self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
+        self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
+        self._transition = r.register_script(TRANSITION)
+        self._feed = r.register_script(queueing.FEED)
+        self.lock = threading.Lock()
+        self.current: dict[str, Member] = {}  # gen id -> member, read by the heartbeat thread
+        self.cancel_requested: set[str] = set()
+        self.superseded: set[str] = set()
+        self.shutdown_abort = threading.Event()
+        self.jobs_done = 0
+        self.images_done = 0
+        self.busy_seconds = 0.0
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
+        if self.settings.image_url_mode == "presigned" and img.get("key"):
+            url = self.store.presigned_url(img["key"])
+            if url:
+                return url
+        base = (self.settings.public_base_url or "").rstrip("/")
+        return f"{base}/v1/generations/{gen_id}/images/{img['index']}"
+
+    def emit(self, gen_id: str, event: EventType) -> None:
+        try:
+            emit(self.r, gen_id, event, self.image_url, self.settings.generation_ttl_seconds, self.webhook_queue)
+        except redis.RedisError:
+            log.exception("could not emit %s for %s", event, gen_id)  # events never fail a job
+
+    def transition(self, gen_id: str, token: str, allowed: str, fields: dict[str, Any]) -> str:
+        flat: list[str] = []
+        for k, v in encode(fields).items():
+            flat += [k, v]
+        res = self._transition(keys=[keys.generation(gen_id)], args=[token, allowed, *flat])
+        return res.decode() if isinstance(res, bytes) else str(res)
+
+    def feed(self) -> None:
+        self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS], args=[self.settings.queue_feed_depth, keys.PREFIX])
+
+    # --- entry point (rq calls this through worker.tasks.run_generation) -------------------------
+    def run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
+        version = int(raw_payload.get("v", 0))
+        gen_id = str(raw_payload.get("generation_id", ""))
+        if version > PAYLOAD_VERSION or not gen_id:
+            # a newer API during a rolling upgrade: put it back for a newer worker rather than guess
+            log.error("payload version %s not supported (max %s)", version, PAYLOAD_VERSION)
+            self.fail_record(gen_id, raw_payload.get("token", ""), ErrorType.invalid_payload,
+                             f"payload version {version} is newer than this worker understands")
+            return {"status": "failed"}
+        payload = JobPayload.model_validate(raw_payload)
+        members = [Member(payload, rq_job_id)]
+        if self.settings.batch_max > 1:
+            members += self.claim_compatible(payload.params)
+        started = [m for m in members if self.start(m)]
+        try:
+            self.feed()
+            if started:
+                self.execute(started)
+        finally:
+            with self.lock:
+                self.current.clear()
+            for m in members[1:]:
+                Job(m.rq_job_id, connection=self.r, serializer=JSONSerializer).delete()
+            self.feed()
+        return {"generations": [m.gen_id for m in members]}
+
+    def rq_exception_handler(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
+        """rq failed the job outside our code (bad payload, lost import): never leave the generation queued."""
+        gen_id = job.id.rsplit("-", 1)[0]
+        log.error("rq could not run job %s: %s", job.id, exc_type.__name__)
+        self.fail_record(gen_id, "", ErrorType.invalid_payload, f"the job could not be run: {exc_type.__name__}")
+        self.r.srem(keys.RUNNING, gen_id)
+        return True
+
+    def claim_compatible(self, params: GenerationParams) -> list[Member]:
+        """Take queued jobs with the same batch key straight off the rq list (LREM == 1 means ours)."""
+        want = params.batch_key()
+        claimed: list[Member] = []
+        budget = sum(1 for _ in range(params.num_images_per_prompt))
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        while True:
+            self.feed()
+            for raw in self.r.lrange(keys.RQ_QUEUE_KEY, 0, self.settings.batch_max * 4):
+                if budget >= self.settings.batch_max:
+                    return claimed
+                job_id = raw.decode()
+                gen_id = job_id.rsplit("-", 1)[0]
+                if (self.r.hget(keys.generation(gen_id), "batch_key") or b"").decode() != want:
+                    continue
+                if self.r.lrem(keys.RQ_QUEUE_KEY, 1, job_id) != 1:
+                    continue
+                job = Job.fetch(job_id, connection=self.r, serializer=JSONSerializer)
+                payload = JobPayload.model_validate(job.args[0])
+                claimed.append(Member(payload, job_id))
+                budget += payload.params.num_images_per_prompt
+            if budget >= self.settings.batch_max or time.monotonic() >= deadline:
+                return claimed
+            time.sleep(0.005)
+
+    def start(self, m: Member) -> bool:
+        now = time.time()
+        raw = self.r.hgetall(keys.generation(m.gen_id))
+        if not raw:
+            return False
+        m.record = decode(raw)
+        deadline_at = m.record.get("deadline_at")
+        if deadline_at and float(deadline_at) < now:
+            self.fail_record(m.gen_id, m.payload.token, ErrorType.deadline_exceeded,
+                             "the generation could not start before its deadline", allowed="queued")
+            return False
+        pipe = self.r.pipeline(transaction=True)
+        self._transition(
+            keys=[keys.generation(m.gen_id)],
+            args=[m.payload.token, "queued", *sum(([k, v] for k, v in encode({
+                "status": "running", "started_at": now, "worker_id": self.worker_id,
+                "progress": {"step": 0, "total_steps": 0, "stage": "base", "eta_seconds": None},
+            }).items()), [])],
+            client=pipe,
+        )
+        pipe.set(keys.lease(m.gen_id), self.worker_id, ex=self.settings.lease_seconds)
+        pipe.sadd(keys.RUNNING, m.gen_id)
+        result = pipe.execute()[0]
+        if (result.decode() if isinstance(result, bytes) else result) != "OK":
+            self.r.delete(keys.lease(m.gen_id))
+            self.r.srem(keys.RUNNING, m.gen_id)
+            return False
+        m.record["started_at"] = str(now)
+        with self.lock:
+            self.current[m.gen_id] = m
+        self.emit(m.gen_id, EventType.started)
+        return True
+
+    # --- the pipeline call ------------------------------------------------------------------------
+    def execute(self, members: list[Member]) -> None:
+        t_start = time.monotonic()
+        params = members[0].payload.params
+        last_flush = [0.0, ""]
+
+        def hook(progress: Progress) -> None:
+            if self.shutdown_abort.is_set():
+                raise StepAbort("shutdown")
+            with self.lock:
+                hit = [m for m in members if m.outcome is None and
+                       (m.gen_id in self.cancel_requested or m.gen_id in self.superseded)]
+            if hit:
+                for m in hit:
+                    m.outcome = "superseded" if m.gen_id in self.superseded else "canceled"
+                raise StepAbort("cancel")
+            now = time.monotonic()
+            if now - last_flush[0] >= self.settings.progress_interval_seconds or progress.stage != last_flush[1]:
+                last_flush[0], last_flush[1] = now, progress.stage
+                self.publish_progress(members, progress)
+
+        active = members
+        while active:
+            specs = [ImageSpec(m.payload.params.prompt, m.payload.params.prompt_2, m.payload.params.negative_prompt,
+                               m.payload.params.negative_prompt_2, m.payload.params.image_seed(i))
+                     for m in active for i in range(m.payload.params.num_images_per_prompt)]
+            try:
+                images, times = self.run_with_oom_fallback(params, specs, hook)
+            except StepAbort as abort:
+                if str(abort) == "shutdown":
+                    for m in active:
+                        self.requeue(m, "worker shutting down past its grace period")
+                    return
+                for m in active:
+                    if m.outcome == "canceled":
+                        self.finish_canceled(m)
+                # the others run again without the canceled member: none is lost to another's cancel
+                active = [m for m in active if m.outcome is None]
+                continue
+            except NonFiniteOutput as exc:
+                self.fail_all(active, ErrorType.nan_output, str(exc))
+                return
+            except Exception as exc:
+                if is_oom(exc):
+                    self.engine.free_memory()
+                    self.fail_all(active, ErrorType.out_of_memory, "the GPU ran out of memory for this request")
+                else:
+                    log.exception("pipeline failed")
+                    self.fail_all(active, ErrorType.pipeline_error, f"{type(exc).__name__} in the pipeline")
+                return
+            pipeline_seconds = time.monotonic() - t_start
+            self.busy_seconds += pipeline_seconds
+            offset = 0
+            for m in active:
+                n = m.payload.params.num_images_per_prompt
+                self.store_and_finish(m, images[offset:offset + n], pipeline_seconds, times)
+                offset += n
+            return
+
+    def run_with_oom_fallback(self, params: GenerationParams, specs: list[ImageSpec],
+                              hook: Any) -> tuple[list[Any], Any]:
+        try:
+            return self.engine.run(params, specs, hook)
+        except Exception as exc:
+            if not is_oom(exc) or len(specs) == 1:
+                raise
+            self.engine.free_memory()
+            log.warning("out of memory at batch %d: retrying one image at a time", len(specs))
+            images: list[Any] = []
+            times = None
+            for spec in specs:
+                imgs, times = self.engine.run(params, [spec], hook)
+                images += imgs
+            return images, times
+
+    def publish_progress(self, members: list[Member], progress: Progress) -> None:
+        value = {"step": progress.step, "total_steps": progress.total_steps, "stage": progress.stage,
+                 "eta_seconds": progress.eta()}
+        try:
+            for m in members:
+                if m.outcome is None:
+                    self.transition(m.gen_id, m.payload.token, "running", {"progress": value})
+                    self.emit(m.gen_id, EventType.progress)
+        except redis.RedisError:
+            log.warning("progress update failed", exc_info=True)
+
+    # --- endings ----------------------------------------------------------------------------------
+    def store_and_finish(self, m: Member, images: list[Any], pipeline_seconds: float, times: Any) -> None:
+        params = m.payload.params
+        manifest = {
+            "params": params.model_dump(mode="json"),
+            "scheduler_config": self.engine.scheduler_config(params.scheduler),
+            **self.engine.model_info(),
+        }
+        self.publish_progress([m], Progress(step=self.step_of(m), total_steps=self.total_of(m), stage="encoding"))
+        t0 = time.monotonic()
+        encoded = []
+        for i, img in enumerate(images):
+            data, ctype = encoding.encode(img, params.output_format, params.output_quality,
+                                          {**manifest, "seed": params.image_seed(i), "index": i})
+            encoded.append((i, data, ctype, img.width, img.height))
+        encoding_seconds = time.monotonic() - t0
+        # ownership check before writing: a superseded worker must not store a second result
+        if self.token_lost(m):
+            log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id)
+            return
+        self.publish_progress([m], Progress(step=self.step_of(m), total_steps=self.total_of(m), stage="uploading"))
+        t1 = time.monotonic()
+        records = []
+        try:
+            for i, data, ctype, w, h in encoded:
+                key = image_key(self.settings.storage_prefix, m.gen_id, i, params.output_format.value)
+                digest = encoding.sha256(data)
+                self.put_with_retry(key, data, ctype, {"sha256": digest, "generation-id": m.gen_id})
+                records.append({"index": i, "seed": params.image_seed(i), "width": w, "height": h,
+                                "content_type": ctype, "bytes": len(data), "sha256": digest, "key": key})
+        except StorageUnavailable as exc:
+            self.fail_all([m], ErrorType.storage_unavailable, f"object storage unavailable: {exc}")
+            return
+        uploading_seconds = time.monotonic() - t1
+        now = time.time()
+        created = float(m.record.get("created_at") or now)
+        started = float(m.record.get("started_at") or now)
+        timings = {
+            "queued": round(started - created, 4),
+            "pipeline": round(pipeline_seconds, 4),
+            "base": round(times.base, 4),
+            "refiner": round(times.refiner, 4),
+            "decoding": round(times.decoding, 4),
+            "encoding": round(encoding_seconds, 4),
+            "uploading": round(uploading_seconds, 4),
+            "total": round(now - created, 4),
+        }
+        total = self.total_of(m)
+        outcome = self.transition(m.gen_id, m.payload.token, "running", {
+            "status": "succeeded", "finished_at": now, "images": records, "timings": timings,
+            "manifest": manifest,
+            "progress": {"step": total, "total_steps": total, "stage": "done", "eta_seconds": 0},
+        })
+        self.after_final(m, outcome, EventType.succeeded)
+        if outcome == "OK":
+            self.jobs_done += 1
+            self.images_done += len(records)
+
+    def step_of(self, m: Member) -> int:
+        prog = self.r.hget(keys.generation(m.gen_id), "progress")
+        return int(decode({"progress": prog or b"{}"})["progress"].get("step", 0))
+
+    def total_of(self, m: Member) -> int:
+        prog = self.r.hget(keys.generation(m.gen_id), "progress")
+        return int(decode({"progress": prog or b"{}"})["progress"].get("total_steps", 0))
+
+    def put_with_retry(self, key: str, data: bytes, ctype: str, meta: dict[str, str]) -> None:
+        deadline = time.monotonic() + self.settings.storage_retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                self.store.put(key, data, ctype, meta)
+                return
+            except StorageUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("storage put failed for %s; retrying in %.1fs", key, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def token_lost(self, m: Member) -> bool:
+        token = self.r.hget(keys.generation(m.gen_id), "token")
+        return token is None or token.decode() != m.payload.token
+
+    def finish_canceled(self, m: Member) -> None:
+        outcome = self.transition(m.gen_id, m.payload.token, "running",
+                                  {"status": "canceled", "finished_at": time.time()})
+        self.after_final(m, outcome, EventType.canceled)
+
+    def fail_all(self, members: list[Member], etype: ErrorType, message: str) -> None:
+        for m in members:
+            outcome = self.transition(m.gen_id, m.payload.token, "running", {
+                "status": "failed", "finished_at": time.time(), "error": {"type": etype.value, "message": message},
+            })
+            self.after_final(m, outcome, EventType.failed)
+
+    def fail_record(self, gen_id: str, token: str, etype: ErrorType, message: str, allowed: str = "queued,running"
+                    ) -> None:
+        if not gen_id:
+            return
+        outcome = self.transition(gen_id, token, allowed, {
+            "status": "failed", "finished_at": time.time(), "error": {"type": etype.value, "message": message},
+        })
+        if outcome == "OK":
+            self.emit(gen_id, EventType.failed)
+
+    def after_final(self, m: Member, outcome: str, event: EventType) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.srem(keys.RUNNING, m.gen_id)
+        pipe.delete(keys.lease(m.gen_id))
+        pipe.execute()
+        with self.lock:
+            self.cancel_requested.discard(m.gen_id)
+            self.current.pop(m.gen_id, None)
+        if outcome == "OK":
+            self.emit(m.gen_id, event)
+        elif outcome.startswith("canceled") and event != EventType.canceled:
+            log.info("generation %s was canceled while finishing; result dropped", m.gen_id)
+
+    def requeue(self, m: Member, reason: str) -> None:
+        from app.reaper import Reaper
+
+        reaper = Reaper(self.r, self.settings.max_attempts + 1, 3600, self.settings.generation_ttl_seconds)
+        outcome = reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason)
+        self.r.delete(keys.lease(m.gen_id))
+        if outcome == "failed":
+            self.emit(m.gen_id, TERMINAL_EVENT["failed"])

@@ -1,0 +1,55 @@
+"""The worker process's settings: `SDXL_*` environment variables (see README)."""
+
+import socket
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_worker_id() -> str:
+    return f"{socket.gethostname()}-{secrets.token_hex(3)}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    worker_id: str = ""
+
+    base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    refiner_model: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
+    revision: str | None = None
+    refiner_revision: str | None = None
+    variant: str | None = None  # "fp16" on the hub's SDXL repos
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+    compile_mode: str | None = None  # e.g. "default", "max-autotune": torch.compile the UNets at start
+    fuse_qkv: bool = False
+    channels_last: bool = True
+    vae_slicing: bool = True  # decode batch members one at a time: bounded peak memory at batch > 1
+    watermark: bool | None = None  # None: on where invisible-watermark is installed
+    warmup: bool = True
+
+    # storage (same names as the API)
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path(".data/images")
+    storage_prefix: str = "generations/"
+    storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
+    image_url_mode: Literal["api", "presigned"] = "api"
+    public_base_url: str | None = None
+
+    generation_ttl_seconds: int = 7 * 24 * 3600
+    queue_feed_depth: int = 4
+    heartbeat_seconds: float = 3.0
+    lease_seconds: int = 15  # a worker silent this long is presumed dead; its job is requeued once
+    max_attempts: int = 2
+    shutdown_grace_seconds: float = 60.0  # after SIGTERM, finish the current job within this or requeue it
+    batch_max: int = 1  # micro-batching off by default: lowest latency
+    batch_wait_ms: int = 0
+    progress_interval_seconds: float = 0.25
+    redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
+
+    def resolved_worker_id(self) -> str:
+        return self.worker_id or _default_worker_id()

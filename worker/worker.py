@@ -1,0 +1,157 @@
+"""The rq worker that owns the GPU: a SimpleWorker (no fork: CUDA and torch's thread pool do not survive it)
+with a heartbeat thread that keeps beating during long jobs, a registry entry, leases, and a cancel listener.
+"""
+
+import json
+import logging
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.serializers import JSONSerializer
+
+from app.contract import keys
+from app.contract.events import EventType
+from app.reaper import Reaper
+from worker.runner import Runner
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker")
+
+
+class Registry:
+    """`sdxl:worker:<id>` hash + `sdxl:workers` zset of heartbeats: what /readyz and metrics read."""
+
+    def __init__(self, r: "redis.Redis[bytes]", worker_id: str, ttl: int) -> None:
+        self.r = r
+        self.worker_id = worker_id
+        self.ttl = ttl
+        self.fields: dict[str, str] = {"id": worker_id, "state": "loading", "has_refiner": "0", "model_loads": "0",
+                                       "jobs_done": "0", "images_done": "0", "busy_seconds": "0",
+                                       "started_at": str(time.time())}
+
+    def update(self, **fields: Any) -> None:
+        self.fields.update({k: str(v) for k, v in fields.items()})
+        self.beat()
+
+    def beat(self) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hset(keys.worker(self.worker_id), mapping={**self.fields, "heartbeat": str(time.time())})
+        pipe.expire(keys.worker(self.worker_id), self.ttl)
+        pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
+        pipe.zremrangebyscore(keys.WORKERS, "-inf", time.time() - 3600)
+        pipe.execute()
+
+    def remove(self) -> None:
+        self.r.delete(keys.worker(self.worker_id))
+        self.r.zrem(keys.WORKERS, self.worker_id)
+
+
+class Heartbeat(threading.Thread):
+    """Beats while the main thread is busy in the pipeline; renews leases; reaps dead workers' jobs."""
+
+    def __init__(self, worker: "SDXLWorker", settings: WorkerSettings) -> None:
+        super().__init__(name="heartbeat", daemon=True)
+        self.worker = worker
+        self.settings = settings
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.settings.heartbeat_seconds):
+            try:
+                self.beat_once()
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    def beat_once(self) -> None:
+        w = self.worker
+        runner = w.runner
+        w.registry.update(jobs_done=runner.jobs_done, images_done=runner.images_done,
+                          busy_seconds=round(runner.busy_seconds, 3), **runner.engine.memory())
+        w.heartbeat(self.settings.lease_seconds + 60)
+        with runner.lock:
+            current = list(runner.current.values())
+        if current:
+            pipe = w.connection.pipeline(transaction=False)
+            for m in current:
+                pipe.set(keys.lease(m.gen_id), w.runner.worker_id, ex=self.settings.lease_seconds)
+                pipe.hmget(keys.generation(m.gen_id), ["token", "cancel"])
+            results = pipe.execute()
+            for m, (token, cancel) in zip(current, results[1::2], strict=True):
+                with runner.lock:
+                    if token is None or token.decode() != m.payload.token:
+                        runner.superseded.add(m.gen_id)
+                    if cancel == b"1":
+                        runner.cancel_requested.add(m.gen_id)
+        for gen_id, outcome in w.reaper.sweep():
+            if outcome == "failed":
+                runner.emit(gen_id, EventType.failed)
+        runner.feed()
+
+
+class CancelListener(threading.Thread):
+    """Pub/sub: a cancel reaches the step callback within one step, not one heartbeat."""
+
+    def __init__(self, r: "redis.Redis[bytes]", runner: Runner) -> None:
+        super().__init__(name="cancel-listener", daemon=True)
+        self.r = r
+        self.runner = runner
+
+    def run(self) -> None:
+        while True:
+            try:
+                pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(keys.CANCEL_CHANNEL)
+                for message in pubsub.listen():
+                    gen_id = message["data"].decode()
+                    with self.runner.lock:
+                        if gen_id in self.runner.current:
+                            self.runner.cancel_requested.add(gen_id)
+            except redis.RedisError:
+                time.sleep(1)  # Redis blip: resubscribe; the heartbeat re-reads cancel flags meanwhile
+
+
+class SDXLWorker(SimpleWorker):
+    runner: Runner
+    registry: Registry
+    reaper: Reaper
+    settings: WorkerSettings
+
+    def attach(self, runner: Runner, registry: Registry, settings: WorkerSettings) -> None:
+        self.runner = runner
+        self.registry = registry
+        self.settings = settings
+        self.reaper = Reaper(self.connection, settings.max_attempts, 3600, settings.generation_ttl_seconds)
+        self._grace_timer: threading.Timer | None = None
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Warm shutdown: stop taking jobs; give the current one a grace period, then requeue it."""
+        if self._grace_timer is None and self.get_state() == "busy":
+            log.info("shutdown requested: finishing the current job within %.0fs", self.settings.shutdown_grace_seconds)
+            self._grace_timer = threading.Timer(self.settings.shutdown_grace_seconds, self.runner.shutdown_abort.set)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+        # a second signal must not turn into SystemExit mid-job (rq's default): the grace timer decides
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        self.registry.update(state="stopping")
+        super().request_stop(signum, frame)
+
+    def execute_job(self, job: Any, queue: Queue) -> None:
+        self.registry.update(state="busy")
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.registry.update(state="stopping" if self._stop_requested else "ready")
+
+
+def describe(settings: WorkerSettings) -> str:
+    return json.dumps({"base": settings.base_model, "refiner": settings.refiner_model, "device": settings.device})
+
+
+def make_queue(r: "redis.Redis[bytes]") -> Queue:
+    return Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
