@@ -10,11 +10,13 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.contract import keys, queueing
-from app.contract.params import MAX_SEED, GenerationParams, JobPayload, RefinerMode, RefinerParams
+from app.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
 from app.contract.records import encode
-from app.errors import field_error
+from app.errors import Problem, field_error
+from app.retention import RECORD_GRACE_SECONDS
 from app.schemas import GenerationCreate
 from app.settings import Settings
+from app.tokens import CLIP_WINDOW, TokenCounter
 
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
@@ -56,6 +58,33 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool) 
     return GenerationParams(**{**data, "width": width, "height": height, "seed": seed, "refiner": refiner})
 
 
+def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> dict[str, int] | None:
+    """Tokens each encoder sees (BOS/EOS included); refuses over-window prompts when asked to."""
+    if counter is None:
+        return None
+    texts = {
+        "text_encoder": ("prompt", params.prompt, 1),
+        "text_encoder_2": ("prompt_2" if params.prompt_2 else "prompt", params.prompt_2 or params.prompt, 2),
+    }
+    if params.negative_prompt is not None:
+        texts["negative_text_encoder"] = ("negative_prompt", params.negative_prompt, 1)
+        neg2 = params.negative_prompt_2 if params.negative_prompt_2 is not None else params.negative_prompt
+        texts["negative_text_encoder_2"] = (
+            "negative_prompt_2" if params.negative_prompt_2 is not None else "negative_prompt", neg2, 2)
+    counts = {name: counter.count(text, enc) for name, (_f, text, enc) in texts.items()}
+    if params.long_prompt == LongPrompt.reject:
+        errors = [
+            {"field": field, "value": counts[name],
+             "message": f"is {counts[name]} tokens for {name.removeprefix('negative_')}; the limit is {CLIP_WINDOW}"
+                        " (long_prompt=chunk encodes longer prompts in 77-token chunks)"}
+            for name, (field, _t, _e) in texts.items() if counts[name] > CLIP_WINDOW
+        ]
+        if errors:
+            raise Problem(422, "; ".join(f"`{e['field']}` {e['message']}" for e in errors), errors=errors,
+                          kind="prompt-too-long")
+    return counts
+
+
 @dataclass
 class Submission:
     gen_id: str
@@ -86,8 +115,9 @@ class Enqueuer:
         token_counts: dict[str, int] | None = None,
         request_id: str | None = None,
         extra: dict[str, Any] | None = None,
+        gen_id: str | None = None,  # chosen earlier when an admission check or Idempotency-Key reserved it
     ) -> Submission:
-        gen_id = new_generation_id()
+        gen_id = gen_id or new_generation_id()
         token = secrets.token_hex(8)
         rq_job_id = f"{gen_id}-1"
         now = time.time()
@@ -126,7 +156,7 @@ class Enqueuer:
         pipe = self.r.pipeline(transaction=True)
         job.save(pipeline=pipe)
         pipe.hset(keys.generation(gen_id), mapping=record)
-        pipe.expire(keys.generation(gen_id), ttl)
+        pipe.expire(keys.generation(gen_id), ttl + RECORD_GRACE_SECONDS)  # see app.retention
         pipe.zadd(keys.owner_index(owner), {gen_id: now})
         pipe.zadd(keys.EXPIRY, {gen_id: now + ttl})
         pipe.sadd(keys.RQ_QUEUES_SET, keys.RQ_QUEUE_KEY)

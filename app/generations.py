@@ -1,5 +1,6 @@
 """API-side logic for generations: create, read, wait, cancel, images. Routes stay thin."""
 
+import asyncio
 import json
 import re
 import time
@@ -11,16 +12,21 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from app import ssrf
 from app.auth import Principal
 from app.contract import keys, queueing
 from app.contract.events import EventType, emit
 from app.contract.records import decode
 from app.contract.resource import render
-from app.enqueue import Enqueuer, resolve
-from app.errors import Problem
+from app.enqueue import Enqueuer, new_generation_id, resolve, token_counts
+from app.errors import Problem, field_error
+from app.idempotency import IdempotencyStore
+from app.limits import Limiter
+from app.retention import purge
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable
+from app.tokens import counter_for
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -42,7 +48,13 @@ class GenerationService:
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._position = ar.register_script(queueing.POSITION)
         self._cancel = r.register_script(queueing.CANCEL)
+        self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
+        self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
+        self.stopping = asyncio.Event()  # set on SIGTERM (app/shutdown.py): long-polls answer at once
+        self.webhook_policy = ssrf.Policy.build(ssrf.split_list(settings.webhook_allow_addresses),
+                                                settings.webhook_allow_http)
+        self.resolve_host: ssrf.Resolver = ssrf.system_resolver  # injectable: tests never query DNS
 
     # --- URLs -------------------------------------------------------------------------------------
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
@@ -64,19 +76,27 @@ class GenerationService:
             return True  # none registered yet: accept and let it queue
         return any(w.get("has_refiner") == "1" for w in workers)
 
-    async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None) -> dict[str, Any]:
+    async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None,
+                     gen_id: str | None = None) -> dict[str, Any]:
+        if req.priority > principal.limits.max_priority:
+            raise field_error("priority", f"must be at most {principal.limits.max_priority} for this API key",
+                              req.priority)
         params = resolve(req, self.settings, await self.refiner_available())
+        counts = token_counts(params, counter_for(self.settings.base_model))
         webhook = req.webhook.model_dump() if req.webhook else None
-        sub = await run_in_threadpool(
-            self.enqueuer.submit,
-            params,
-            principal.owner,
-            req.priority,
-            req.deadline,
-            webhook,
-            None,
-            request_id,
-        )
+        if webhook:  # pin the approved address: delivery connects there, never to a fresh DNS answer
+            webhook["address"] = await run_in_threadpool(
+                ssrf.approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
+        gen_id = gen_id or new_generation_id()
+        await self.limiter.admit(principal, gen_id)  # 429 / 503 before anything is written
+        try:
+            sub = await run_in_threadpool(
+                self.enqueuer.submit, params, principal.owner, req.priority, req.deadline, webhook, counts,
+                request_id, gen_id=gen_id,
+            )
+        except Exception:
+            await self.limiter.release(principal, gen_id)  # nothing was queued: give the place back
+            raise
         rec = {k: v for k, v in sub.record.items()}
         for k in ("created_at", "expires_at"):
             rec[k] = str(rec[k])
@@ -113,13 +133,15 @@ class GenerationService:
         rec = await self.record(gen_id, principal)
         deadline = time.monotonic() + timeout
         last = "0-0"
-        while rec["status"] not in TERMINAL:
+        while rec["status"] not in TERMINAL and not self.stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            res = await self.ar.xread({keys.events(gen_id): last}, block=max(1, int(remaining * 1000)), count=100)
+            # at most 1 s per read: a shutting-down replica answers its long-polls instead of having them cut
+            res = await self.ar.xread({keys.events(gen_id): last}, block=max(1, int(min(remaining, 1.0) * 1000)),
+                                      count=100)
             if not res:
-                break
+                continue
             for _stream, entries in res:
                 for eid, _fields in entries:
                     last = eid.decode() if isinstance(eid, bytes) else eid
@@ -147,6 +169,25 @@ class GenerationService:
                           kind="generation-final")
         rec = await self.record(gen_id, principal)
         return await self.resource(rec)
+
+    # --- delete -----------------------------------------------------------------------------------
+    def _delete_sync(self, gen_id: str, rec: dict[str, Any]) -> None:
+        worker_active = False
+        if rec["status"] not in TERMINAL:
+            worker_active = self._cancel_sync(gen_id) == "running"
+        # a running job stops at its next step but may be past the last one and still upload: an expiry
+        # entry makes the cleanup process sweep its prefix again once any such upload has ended
+        again = time.time() + self.settings.job_timeout_seconds if worker_active else None
+        try:
+            purge(self.r, self.store, self.settings.storage_prefix, gen_id, rec, worker_active, again)
+        except StorageUnavailable as exc:
+            raise Problem(503, "object storage is unavailable; the generation was not deleted",
+                          kind="storage-unavailable", headers={"Retry-After": "5"}) from exc
+
+    async def delete(self, gen_id: str, principal: Principal) -> None:
+        """Cancel if still in flight, then remove the record, its events, its images and its index entries."""
+        rec = await self.record(gen_id, principal)
+        await run_in_threadpool(self._delete_sync, gen_id, rec)
 
     # --- images -----------------------------------------------------------------------------------
     async def image(self, gen_id: str, index: int, principal: Principal) -> tuple[bytes, str] | str:

@@ -7,16 +7,23 @@ import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from app import errors
+from app import errors, logs, shutdown
+from app.auth import KeyRing, check_open_mode
+from app.cors import install_cors
 from app.generations import GenerationService
+from app.limits import RateLimitHeadersMiddleware
+from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import BodyGuardMiddleware, RequestIdMiddleware
-from app.routes import generations, health
+from app.routes import events, generations, health, metrics, webhooks
 from app.settings import Settings, get_settings
 from app.storage import ObjectStore, build_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    logs.configure("api", settings.log_level, settings.log_prompts)
+    keyring = KeyRing.from_settings(settings)  # bad key config stops the start, with the reason
+    check_open_mode(settings, keyring)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -27,9 +34,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store: ObjectStore = build_store(settings)
         app.state.settings = settings
         app.state.service = GenerationService(r, ar, settings, store)
+        stop_watching = shutdown.watch(app.state.service.stopping)  # SIGTERM: long-polls answer at once
         try:
             yield
         finally:
+            stop_watching()
             await ar.aclose()
             r.close()
 
@@ -39,9 +48,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Text to image with Stable Diffusion XL: queued, resident GPU workers, durable results.",
         lifespan=lifespan,
     )
+    app.state.keyring = keyring
+    # the cluster view is read with the service's sync client, which exists once the lifespan has started
+    registry, http_metrics = build_registry(lambda: getattr(getattr(app.state, "service", None), "r", None))
+    app.state.metrics_registry = registry
     errors.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
+    app.include_router(events.router)
+    app.include_router(webhooks.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObservabilityMiddleware, metrics=http_metrics)  # inside RequestId: sees the request id
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(RateLimitHeadersMiddleware)
+    install_cors(app, settings.cors_origins)  # outermost
     return app

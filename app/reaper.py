@@ -9,23 +9,40 @@ import time
 
 import redis
 from rq import Queue
+from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
 
-from app.contract import keys, queueing
+from app.contract import keys, queueing, stats
 from app.contract.params import JobPayload
 from app.contract.records import decode
 
 log = logging.getLogger("app.reaper")
 
+# KEYS: rq intermediate list, rq queue list, gen hash. ARGV: rq job id. A worker killed between rq's dequeue
+# (LMOVE into the intermediate list) and its start CAS leaves a queued generation nobody will run: put its job
+# back at the front of the queue, once (LREM == 1 decides between racing reapers).
+RESCUE = """
+if redis.call('HGET', KEYS[3], 'status') ~= 'queued' or redis.call('HGET', KEYS[3], 'rq_job_id') ~= ARGV[1] then
+  return 0
+end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+return 1
+"""
+
 
 class Reaper:
-    def __init__(self, r: "redis.Redis[bytes]", max_attempts: int, job_timeout: int, ttl: int) -> None:
+    def __init__(self, r: "redis.Redis[bytes]", max_attempts: int, job_timeout: int, ttl: int,
+                 stranded_after: float = 30.0) -> None:
         self.r = r
         self.max_attempts = max_attempts
         self.job_timeout = job_timeout
         self.ttl = ttl
+        self.stranded_after = stranded_after  # seconds a dequeued job may go unstarted before it is put back
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
+        self.intermediate_key = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
         self._requeue = r.register_script(queueing.REQUEUE)
+        self._rescue = r.register_script(RESCUE)
 
     def orphans(self) -> list[str]:
         ids = [m.decode() for m in self.r.smembers(keys.RUNNING)]  # type: ignore[union-attr]
@@ -36,7 +53,8 @@ class Reaper:
             pipe.exists(keys.lease(gid))
         return [gid for gid, alive in zip(ids, pipe.execute(), strict=True) if not alive]
 
-    def requeue(self, gen_id: str, expected_token: str = "", reason: str = "lease expired") -> str:
+    def requeue(self, gen_id: str, expected_token: str = "", reason: str = "lease expired",
+                kind: str = "lease_expired") -> str:
         """Put a running generation back in line with a fresh ownership token (or fail it after max)."""
         raw = self.r.hgetall(keys.generation(gen_id))
         if not raw:
@@ -56,9 +74,38 @@ class Reaper:
         outcome = res.decode() if isinstance(res, bytes) else str(res)
         if outcome != "requeued":
             job.delete()
+        else:
+            stats.count_requeue(self.r, kind)
         log.warning("generation %s %s: %s", gen_id, reason, outcome,
                     extra={"generation_id": gen_id, "outcome": outcome, "request_id": rec.get("request_id")})
         return outcome
 
+    def rescue_stranded(self) -> list[str]:
+        """Jobs seen in rq's intermediate list on two sweeps `stranded_after` apart, still unstarted."""
+        ids = [j.decode() for j in self.r.lrange(self.intermediate_key, 0, -1)]  # type: ignore[union-attr]
+        seen = {k.decode(): float(v) for k, v in self.r.hgetall(keys.STRANDED).items()}  # type: ignore[union-attr]
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        gone = [j for j in seen if j not in ids]
+        if gone:
+            pipe.hdel(keys.STRANDED, *gone)
+        rescued = []
+        for job_id in ids:
+            first = seen.get(job_id)
+            if first is None:
+                pipe.hsetnx(keys.STRANDED, job_id, now)
+                continue
+            if now - first < self.stranded_after:
+                continue
+            gen_id = job_id.rsplit("-", 1)[0]
+            if self._rescue(keys=[self.intermediate_key, keys.RQ_QUEUE_KEY, keys.generation(gen_id)], args=[job_id]):
+                rescued.append(gen_id)
+                log.warning("generation %s was dequeued but never started: put back in line", gen_id,
+                            extra={"generation_id": gen_id, "rq_job_id": job_id})
+            pipe.hdel(keys.STRANDED, job_id)
+        pipe.execute()
+        return rescued
+
     def sweep(self) -> list[tuple[str, str]]:
-        return [(gid, self.requeue(gid)) for gid in self.orphans()]
+        out = [(gid, self.requeue(gid)) for gid in self.orphans()]
+        return out + [(gid, "rescued") for gid in self.rescue_stranded()]

@@ -148,3 +148,29 @@ class ProblemDetails(BaseModel):
     detail: str
     instance: str | None = None
     errors: list[FieldError] | None = None
+
+
+class WebhookAttempt(BaseModel):
+    """One delivery attempt of one webhook event, as the dispatcher recorded it."""
+
+    event_id: str = Field(..., description="The `webhook-id` header: the same on every attempt of one event")
+    type: str = Field(..., examples=["generation.succeeded"])
+    attempt: int
+    url: str
+    attempted_at: str | None
+    status_code: int | None = Field(None, description="The receiver's answer; null on timeout or connection error")
+    latency_ms: float | None = None
+    error: str | None = None
+    outcome: Literal["delivered", "retrying", "failed", "gone", "skipped", "dropped", "refused"]
+    next_attempt_at: str | None = None
+
+
+class WebhookAttemptList(BaseModel):
+    data: list[WebhookAttempt]
+
+
+class GenerationList(BaseModel):
+    """One page of the caller's generations, newest first."""
+
+    data: list[Generation]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last page")

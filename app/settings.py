@@ -1,11 +1,12 @@
 """The API process's settings: every one is an `SDXL_*` environment variable (see README)."""
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.contract.params import RefinerMode
 
@@ -22,6 +23,13 @@ class Settings(BaseSettings):
     storage_dir: Path = Path(".data/images")
     storage_prefix: str = "generations/"
     image_url_mode: Literal["api", "presigned"] = "api"
+    # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
+    s3_bucket: str = ""
+    s3_region: str | None = None  # None: the AWS chain's region, else us-east-1
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None: AWS
+    s3_public_endpoint_url: str | None = None  # endpoint clients reach, used only to sign presigned URLs
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "auto"
+    presign_expiry_seconds: int = Field(default=3600, ge=1, le=604800)  # SigV4 caps presigned URLs at 7 days
 
     # limits on a single request
     max_width: int = 2048
@@ -41,6 +49,33 @@ class Settings(BaseSettings):
     generation_ttl_seconds: int = 7 * 24 * 3600
     queue_feed_depth: int = 4  # ids kept in the rq queue at once; bounds how far fair share can lag
     job_timeout_seconds: int = 3600
+    # webhook SSRF policy at submit (app/ssrf.py); the dispatcher applies the same two settings again
+    webhook_allow_addresses: str = ""  # comma-separated exact IPs or ip:port allowed even if private/loopback
+    webhook_allow_http: bool = False  # accept plain http webhook URLs (tests, closed networks)
+    # access and limits (app/auth.py, app/limits.py; docs/access.md)
+    api_keys: str | None = None  # JSON list of {name, sha256, rate_per_minute, burst, max_queued, max_priority}
+    api_keys_file: Path | None = None  # a file holding the same JSON list (python -m app.keys create --file)
+    allow_open: bool = Field(  # serve without keys on a non-loopback SDXL_HOST (otherwise refused at start)
+        default=False, validation_alias=AliasChoices("SDXL_ALLOW_OPEN", "SDXL_ALLOW_OPEN_NON_LOOPBACK", "allow_open")
+    )
+    default_rate_per_minute: int = Field(default=60000, ge=0)  # per key (and the open principal) unless the key says
+    default_burst: int = Field(default=1000, ge=1)
+    default_max_queued: int = Field(default=10000, ge=1)  # non-final generations per key
+    default_max_priority: int = Field(default=2, ge=0, le=2)
+    max_queue_depth: int = Field(default=100000, ge=1)  # queued generations, all keys: 503 beyond
+    cors_origins: Annotated[list[str], NoDecode] = []  # JSON list or comma-separated; none: no CORS headers
+    # observability (app/metrics.py, app/logs.py; docs/operations.md)
+    metrics_token: SecretStr | None = None  # set: /metrics wants `Authorization: Bearer <token>`; unset: open
+    log_level: str = "INFO"
+    log_prompts: bool = False  # prompts stay out of the logs unless this is on
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            return json.loads(v) if v.startswith("[") else [o.strip() for o in v.split(",") if o.strip()]
+        return v
 
     @property
     def refiner_configured(self) -> bool:

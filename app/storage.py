@@ -104,5 +104,9 @@ def build_store(settings: "StoreSettings") -> ObjectStore:
 
 
 class StoreSettings(Protocol):
-    storage_backend: str
-    storage_dir: Path
+    # read-only members, so that both settings classes (whose backend is a Literal) satisfy it
+    @property
+    def storage_backend(self) -> str: ...
+
+    @property
+    def storage_dir(self) -> Path: ...

@@ -126,6 +126,7 @@ class Service:
         self.extra = env or {}
         self.apis: list[Proc] = []
         self.workers: list[Proc] = []
+        self.dispatchers: list[Proc] = []
         self.port = 0
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -166,8 +167,25 @@ class Service:
 
         wait_for(ready, timeout, f"worker {wid} ready", interval=0.2)
 
+    def start_dispatcher(self, **extra: str) -> Proc:
+        """`python -m worker.dispatcher` (webhooks); ready once rq lists it as a worker of sdxl-webhooks."""
+        from rq import Queue, Worker
+
+        d = Proc([PY, "-m", "worker.dispatcher"], self.env(**extra),
+                 self.data_dir / f"dispatcher-{len(self.dispatchers)}.log")
+        self.dispatchers.append(d)
+        queue = Queue("sdxl-webhooks", connection=redis.Redis.from_url(self.redis_url))
+
+        def ready() -> bool:
+            if d.proc.poll() is not None:
+                raise RuntimeError(f"dispatcher exited:\n{d.output()[-3000:]}")
+            return Worker.count(queue=queue) >= len(self.dispatchers)
+
+        wait_for(ready, 30, "dispatcher ready", interval=0.1)
+        return d
+
     def stop(self) -> None:
-        for p in self.workers + self.apis:
+        for p in self.dispatchers + self.workers + self.apis:
             p.stop()
 
 

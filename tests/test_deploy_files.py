@@ -13,6 +13,7 @@ passes everything fails the suite instead of hiding problems.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,9 +228,8 @@ def assert_pinned(image: str) -> re.Match[str]:
     match = IMAGE_REF.match(image)
     assert match, f"{image!r} is not pinned to an explicit tag"
     tag = match.group("tag")
-    assert tag != "latest" and re.search(r"\d+\.\d+|\d{4}-\d{2}-\d{2}", tag), (
-        f"{image!r}: tag {tag!r} is not a specific version"
-    )
+    # A full release (3.11.14, v3.7.4, RELEASE.2025-09-07...), not a floating 3.11 / latest.
+    assert re.search(r"\d+\.\d+\.\d+|\d{4}-\d{2}-\d{2}", tag), f"{image!r}: tag {tag!r} is not a specific release"
     return match
 
 
@@ -314,6 +315,51 @@ def test_targets_have_their_own_healthcheck(stages: dict[str, Stage], target: st
     check = effective(stages, target, "HEALTHCHECK")
     assert check is not None and "CMD" in check.args, f"target {target} has no HEALTHCHECK"
     assert probe in check.args, f"target {target}: HEALTHCHECK does not probe {probe}: {check.args}"
+    healthcheck_argv(check)  # exec form, valid JSON
+
+
+def healthcheck_argv(check: Instruction) -> list[str]:
+    _, _, exec_form = check.args.partition(" CMD ")
+    argv = json.loads(exec_form)
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv), check.args
+    return argv
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        code = self.status if self.path == "/healthz" else 404
+        self.send_response(code)
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("status", "healthy"), [(200, True), (503, False), (None, False)])
+def test_api_healthcheck_command_tracks_healthz(stages: dict[str, Stage], status: int | None, healthy: bool) -> None:
+    """Run the api image's HEALTHCHECK against a stand-in server on a free port."""
+    check = effective(stages, "api", "HEALTHCHECK")
+    assert check is not None
+    argv = healthcheck_argv(check)
+    assert argv[:2] == ["python", "-c"] and "127.0.0.1:8000" in argv[2], argv
+    handler = type("Handler", (_Handler,), {"status": status or 200})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    port = server.server_address[1]
+    if status is None:
+        server.server_close()  # nothing listens on the port
+    else:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = argv[2].replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30, check=False)
+    finally:
+        if status is not None:
+            server.shutdown()
+            server.server_close()
+    assert (proc.returncode == 0) is healthy, proc.stderr
 
 
 def test_targets_start_the_documented_processes(stages: dict[str, Stage]) -> None:
@@ -564,6 +610,11 @@ def test_api_runs_two_or_more_replicas_behind_the_gateway(
     rule = next(label for label in labels if label.startswith("traefik.http.routers.sdxl-api.rule="))
     assert "!PathPrefix(`/metrics`)" in rule, "the gateway must not expose /metrics"
     assert api["environment"]["SDXL_API_KEYS"], "the API must run with keys"
+    for volume in api.get("volumes", []):
+        assert str(volume).endswith(":ro"), f"the API may only read the model cache: {volume}"
+    for key in ("SDXL_BASE_MODEL", "SDXL_REFINER_MODEL"):
+        workers = {svc["environment"][key] for svc in worker_services(services).values()}
+        assert workers == {api["environment"][key]}, f"{key}: the API and the workers disagree"
     assert str(api["environment"]["SDXL_ALLOW_OPEN_NON_LOOPBACK"]).lower() == "false"
 
 

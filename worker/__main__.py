@@ -2,12 +2,14 @@
 
 import logging
 import os
+import signal
 import sys
+from types import FrameType
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
-
+from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
 from app.logs import configure
@@ -30,10 +32,15 @@ def redis_client(url: str, retry_seconds: float) -> "redis.Redis[bytes]":
     )
 
 
+def _stop_before_serving(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # still loading or warming: no job taken, nothing to hand back
+
+
 def main() -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     configure("worker", os.environ.get("SDXL_LOG_LEVEL", "INFO"))
     settings = WorkerSettings()
+    configure("worker", os.environ.get("SDXL_LOG_LEVEL", "INFO"), log_prompts=settings.log_prompts)
     worker_id = settings.resolved_worker_id()
     r = redis_client(settings.redis_url, settings.redis_retry_seconds)
 
@@ -41,6 +48,9 @@ def main() -> int:
 
     registry = Registry(r, worker_id, ttl=settings.lease_seconds * 2)
     registry.update(state="loading", has_refiner=int(bool(settings.refiner_model)))
+    loading_beat = registry.beat_every(settings.heartbeat_seconds)  # until the heartbeat thread takes over
+    signal.signal(signal.SIGTERM, _stop_before_serving)  # rq installs its own handlers once it serves
+    signal.signal(signal.SIGINT, _stop_before_serving)
     try:
         from worker.pipeline import Engine
 
@@ -48,6 +58,7 @@ def main() -> int:
     except Exception as exc:  # a broken model path must stop the worker loudly, not serve failures
         log.error("could not load the models: %s: %s", type(exc).__name__, exc,
                   extra={"base_model": settings.base_model, "refiner_model": settings.refiner_model})
+        loading_beat.set()
         registry.remove()
         return 2
     from worker import state
@@ -63,13 +74,17 @@ def main() -> int:
                         exception_handlers=[runner.rq_exception_handler])
     worker.attach(runner, registry, settings)
     Heartbeat(worker, settings).start()
+    loading_beat.set()
     CancelListener(r, runner).start()
     registry.update(state="ready", warm=1)
     log.info("worker ready", extra={"worker_id": worker_id})
     try:
         worker.work(logging_level=os.environ.get("SDXL_LOG_LEVEL", "INFO"))
+    except StopRequested:
+        pass  # a second signal while rq was tearing down: the warm shutdown is already done
     finally:
         registry.remove()
+    log.info("worker stopped", extra={"worker_id": worker_id})
     return 0
 
 

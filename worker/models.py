@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import copy
 import json
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ __all__ = [
     "PUBLISHED_PARAMETER_COUNTS",
     "TINY_CONFIGS",
     "build_full",
+    "build_pipelines",
     "build_tiny",
     "count_full_parameters",
     "make_tokenizer",
@@ -54,6 +56,156 @@ Config = dict[str, Any]
 # --------------------------------------------------------------------------------------------------------
 # SDXL 1.0 official architecture configs (diffusers/transformers config.json of the hub repos, minus the
 # bookkeeping keys). Parameter counts instantiated from them must match PUBLISHED_PARAMETER_COUNTS.
+# --------------------------------------------------------------------------------------------------------
+
+_UNET_COMMON: Config = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_norm": None,
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+BASE_UNET_CONFIG: Config = {
+    **_UNET_COMMON,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    # text_encoder hidden (768) + text_encoder_2 hidden (1280)
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    # 6 time ids * 256 + text_encoder_2 pooled projection (1280)
+    "projection_class_embeddings_input_dim": 2816,
+    "transformer_layers_per_block": [1, 2, 10],
+}
+
+REFINER_UNET_CONFIG: Config = {
+    **_UNET_COMMON,
+    "attention_head_dim": [6, 12, 24, 24],
+    "block_out_channels": [384, 768, 1536, 1536],
+    # the refiner only sees text_encoder_2
+    "cross_attention_dim": 1280,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    # 5 time ids (aesthetic score replaces target size) * 256 + 1280
+    "projection_class_embeddings_input_dim": 2560,
+    "transformer_layers_per_block": 4,
+}
+
+VAE_CONFIG: Config = {
+    "act_fn": "silu",
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "force_upcast": True,
+    "in_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "out_channels": 3,
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+_CLIP_COMMON: Config = {
+    "attention_dropout": 0.0,
+    # eos_token_id 2 is the "legacy" value of the real configs: CLIP then pools at argmax(input_ids), which
+    # is the first <|endoftext|> because our generated vocab (like the real one) gives it the highest id.
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+    "dropout": 0.0,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "vocab_size": 49408,
+}
+
+TEXT_ENCODER_CONFIG: Config = {
+    **_CLIP_COMMON,
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
+TEXT_ENCODER_2_CONFIG: Config = {
+    **_CLIP_COMMON,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+}
+
+# Only the keys EulerDiscreteScheduler accepts (the hub file also carries DDIM leftovers like clip_sample).
+SCHEDULER_CONFIG: Config = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+FULL_CONFIGS: dict[str, Config] = {
+    "unet": BASE_UNET_CONFIG,
+    "refiner_unet": REFINER_UNET_CONFIG,
+    "vae": VAE_CONFIG,
+    "text_encoder": TEXT_ENCODER_CONFIG,
+    "text_encoder_2": TEXT_ENCODER_2_CONFIG,
+    "scheduler": SCHEDULER_CONFIG,
+}
+
+PUBLISHED_PARAMETER_COUNTS: dict[str, int] = {
+    "unet": 2_567_463_684,
+    "refiner_unet": 2_259_526_660,
+    "vae": 83_653_863,
+    "text_encoder": 123_060_480,
+    "text_encoder_2": 694_659_840,
+}
+
 # --------------------------------------------------------------------------------------------------------
 # Tiny configs: same classes, block types and conditioning wiring as SDXL 1.0, shrunk until a 256 px,
 # 10-step base+refiner run takes about 0.3 s on 2 CPU cores. At these widths CPU time is dominated by
@@ -97,7 +249,7 @@ TINY_CONFIGS: dict[str, Config] = {
     "refiner_unet": {
         **_TINY_UNET_COMMON,
         "attention_head_dim": [1, 1, 2, 2],
-        "block_out_channels": [16, 32, 64, 64],
+        "block_out_channels": [16, 32, 64, 96],
         "cross_attention_dim": _TINY_TE2_HIDDEN,
         "down_block_types": REFINER_UNET_CONFIG["down_block_types"],
         "up_block_types": REFINER_UNET_CONFIG["up_block_types"],
@@ -137,7 +289,7 @@ TINY_CONFIGS: dict[str, Config] = {
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
-_NUM_MERGES = 400
+_NUM_MERGES = 120  # few enough that most words still split into several tokens
 
 # Merges are learned from this word list so that common English (and prompt) words split into a few
 # tokens instead of one token per letter, like real CLIP does on rarer words.
@@ -224,9 +376,7 @@ def write_bpe_files(out_dir: Path, num_merges: int = _NUM_MERGES) -> tuple[Path,
     vocab_path = out_dir / "vocab.json"
     merges_path = out_dir / "merges.txt"
     vocab_path.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8"
-    )
+    merges_path.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
     return vocab_path, merges_path
 
 
@@ -244,12 +394,11 @@ def make_tokenizer(vocab_file: Path, merges_file: Path, pad_token: str = EOS_TOK
     )
 
 
-def _make_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer, Path, Path, int]:
-    tmp = Path(tempfile.mkdtemp(prefix="sdxl-bpe-"))
-    vocab_file, merges_file = write_bpe_files(tmp)
+def _make_tokenizers(work_dir: Path) -> tuple[CLIPTokenizer, CLIPTokenizer, Path, Path]:
+    vocab_file, merges_file = write_bpe_files(work_dir)
     tok = make_tokenizer(vocab_file, merges_file, EOS_TOKEN)
     tok_2 = make_tokenizer(vocab_file, merges_file, "!")
-    return tok, tok_2, vocab_file, merges_file, len(tok)
+    return tok, tok_2, vocab_file, merges_file
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -271,15 +420,15 @@ def _clip_config(cfg: Config) -> CLIPTextConfig:
     return CLIPTextConfig(**copy.deepcopy(cfg))
 
 
-def _make_components(
-    configs: dict[str, Config], seed: int, vocab_size: int | None = None
-) -> dict[str, Any]:
+def _make_components(configs: dict[str, Config], seed: int, vocab_size: int) -> dict[str, Any]:
     """Instantiate every module under the caller's device/dtype context, reseeding torch before each one so
-    a component's weights depend only on (seed, component) and not on construction order."""
+    a component's weights depend only on (seed, component) and not on construction order. A text encoder
+    config with vocab_size 0 gets `vocab_size` (the generated tokenizer's)."""
     te_cfg = dict(configs["text_encoder"])
     te2_cfg = dict(configs["text_encoder_2"])
-    if vocab_size is not None:
-        te_cfg["vocab_size"] = te2_cfg["vocab_size"] = vocab_size
+    for cfg in (te_cfg, te2_cfg):
+        if cfg["vocab_size"] <= 0:
+            cfg["vocab_size"] = vocab_size
     builders: dict[str, Any] = {
         "unet": lambda: UNet2DConditionModel(**copy.deepcopy(configs["unet"])),
         "refiner_unet": lambda: UNet2DConditionModel(**copy.deepcopy(configs["refiner_unet"])),
@@ -347,28 +496,68 @@ def _save(
     vocab_file: Path,
     merges_file: Path,
 ) -> tuple[Path, Path]:
-    base_dir, refiner_dir = out_dir / "base", out_dir / "refiner"
-    base.save_pretrained(base_dir, safe_serialization=True)
-    refiner.save_pretrained(refiner_dir, safe_serialization=True)
-    _fix_saved_tokenizers(base_dir, vocab_file, merges_file)
-    _fix_saved_tokenizers(refiner_dir, vocab_file, merges_file)
-    return base_dir, refiner_dir
+    """Save both pipelines to out_dir/base and out_dir/refiner.
+
+    Written into a scratch folder beside them and renamed into place, so a reader that checks for
+    model_index.json (or a concurrent builder) never sees a half-written model.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = {"base": out_dir / "base", "refiner": out_dir / "refiner"}
+    scratch = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
+    try:
+        for name, pipe in (("base", base), ("refiner", refiner)):
+            # mypy cannot see DiffusionPipeline.save_pretrained through diffusers' untyped mixins.
+            pipe.save_pretrained(scratch / name, safe_serialization=True)  # type: ignore[attr-defined,union-attr]
+            _fix_saved_tokenizers(scratch / name, vocab_file, merges_file)
+            _fix_weight_modes(scratch / name)
+        for name, dest in final.items():
+            if dest.exists():
+                old = scratch / f"old-{name}"
+                dest.rename(old)
+            (scratch / name).rename(dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final["base"], final["refiner"]
+
+
+def _fix_weight_modes(pipe_dir: Path) -> None:
+    """The safetensors writers create weight files 0600 (temp file + rename); give them the same mode as
+    the JSON files next to them (umask-derived) so another user, e.g. a container's, can read them."""
+    mode = (pipe_dir / "model_index.json").stat().st_mode & 0o777
+    for path in pipe_dir.rglob("*.safetensors"):
+        path.chmod(mode)
+
+
+def build_pipelines(
+    configs: dict[str, Config],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    out_dir: Path | None = None,
+) -> tuple[StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline]:
+    """Base + refiner pipelines from a config set (TINY_CONFIGS or FULL_CONFIGS), created directly on
+    `device` in `dtype` (default dtype set temporarily and restored), sharing text_encoder_2 and vae.
+    Saved in hub layout to out_dir/base and out_dir/refiner when `out_dir` is given."""
+    with tempfile.TemporaryDirectory(prefix="sdxl-bpe-") as tmp:
+        tok, tok_2, vocab_file, merges_file = _make_tokenizers(Path(tmp))
+        with torch.device(device), _default_dtype(dtype):
+            parts = _make_components(configs, seed, vocab_size=len(tok))
+        base, refiner = _assemble(parts, tok, tok_2)
+        if out_dir is not None:
+            _save(base, refiner, Path(out_dir), vocab_file, merges_file)
+    return base, refiner
 
 
 def build_tiny(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
-    """Build a tiny random-weight SDXL base + refiner and save them to out_dir/base and out_dir/refiner.
+    """Build a tiny random-weight SDXL base + refiner (fp32) and save them to out_dir/base and
+    out_dir/refiner; returns those two paths.
 
     Same architecture classes and conditioning wiring as SDXL 1.0 (two CLIP encoders for the base, only
     text_encoder_2 plus aesthetic score for the refiner; text_encoder_2 and VAE are shared and identical in
     both folders, as on the hub). Deterministic: the same seed gives byte-identical safetensors.
-    Returns (base_dir, refiner_dir).
     """
-    out_dir = Path(out_dir)
-    tok, tok_2, vocab_file, merges_file, vocab_size = _make_tokenizers()
-    with torch.device("cpu"), _default_dtype(torch.float32):
-        parts = _make_components(TINY_CONFIGS, seed, vocab_size=vocab_size)
-    base, refiner = _assemble(parts, tok, tok_2)
-    return _save(base, refiner, out_dir, vocab_file, merges_file)
+    build_pipelines(TINY_CONFIGS, "cpu", torch.float32, seed=seed, out_dir=Path(out_dir))
+    return Path(out_dir) / "base", Path(out_dir) / "refiner"
 
 
 def build_full(
@@ -380,27 +569,22 @@ def build_full(
     """Full-size SDXL 1.0 base + refiner with random weights, created directly on `device` in `dtype`.
 
     Meant for GPU benchmarks: the compute does not depend on weight values. Modules are constructed
-    under ``torch.device(device)`` with the default dtype temporarily set to `dtype`, so no fp32 CPU copy
-    is ever made (about 11.5 GB in fp16). Weights come from the modules' own default initialisers
-    (PyTorch's kaiming-uniform for diffusers layers, normal(0, 0.02) for CLIP), which keep activations
-    O(1), so outputs are finite and NaN-free; they are not meaningful images. text_encoder_2 and vae are
-    the same objects in both pipelines. The VAE keeps the official ``force_upcast=True``, so in fp16 the
-    pipeline decodes in fp32 as the real SDXL VAE does. If `out_dir` is given both are also saved
-    (hub layout) to out_dir/base and out_dir/refiner.
+    under ``torch.device(device)`` with the default dtype temporarily set to `dtype` (restored afterwards),
+    so no fp32 or CPU copy is ever made (about 11.5 GB in fp16). Weights come from the modules' own
+    default initialisers (PyTorch's uniform +-1/sqrt(fan_in) for diffusers layers, normal(0, 0.02) for
+    CLIP), which keep activations O(1), so outputs are finite and NaN-free but not meaningful images.
+    text_encoder_2 and vae are the same objects in both pipelines. The tokenizers are the small local
+    ones (their ids fit the 49408-row embeddings). The VAE keeps the official ``force_upcast=True``, so in
+    fp16 the pipeline decodes in fp32 as with the real SDXL VAE. If `out_dir` is given both pipelines are
+    also saved (hub layout) to out_dir/base and out_dir/refiner.
     """
-    tok, tok_2, vocab_file, merges_file, _ = _make_tokenizers()
-    with torch.device(device), _default_dtype(dtype):
-        parts = _make_components(FULL_CONFIGS, seed)
-    base, refiner = _assemble(parts, tok, tok_2)
-    if out_dir is not None:
-        _save(base, refiner, Path(out_dir), vocab_file, merges_file)
-    return base, refiner
+    return build_pipelines(FULL_CONFIGS, device, dtype, seed=seed, out_dir=out_dir)
 
 
 def count_full_parameters() -> dict[str, int]:
     """Parameter count of each SDXL 1.0 component, instantiated on the meta device (no memory used)."""
     with torch.device("meta"):
-        parts = _make_components(FULL_CONFIGS, seed=0)
+        parts = _make_components(FULL_CONFIGS, seed=0, vocab_size=0)
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 

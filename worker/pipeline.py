@@ -23,7 +23,8 @@ from diffusers import (
 )
 from PIL import Image
 
-from app.contract.params import GenerationParams, RefinerMode
+from app.contract.params import GenerationParams, LongPrompt, RefinerMode
+from worker.prompts import long_prompt_embeds, needs_chunks
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.pipeline")
@@ -89,17 +90,21 @@ class Engine:
 
     load_count = 0  # process-wide: proves models are loaded once, not per job
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, pipelines: tuple[Any, Any] | None = None) -> None:
+        """Load from `settings` (hub id or local directory), or adopt already-built pipelines (benchmarks)."""
         self.settings = settings
         self.device = torch.device(settings.device)
         self.dtype = DTYPES[settings.dtype]
         t0 = time.monotonic()
-        self.base = StableDiffusionXLPipeline.from_pretrained(
-            settings.base_model, revision=settings.revision, variant=settings.variant, dtype=self.dtype,
-            add_watermarker=False,
-        )
         self.refiner: StableDiffusionXLImg2ImgPipeline | None = None
-        if settings.refiner_model:
+        if pipelines is not None:
+            self.base, self.refiner = pipelines
+        else:
+            self.base = StableDiffusionXLPipeline.from_pretrained(
+                settings.base_model, revision=settings.revision, variant=settings.variant, dtype=self.dtype,
+                add_watermarker=False,
+            )
+        if pipelines is None and settings.refiner_model:
             # shares text_encoder_2 and the VAE with the base: ~1.5 GB less in fp16
             self.refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
                 settings.refiner_model, revision=settings.refiner_revision or settings.revision,
@@ -201,12 +206,12 @@ class Engine:
             return on_step_end
 
         common = self._common_kwargs(params, specs)
+        base_common, refiner_common = self._prompt_kwargs(params, common, mode)
         t0 = time.monotonic()
         base_kwargs: dict[str, Any] = dict(
-            **common,
+            **base_common,
             num_inference_steps=params.num_inference_steps,
             guidance_rescale=params.guidance_rescale,
-            clip_skip=params.clip_skip,
             **self._micro_conditioning(params),
             width=params.width,
             height=params.height,
@@ -224,9 +229,7 @@ class Engine:
             assert self.refiner is not None
             self.refiner.scheduler = self.scheduler(self.refiner, params.scheduler)
             refiner_kwargs: dict[str, Any] = dict(
-                **{k: v for k, v in common.items() if k not in ("prompt", "negative_prompt")},
-                prompt=common["prompt_2"],
-                negative_prompt=common["negative_prompt_2"],
+                **refiner_common,
                 aesthetic_score=params.refiner.aesthetic_score,
                 negative_aesthetic_score=params.refiner.negative_aesthetic_score,
                 **self._micro_conditioning(params),
@@ -254,6 +257,28 @@ class Engine:
         images = self.to_pil(self.decode(latents))
         times.decoding = time.monotonic() - t2
         return images, times
+
+    def _prompt_kwargs(self, params: GenerationParams, common: dict[str, Any],
+                       mode: RefinerMode) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Prompt arguments for base and refiner: texts, or chunked embeddings past the 77-token window."""
+        prompt_keys = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+        shared = {k: v for k, v in common.items() if k not in prompt_keys}
+        texts = [common[k] for k in prompt_keys if common[k] is not None]
+        chunks = needs_chunks(self.base, texts)
+        if chunks == 1:
+            base = {**common, "clip_skip": params.clip_skip}
+            refiner = {**shared, "prompt": common["prompt_2"], "negative_prompt": common["negative_prompt_2"]}
+            return base, refiner
+        if params.long_prompt == LongPrompt.reject:
+            raise PromptTooLong(f"a prompt needs {chunks} windows of 77 tokens and long_prompt is reject")
+        base = {**shared, **long_prompt_embeds(self.base, common["prompt"], common["prompt_2"],
+                                               common["negative_prompt"], common["negative_prompt_2"], chunks,
+                                               params.clip_skip)}
+        refiner = dict(shared)
+        if mode != RefinerMode.none and self.refiner is not None:
+            refiner.update(long_prompt_embeds(self.refiner, [], common["prompt_2"], common["negative_prompt"],
+                                              common["negative_prompt_2"], chunks, None))
+        return base, refiner
 
     @staticmethod
     def _micro_conditioning(params: GenerationParams) -> dict[str, Any]:
@@ -324,6 +349,10 @@ class Engine:
 
 
 class NonFiniteOutput(Exception):
+    pass
+
+
+class PromptTooLong(Exception):
     pass
 
 

@@ -16,6 +16,7 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from app import logs
 from app.contract import keys, queueing
 from app.contract.events import TERMINAL_EVENT, EventType, emit
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
@@ -23,7 +24,7 @@ from app.contract.records import TRANSITION, decode, encode
 from app.contract.status import ErrorType
 from app.storage import ObjectStore, StorageUnavailable, image_key
 from worker import encode as encoding
-from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, StepAbort, is_oom
+from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.runner")
@@ -75,7 +76,8 @@ class Runner:
 
     def emit(self, gen_id: str, event: EventType) -> None:
         try:
-            emit(self.r, gen_id, event, self.image_url, self.settings.generation_ttl_seconds, self.webhook_queue)
+            emit(self.r, gen_id, event, self.image_url, self.settings.generation_ttl_seconds, self.webhook_queue,
+                 self.settings.webhook_progress_interval_seconds)
         except redis.RedisError:
             log.exception("could not emit %s for %s", event, gen_id)  # events never fail a job
 
@@ -91,6 +93,11 @@ class Runner:
 
     # --- entry point (rq calls this through worker.tasks.run_generation) -------------------------
     def run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
+        # every line logged for this job carries its ids (app/logs.py), so it can be followed from the API
+        with logs.bind(request_id=raw_payload.get("request_id"), generation_id=raw_payload.get("generation_id")):
+            return self._run_job(raw_payload, rq_job_id)
+
+    def _run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
         version = int(raw_payload.get("v", 0))
         gen_id = str(raw_payload.get("generation_id", ""))
         if version > PAYLOAD_VERSION or not gen_id:
@@ -180,6 +187,12 @@ class Runner:
         with self.lock:
             self.current[m.gen_id] = m
         self.emit(m.gen_id, EventType.started)
+        p = m.payload.params
+        # the formatter drops `prompt` unless SDXL_LOG_PROMPTS is on
+        log.info("generation started", extra={
+            "generation_id": m.gen_id, "request_id": m.payload.request_id, "attempt": m.payload.attempt,
+            "width": p.width, "height": p.height, "steps": p.num_inference_steps, "images": p.num_images_per_prompt,
+            "queued_seconds": round(now - float(m.record.get("created_at") or now), 3), "prompt": p.prompt})
         return True
 
     # --- the pipeline call ------------------------------------------------------------------------
@@ -224,6 +237,9 @@ class Runner:
             except NonFiniteOutput as exc:
                 self.fail_all(active, ErrorType.nan_output, str(exc))
                 return
+            except PromptTooLong as exc:
+                self.fail_all(active, ErrorType.prompt_too_long, str(exc))
+                return
             except Exception as exc:
                 if is_oom(exc):
                     self.engine.free_memory()
@@ -237,7 +253,7 @@ class Runner:
             offset = 0
             for m in active:
                 n = m.payload.params.num_images_per_prompt
-                self.store_and_finish(m, images[offset:offset + n], pipeline_seconds, times)
+                self.store_and_finish(m, images[offset:offset + n], pipeline_seconds, times, len(images))
                 offset += n
             return
 
@@ -269,7 +285,8 @@ class Runner:
             log.warning("progress update failed", exc_info=True)
 
     # --- endings ----------------------------------------------------------------------------------
-    def store_and_finish(self, m: Member, images: list[Any], pipeline_seconds: float, times: Any) -> None:
+    def store_and_finish(self, m: Member, images: list[Any], pipeline_seconds: float, times: Any,
+                         batch_images: int = 1) -> None:
         params = m.payload.params
         manifest = {
             "params": params.model_dump(mode="json"),
@@ -314,6 +331,7 @@ class Runner:
             "encoding": round(encoding_seconds, 4),
             "uploading": round(uploading_seconds, 4),
             "total": round(now - created, 4),
+            "batch_images": batch_images,  # images computed in the same pipeline call
         }
         total = self.total_of(m)
         outcome = self.transition(m.gen_id, m.payload.token, "running", {
@@ -384,6 +402,8 @@ class Runner:
             self.current.pop(m.gen_id, None)
         if outcome == "OK":
             self.emit(m.gen_id, event)
+            log.info("generation %s", event.value.rpartition(".")[2], extra={
+                "generation_id": m.gen_id, "request_id": m.payload.request_id, "attempt": m.payload.attempt})
         elif outcome.startswith("canceled") and event != EventType.canceled:
             log.info("generation %s was canceled while finishing; result dropped", m.gen_id)
 
@@ -391,7 +411,7 @@ class Runner:
         from app.reaper import Reaper
 
         reaper = Reaper(self.r, self.settings.max_attempts + 1, 3600, self.settings.generation_ttl_seconds)
-        outcome = reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason)
+        outcome = reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason, kind="shutdown")
         self.r.delete(keys.lease(m.gen_id))
         if outcome == "failed":
             self.emit(m.gen_id, TERMINAL_EVENT["failed"])

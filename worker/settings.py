@@ -1,10 +1,11 @@
 """The worker process's settings: `SDXL_*` environment variables (see README)."""
 
-import socket
 import secrets
+import socket
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +39,13 @@ class WorkerSettings(BaseSettings):
     storage_prefix: str = "generations/"
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     image_url_mode: Literal["api", "presigned"] = "api"
+    # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
+    s3_bucket: str = ""
+    s3_region: str | None = None  # None: the AWS chain's region, else us-east-1
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None: AWS
+    s3_public_endpoint_url: str | None = None  # endpoint clients reach, used only to sign presigned URLs
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "auto"
+    presign_expiry_seconds: int = Field(default=3600, ge=1, le=604800)  # SigV4 caps presigned URLs at 7 days
     public_base_url: str | None = None
 
     generation_ttl_seconds: int = 7 * 24 * 3600
@@ -49,7 +57,10 @@ class WorkerSettings(BaseSettings):
     batch_max: int = 1  # micro-batching off by default: lowest latency
     batch_wait_ms: int = 0
     progress_interval_seconds: float = 0.25
+    webhook_progress_interval_seconds: float = 2.0  # progress webhooks: at most one per generation per this
     redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
+    log_prompts: bool = False  # prompts stay out of the logs unless this is on (rq's job description is never logged)
+    cleanup_interval_seconds: float = 60.0  # `python -m worker.cleanup`: seconds between sweeps
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or _default_worker_id()

@@ -14,6 +14,7 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
+from app import logs
 from app.contract import keys
 from app.contract.events import EventType
 from app.reaper import Reaper
@@ -49,6 +50,21 @@ class Registry:
     def remove(self) -> None:
         self.r.delete(keys.worker(self.worker_id))
         self.r.zrem(keys.WORKERS, self.worker_id)
+
+    def beat_every(self, seconds: float) -> threading.Event:
+        """Beat from a thread until the returned event is set: loading weights may take minutes (a first
+        download), and a worker that says `loading` must not look dead meanwhile."""
+        done = threading.Event()
+
+        def loop() -> None:
+            while not done.wait(seconds):
+                try:
+                    self.beat()
+                except redis.RedisError as exc:
+                    log.warning("registry heartbeat failed: %s", exc)
+
+        threading.Thread(target=loop, name="registry-beat", daemon=True).start()
+        return done
 
 
 class Heartbeat(threading.Thread):
@@ -121,32 +137,49 @@ class SDXLWorker(SimpleWorker):
     reaper: Reaper
     settings: WorkerSettings
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # rq logs each job's description by default: ours is the payload, with the prompt and the ownership token
+        kwargs.setdefault("log_job_description", False)
+        super().__init__(*args, **kwargs)
+        self._grace_timer: threading.Timer | None = None
+
     def attach(self, runner: Runner, registry: Registry, settings: WorkerSettings) -> None:
         self.runner = runner
         self.registry = registry
         self.settings = settings
-        self.reaper = Reaper(self.connection, settings.max_attempts, 3600, settings.generation_ttl_seconds)
-        self._grace_timer: threading.Timer | None = None
+        self.reaper = Reaper(self.connection, settings.max_attempts, 3600, settings.generation_ttl_seconds,
+                             stranded_after=settings.lease_seconds)
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
-        """Warm shutdown: stop taking jobs; give the current one a grace period, then requeue it."""
+        """Warm shutdown: stop taking jobs; give the current one a grace period, then requeue it.
+
+        Idle, rq raises StopRequested out of its blocking dequeue and the worker exits at once. Busy, the job
+        goes on; past the grace period its step callback aborts it and the runner puts it back in line.
+        """
         if self._grace_timer is None and self.get_state() == "busy":
             log.info("shutdown requested: finishing the current job within %.0fs", self.settings.shutdown_grace_seconds)
             self._grace_timer = threading.Timer(self.settings.shutdown_grace_seconds, self.runner.shutdown_abort.set)
             self._grace_timer.daemon = True
             self._grace_timer.start()
-        # a second signal must not turn into SystemExit mid-job (rq's default): the grace timer decides
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        self.registry.update(state="stopping")
-        super().request_stop(signum, frame)
+        # no Redis round trip inside a signal handler (the interrupted code may hold the pool's lock): the
+        # heartbeat thread publishes the new state within a beat
+        self.registry.fields["state"] = "stopping"
+        try:
+            super().request_stop(signum, frame)
+        finally:
+            # rq just armed SIGTERM/SIGINT to raise SystemExit (cold shutdown) mid-job: the grace timer decides
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
 
     def execute_job(self, job: Any, queue: Queue) -> None:
-        self.registry.update(state="busy")
-        try:
-            super().execute_job(job, queue)
-        finally:
-            self.registry.update(state="stopping" if self._stop_requested else "ready")
+        payload = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
+        # rq's own lines about this job carry the ids too, not just ours
+        with logs.bind(request_id=payload.get("request_id"), generation_id=payload.get("generation_id")):
+            self.registry.update(state="busy")
+            try:
+                super().execute_job(job, queue)
+            finally:
+                self.registry.update(state="stopping" if self._stop_requested else "ready")
 
 
 def describe(settings: WorkerSettings) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from app.contract import keys
+from app.contract import keys, stats
 from app.contract.records import decode
 from app.contract.resource import ImageUrl, render
 
@@ -39,6 +39,7 @@ def emit(
     image_url: ImageUrl,
     ttl_seconds: int,
     webhook_queue: Any = None,
+    progress_interval: float = 2.0,
 ) -> str | None:
     """Append an event carrying the current resource; enqueue a webhook delivery when subscribed."""
     raw = r.hgetall(keys.generation(gen_id))
@@ -50,10 +51,15 @@ def emit(
     pipe = r.pipeline(transaction=False)
     pipe.xadd(keys.events(gen_id), {"type": event_type.value, "data": body}, maxlen=STREAM_MAXLEN, approximate=True)
     pipe.expire(keys.events(gen_id), ttl_seconds)
+    stats.record_event(pipe, event_type.value, rec)  # metrics ride the same round trip
     event_id = pipe.execute()[0]
     event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
     hook = rec.get("webhook")
     if webhook_queue is not None and hook and event_type.value in hook.get("events", []):
+        if event_type == EventType.progress and progress_interval > 0:
+            gate = r.set(keys.webhook_progress_gate(gen_id), b"1", nx=True, px=max(1, int(progress_interval * 1000)))
+            if not gate:  # the stream (SSE) still has every step; webhooks get at most one per interval
+                return str(event_id)
         webhook_queue.enqueue(
             "worker.webhooks.deliver",
             {

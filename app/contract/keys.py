@@ -12,6 +12,8 @@ ACTIVE_OWNERS = f"{PREFIX}:owners"  # zset of owners with pending work, scored b
 EXPIRY = f"{PREFIX}:expiry"  # zset: generation id -> expires_at (unix seconds)
 CANCEL_CHANNEL = f"{PREFIX}:cancel"  # pub/sub: generation ids whose cancel was requested
 STATS = f"{PREFIX}:stats"  # hash of counters shared across processes
+METRICS = f"{PREFIX}:metrics"  # hash of cluster-wide metric counters and histogram buckets (contract/stats.py)
+STRANDED = f"{PREFIX}:stranded"  # hash: rq job id -> when a reaper first saw it dequeued but never started
 
 
 def generation(gen_id: str) -> str:
@@ -42,3 +44,27 @@ def owner_index(owner: str) -> str:
 
 def webhook_log(gen_id: str) -> str:
     return f"{PREFIX}:webhooks:{gen_id}"
+
+
+WEBHOOK_GONE = f"{PREFIX}:webhook-gone"  # set of URLs that answered 410 Gone: never delivered to again
+WEBHOOK_DUE = f"{PREFIX}:webhook-due"  # zset: retry payload JSON -> unix time it is due (dispatcher pump)
+
+
+def webhook_progress_gate(gen_id: str) -> str:
+    """SET NX PX key: at most one progress webhook per generation per interval, across all processes."""
+    return f"{PREFIX}:webhook-gate:{gen_id}"
+
+
+def rate_bucket(owner: str) -> str:
+    """Hash {tokens, ts}: the owner's request token bucket (app/limits.py)."""
+    return f"{PREFIX}:rate:{owner}"
+
+
+def active(owner: str) -> str:
+    """Zset of the owner's non-final generation ids by creation time; pruned lazily (app/limits.py)."""
+    return f"{PREFIX}:active:{owner}"
+
+
+def idempotency(owner: str, key_digest: str) -> str:
+    """String "<body sha256> <gen id> <claimed ms>" for one Idempotency-Key of one owner (app/idempotency.py)."""
+    return f"{PREFIX}:idem:{owner}:{key_digest}"

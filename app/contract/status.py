@@ -40,3 +40,4 @@ class ErrorType(StrEnum):
     deadline_exceeded = "deadline_exceeded"
     invalid_payload = "invalid_payload"
     nan_output = "nan_output"
+    prompt_too_long = "prompt_too_long"

@@ -1,14 +1,16 @@
 """HTTP routes for /v1/generations."""
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app.deps import PrincipalDep, ServiceDep, SettingsDep
 from app.errors import Problem
-from app.schemas import Generation, GenerationCreate, ProblemDetails
+from app.idempotency import create_once
+from app.listing import list_generations as list_page
+from app.schemas import Generation, GenerationCreate, GenerationList, ProblemDetails
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 
@@ -34,7 +36,8 @@ def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
     operation_id="create_generation",
     status_code=202,
     response_model=Generation,
-    responses={201: {"model": Generation, "description": "Finished within `Prefer: wait`"},
+    responses={200: {"model": Generation, "description": "Replay: this Idempotency-Key already created it"},
+               201: {"model": Generation, "description": "Finished within `Prefer: wait`"},
                **_problems(401, 409, 413, 415, 422, 429, 503)},
     summary="Generate images from a prompt",
 )
@@ -45,17 +48,46 @@ async def create_generation(
     principal: PrincipalDep,
     settings: SettingsDep,
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer 201 when done within N s")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        description="Repeat-safe submit: the same key and body return the first generation (200), a different "
+                    "body 409. Scoped to the API key; kept as long as the generation.", max_length=255)] = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    resource = await service.create(body, principal, request_id)
+    replayed = False
+    if idempotency_key is None:
+        resource = await service.create(body, principal, request_id)
+    else:
+        resource, replayed = await create_once(service, body, principal, request_id, idempotency_key,
+                                               await request.body())
     headers = {"Location": service.location(resource["id"])}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
     wait = prefer_wait(prefer, settings.max_wait_seconds)
     if wait:
         resource = await service.wait(resource["id"], principal, wait)
         if resource["status"] in ("succeeded", "failed", "canceled"):
             headers["Preference-Applied"] = f"wait={wait}"
-            return JSONResponse(resource, status_code=201, headers=headers)
-    return JSONResponse(resource, status_code=202, headers=headers)
+            return JSONResponse(resource, status_code=200 if replayed else 201, headers=headers)
+    return JSONResponse(resource, status_code=200 if replayed else 202, headers=headers)
+
+
+@router.get(
+    "",
+    operation_id="list_generations",
+    response_model=GenerationList,
+    responses=_problems(401, 422, 429, 503),
+    summary="List this API key's generations, newest first",
+)
+async def list_generations(
+    service: ServiceDep,
+    principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size")] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="`next_cursor` of the previous page")] = None,
+    status: Annotated[
+        Literal["queued", "running", "succeeded", "failed", "canceled"] | None, Query(description="Only this status")
+    ] = None,
+) -> dict[str, Any]:
+    return await list_page(service, principal, limit, cursor, status)
 
 
 @router.get(
@@ -88,6 +120,19 @@ async def get_generation(
 )
 async def cancel_generation(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> dict[str, Any]:
     return await service.cancel(gen_id, principal)
+
+
+@router.delete(
+    "/{gen_id}",
+    operation_id="delete_generation",
+    status_code=204,
+    response_class=Response,
+    responses=_problems(401, 404, 429, 503),
+    summary="Delete a generation and its images (a queued or running one is canceled first)",
+)
+async def delete_generation(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> Response:
+    await service.delete(gen_id, principal)
+    return Response(status_code=204)
 
 
 @router.get(

@@ -1,0 +1,75 @@
+# Two commands matter: `make run` (serve) and `make test` (the whole suite). Both set everything up first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8000
+REDIS_URL ?=
+MODEL_DIR ?= .models/tiny
+# CPU wheel where there is no NVIDIA driver, a CUDA build where there is; override freely.
+TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cu128 || echo https://download.pytorch.org/whl/cpu)
+EXTRAS ?= api,worker,dev
+
+export PORT REDIS_URL
+export HF_HUB_DISABLE_TELEMETRY := 1
+export REDOCLY_TELEMETRY := off
+
+# Unless pointed at real weights, serve the project's own tiny random-weight SDXL (it draws noise).
+ifeq ($(origin SDXL_BASE_MODEL), undefined)
+export SDXL_BASE_MODEL := $(MODEL_DIR)/base
+export SDXL_REFINER_MODEL := $(MODEL_DIR)/refiner
+export HF_HUB_OFFLINE := 1
+endif
+
+.PHONY: help venv system model run test lint openapi bench load chaos clean
+
+help:
+	@echo "make run    - serve the API on 127.0.0.1:$(PORT) with one worker (tiny model unless SDXL_BASE_MODEL is set)"
+	@echo "make test   - run the whole test suite"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - CPU benchmarks (JSON lines)   make load - load run   make chaos - fault drills"
+
+system:
+	@scripts/ensure_system.sh $(if $(REDIS_URL),no,yes)
+
+$(VENV)/.installed: pyproject.toml | system
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, from TORCH_INDEX, so the extras below do not pull a different build
+	$(PY) -m pip install -q --extra-index-url $(TORCH_INDEX) torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+$(MODEL_DIR)/base/model_index.json: | venv
+	HF_HUB_OFFLINE=1 $(PY) -m worker.models build-tiny $(MODEL_DIR)
+
+model: $(if $(filter $(MODEL_DIR)/base,$(SDXL_BASE_MODEL)),$(MODEL_DIR)/base/model_index.json,)
+
+run: venv model
+	$(PY) scripts/run_local.py
+
+test: venv model
+	HF_HUB_OFFLINE=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check app worker tests bench scripts
+	$(VENV)/bin/mypy app worker
+
+openapi: venv
+	$(PY) scripts/export_openapi.py
+
+bench: venv model
+	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py
+
+load: venv model
+	HF_HUB_OFFLINE=1 $(PY) bench/load.py
+
+chaos: venv model
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
+
+clean:
+	rm -rf $(VENV) .models .data .pytest_cache

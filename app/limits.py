@@ -1,0 +1,210 @@
+"""Per-key limits kept in Redis, so every API replica enforces the same numbers.
+
+- Request rate: a token bucket per owner (`sdxl:rate:<owner>`), one Lua script per authenticated request, on
+  Redis's clock (replicas' clocks never disagree). Over it: 429 + Retry-After. Every answer to an
+  authenticated request carries RateLimit-Limit / -Remaining / -Reset (IETF httpapi-ratelimit-headers draft).
+- Unfinished generations per owner: `sdxl:active:<owner>` holds the ids of its queued or running generations;
+  ADMIT prunes the final ones lazily (nobody has to remember to decrement a counter on every path to a final
+  state), checks the cap and reserves the new id in the same script, so concurrent submits cannot overshoot.
+- Global queue depth: ADMIT counts what waits (rq list + every owner's pending zset). Over it: 503 with a
+  Retry-After from the measured drain rate (see `drain_rate`).
+"""
+
+import math
+import time
+from typing import Any
+
+import redis.asyncio as aredis
+from fastapi import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.auth import Principal
+from app.contract import keys
+from app.errors import Problem
+from app.settings import Settings
+
+# KEYS[1]: bucket hash. ARGV[1]: tokens added per millisecond, ARGV[2]: burst (bucket size).
+# Returns {allowed 1/0, whole tokens left, ms until the next token when refused, ms until the bucket is full}.
+TOKEN_BUCKET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+local allowed = 0
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+else
+  wait = math.ceil((1 - tokens) / rate)
+end
+local full = math.ceil((burst - tokens) / rate)
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], full + 1000)
+return {allowed, math.floor(tokens), wait, full}
+"""
+
+# KEYS: active zset of the owner, rq queue list, owners zset.
+# ARGV: gen id, now, max unfinished for the owner, max global queue depth, key prefix, ttl seconds.
+# Returns {0, unfinished} admitted (id reserved), {1, unfinished} owner at its cap, {2, depth} queue full.
+ADMIT = """
+local function is_final(gid)
+  local s = redis.call('HGET', ARGV[5] .. ':gen:' .. gid, 'status')
+  return (not s) or s == 'succeeded' or s == 'failed' or s == 'canceled'
+end
+local function prune(n)
+  for _, gid in ipairs(redis.call('ZRANGE', KEYS[1], 0, n - 1)) do
+    if is_final(gid) then redis.call('ZREM', KEYS[1], gid) end
+  end
+end
+prune(8)  -- the oldest usually finish first: this keeps the set near its true size at little cost
+local cap = tonumber(ARGV[3])
+local count = redis.call('ZCARD', KEYS[1])
+if count >= cap then
+  prune(count)
+  count = redis.call('ZCARD', KEYS[1])
+  if count >= cap then return {1, count} end
+end
+local depth = redis.call('LLEN', KEYS[2])
+for _, owner in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
+  depth = depth + redis.call('ZCARD', ARGV[5] .. ':pending:' .. owner)
+end
+if depth >= tonumber(ARGV[4]) then return {2, depth} end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+return {0, count + 1}
+"""
+
+NO_WORKER_RETRY_SECONDS = 30  # nothing drains the queue until a worker registers
+UNMEASURED_RETRY_SECONDS = 10  # workers are up but none has finished a job yet
+MAX_RETRY_SECONDS = 300
+
+
+def retry_after(waiting: int, live_workers: int, per_second: float) -> int:
+    """Seconds until `waiting` generations have drained at the measured rate, bounded to [1, 300]."""
+    if live_workers == 0:
+        return NO_WORKER_RETRY_SECONDS
+    if per_second <= 0:
+        return UNMEASURED_RETRY_SECONDS
+    return max(1, min(MAX_RETRY_SECONDS, math.ceil(waiting / per_second)))
+
+
+class Limiter:
+    def __init__(self, ar: aredis.Redis, settings: Settings) -> None:
+        self.ar = ar
+        self.settings = settings
+        self._bucket = ar.register_script(TOKEN_BUCKET)
+        self._admit = ar.register_script(ADMIT)
+
+    async def hit(self, request: Request, principal: Principal) -> None:
+        """Charge one request to the principal's bucket (one round trip); 429 when it is empty."""
+        lim = principal.limits
+        if lim.rate_per_minute <= 0:
+            return
+        allowed, remaining, wait_ms, full_ms = await self._bucket(
+            keys=[keys.rate_bucket(principal.owner)], args=[lim.rate_per_minute / 60000, lim.burst]
+        )
+        request.state.ratelimit = {
+            "RateLimit-Limit": str(lim.burst),
+            "RateLimit-Remaining": str(int(remaining)),
+            "RateLimit-Reset": str(math.ceil(int(full_ms) / 1000)),
+        }
+        if not allowed:
+            wait = max(1, math.ceil(int(wait_ms) / 1000))
+            raise Problem(
+                429,
+                f"API key {principal.name!r} is over its rate limit of {lim.rate_per_minute} requests per minute "
+                f"(burst {lim.burst}); retry in {wait} s",
+                kind="rate-limited",
+                headers={"Retry-After": str(wait)},
+            )
+
+    async def admit(self, principal: Principal, gen_id: str) -> None:
+        """Reserve a place for `gen_id` or refuse: 429 over the key's cap, 503 when the whole queue is full."""
+        code, count = await self._admit(
+            keys=[keys.active(principal.owner), keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
+            args=[
+                gen_id,
+                time.time(),
+                principal.limits.max_queued,
+                self.settings.max_queue_depth,
+                keys.PREFIX,
+                self.settings.generation_ttl_seconds,
+            ],
+        )
+        if int(code) == 0:
+            return
+        live, per_second = await self.drain_rate()
+        if int(code) == 1:
+            wait = retry_after(1, live, per_second)
+            raise Problem(
+                429,
+                f"API key {principal.name!r} already has {int(count)} unfinished generations, its limit; "
+                "wait for one to finish or cancel one",
+                kind="too-many-unfinished",
+                headers={"Retry-After": str(wait)},
+            )
+        limit = self.settings.max_queue_depth
+        wait = retry_after(int(count) - limit + 1, live, per_second)
+        raise Problem(
+            503,
+            f"the queue is full ({int(count)} generations waiting, limit {limit}); retry in {wait} s",
+            kind="queue-full",
+            headers={"Retry-After": str(wait)},
+        )
+
+    async def release(self, principal: Principal, gen_id: str) -> None:
+        """Give back a reservation whose submit did not happen."""
+        await self.ar.zrem(keys.active(principal.owner), gen_id)
+
+    async def drain_rate(self) -> tuple[int, float]:
+        """(live workers, generations per second they finish while busy), from counters every worker already
+        publishes in its registry hash each heartbeat (jobs_done / busy_seconds). Busy seconds are pipeline
+        time, so this is the rate of a saturated fleet, which is the case whenever the queue is full."""
+        ids = await self.ar.zrangebyscore(keys.WORKERS, time.time() - 15, "+inf")
+        if not ids:
+            return 0, 0.0
+        pipe = self.ar.pipeline(transaction=False)
+        for wid in ids:
+            name = wid.decode() if isinstance(wid, bytes) else str(wid)
+            pipe.hmget(keys.worker(name), ["jobs_done", "busy_seconds"])
+        live, per_second = 0, 0.0
+        for jobs, busy in await pipe.execute():
+            if jobs is None and busy is None:
+                continue  # registry hash expired: that worker is gone
+            live += 1
+            done, seconds = float(jobs or 0), float(busy or 0)
+            if done > 0 and seconds > 0:
+                per_second += done / seconds
+        return live, per_second
+
+
+class RateLimitHeadersMiddleware:
+    """Puts the RateLimit-* values that `Limiter.hit` left in the request's state on its answer (any status)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state: dict[str, Any] = scope.setdefault("state", {})
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                values = state.get("ratelimit")
+                if values:
+                    extra = [(k.lower().encode(), v.encode()) for k, v in values.items()]
+                    message["headers"] = [*message.get("headers", []), *extra]
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)

@@ -1,0 +1,136 @@
+"""GET /v1/generations/{id}/events: the generation's events as server-sent events.
+
+Read from the generation's Redis stream, so any API replica serves any client and `Last-Event-ID` (the
+stream entry id) resumes exactly where a dropped connection stopped. The stream ends after the terminal event.
+"""
+
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header
+from fastapi.responses import Response, StreamingResponse
+
+from app.contract import keys
+from app.contract.records import decode
+from app.deps import PrincipalDep, ServiceDep
+from app.errors import field_error
+from app.generations import TERMINAL, GenerationService, resource_json
+from app.routes.generations import GenId, _problems
+
+router = APIRouter(prefix="/v1/generations", tags=["generations"])
+
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+TERMINAL_EVENTS = {f"generation.{s}" for s in TERMINAL}
+BLOCK_MS = 5000  # one XREAD wait; well under the async client's socket timeout
+KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing an idle stream
+SETTLE_MS = 1000  # status is final but its event not yet in the stream: the emitter is a few ms behind
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entry(raw_id: Any, fields: Any) -> tuple[str, str, str]:
+    """(id, type, data) of one stream entry; the API's Redis clients return bytes."""
+    event = fields.get(b"type") or fields.get("type") or b""
+    data = fields.get(b"data") or fields.get("data") or b"{}"
+    return _text(raw_id), _text(event), _text(data)
+
+
+def sse(event: str, data: str, event_id: str | None = None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""
+    return f"{head}event: {event}\ndata: {data}\n\n"
+
+
+async def event_stream(service: GenerationService, gen_id: str, last_id: str) -> AsyncIterator[str]:
+    """History after `last_id`, then live events, until the terminal one (or the record is gone)."""
+    key = keys.events(gen_id)
+    last_write = time.monotonic()
+    yield "retry: 2000\n\n"
+    while True:
+        res: Any = await service.ar.xread({key: last_id}, block=BLOCK_MS, count=100)
+        if res:
+            for _stream, entries in res:
+                for raw_id, fields in entries:
+                    last_id, event, data = _entry(raw_id, fields)
+                    yield sse(event, data, last_id)
+                    if event in TERMINAL_EVENTS:
+                        return
+            last_write = time.monotonic()
+            continue
+        status = await service.ar.hget(keys.generation(gen_id), "status")  # type: ignore[misc]
+        if status is None:
+            return  # expired or deleted: nothing more will come
+        if _text(status) in TERMINAL:
+            res = await service.ar.xread({key: last_id}, block=SETTLE_MS, count=100)
+            if res:
+                continue  # handled by the loop above on the next pass
+            # final, but its event never reached the stream (an emit lost to a Redis error): say so once, with
+            # no id, so a client that reconnects still resumes from the last real entry
+            raw = await service.ar.hgetall(keys.generation(gen_id))  # type: ignore[misc]
+            if raw and await terminal_entry(service, gen_id) is None:
+                rec = decode(raw)
+                yield sse(f"generation.{rec['status']}", resource_json(await service.resource(rec)))
+            return
+        if time.monotonic() - last_write >= KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            last_write = time.monotonic()
+
+
+async def terminal_entry(service: GenerationService, gen_id: str) -> str | None:
+    """The id of the stream's terminal entry (always its last one), if it has one."""
+    tail: Any = await service.ar.xrevrange(keys.events(gen_id), count=1)
+    if tail:
+        entry_id, event, _data = _entry(*tail[0])
+        if event in TERMINAL_EVENTS:
+            return entry_id
+    return None
+
+
+def _id_key(event_id: str) -> tuple[int, int]:
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
+@router.get(
+    "/{gen_id}/events",
+    operation_id="stream_generation_events",
+    response_class=StreamingResponse,
+    responses={
+        204: {"description": "`Last-Event-ID` is the terminal event: nothing follows (EventSource stops)"},
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "Server-sent events named by type (`generation.started`, `generation.progress`, "
+            "`generation.succeeded`, ...); `id` is the stream entry id, `data` the generation resource. "
+            "The stream ends after the terminal event.",
+        },
+        **_problems(401, 404, 422, 429, 503),
+    },
+    summary="Follow a generation live (server-sent events; resume with Last-Event-ID)",
+)
+async def stream_generation_events(
+    gen_id: GenId,
+    service: ServiceDep,
+    principal: PrincipalDep,
+    last_event_id: Annotated[
+        str | None, Header(description="Resume after this event id (sent automatically by EventSource)")
+    ] = None,
+) -> Response:
+    rec = await service.record(gen_id, principal)  # owner check before the stream starts: a plain 404 problem
+    if last_event_id is not None and not STREAM_ID.match(last_event_id.strip()):
+        raise field_error(
+            "Last-Event-ID", "must be an event id from this stream, like `1700000000000-0`", last_event_id[:64]
+        )
+    start = last_event_id.strip() if last_event_id else "0-0"
+    if last_event_id and rec["status"] in TERMINAL:
+        # EventSource reconnects whenever a stream closes; 204 is the SSE way to tell it to stop
+        end = await terminal_entry(service, gen_id)
+        if end is not None and _id_key(end) <= _id_key(start):
+            return Response(status_code=204)
+    return StreamingResponse(
+        event_stream(service, gen_id, start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

@@ -1,0 +1,87 @@
+"""Token counts per text encoder, computed in the API with the `tokenizers` library (no torch).
+
+SDXL's CLIP encoders see 77 tokens (BOS + 75 + EOS). Longer prompts are never truncated silently: the
+request either asks for chunked encoding or gets a 422 with the counts.
+"""
+
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+log = logging.getLogger("app.tokens")
+
+CLIP_WINDOW = 77
+# CLIP's own pre-tokenization pattern (from openai/clip-vit-large-patch14's tokenizer.json)
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _from_vocab(folder: Path) -> Tokenizer:
+    """Rebuild CLIP's fast tokenizer from vocab.json + merges.txt (hub repos that ship no tokenizer.json)."""
+    vocab = json.loads((folder / "vocab.json").read_text())
+    merges = [
+        tuple(line.split())
+        for line in (folder / "merges.txt").read_text().splitlines()[1:]
+        if line and not line.startswith("#")
+    ]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>",
+                               continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.RobertaProcessing(
+        ("<|endoftext|>", vocab["<|endoftext|>"]), ("<|startoftext|>", vocab["<|startoftext|>"]),
+        trim_offsets=False, add_prefix_space=False,
+    )
+    return tok
+
+
+def _locate(model: str, sub: str, revision: str | None) -> Path | None:
+    local = Path(model) / sub
+    if local.is_dir():
+        return local
+    try:  # a hub id: use the local cache only (the API never downloads)
+        from huggingface_hub import snapshot_download
+
+        snap = snapshot_download(model, revision=revision, allow_patterns=[f"{sub}/*"], local_files_only=True)
+        path = Path(snap) / sub
+        return path if path.is_dir() else None
+    except Exception:
+        return None
+
+
+def _load(folder: Path) -> Tokenizer:
+    if (folder / "tokenizer.json").exists():
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    else:
+        tok = _from_vocab(folder)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+class TokenCounter:
+    def __init__(self, tok1: Tokenizer, tok2: Tokenizer) -> None:
+        self.tok1 = tok1
+        self.tok2 = tok2
+
+    def count(self, text: str, encoder: int) -> int:
+        tok = self.tok1 if encoder == 1 else self.tok2
+        return len(tok.encode(text).ids)
+
+
+@lru_cache(maxsize=4)
+def counter_for(model: str, revision: str | None = None) -> TokenCounter | None:
+    """None when the tokenizers are not on this machine; the worker then applies the same rule."""
+    f1, f2 = _locate(model, "tokenizer", revision), _locate(model, "tokenizer_2", revision)
+    if f1 is None or f2 is None:
+        log.warning("tokenizers for %s not found locally: token counts are left to the worker", model)
+        return None
+    return TokenCounter(_load(f1), _load(f2))

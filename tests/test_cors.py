@@ -1,0 +1,87 @@
+"""CORS for browser apps: allowed origins get preflights answered and may read Location, RateLimit-*,
+Retry-After and X-Request-ID; other origins, and deployments without SDXL_CORS_ORIGINS, get no CORS headers."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.settings import Settings
+from tests.access import TINY, Key, keys_env, service_with
+from tests.procs import Service
+
+APP = "https://app.example"
+KEY = Key("browser")
+PREFLIGHT = {
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type, idempotency-key, prefer",
+}
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {"SDXL_API_KEYS": keys_env(KEY), "SDXL_CORS_ORIGINS": f"{APP}, https://other.example"}
+    with service_with(tiny_model, tmp_path_factory.mktemp("cors"), 0, env) as s:
+        s.plain = s.start_api(SDXL_CORS_ORIGINS="")  # type: ignore[attr-defined]
+        yield s
+
+
+def exposed(res: httpx.Response) -> set[str]:
+    return {h.strip().lower() for h in res.headers.get("access-control-expose-headers", "").split(",")}
+
+
+def test_preflight_from_an_allowed_origin(svc: Service) -> None:
+    res = httpx.options(f"{svc.url}/v1/generations", headers={"Origin": APP, **PREFLIGHT})
+    assert res.status_code == 200, res.text
+    assert res.headers["access-control-allow-origin"] == APP
+    assert "POST" in res.headers["access-control-allow-methods"]
+    allowed = res.headers["access-control-allow-headers"].lower()
+    for header in ("authorization", "content-type", "idempotency-key", "prefer"):
+        assert header in allowed
+    assert "access-control-allow-credentials" not in res.headers  # keys go in Authorization, not cookies
+
+
+def test_browser_can_read_location_limits_and_request_id(svc: Service) -> None:
+    res = httpx.post(
+        f"{svc.url}/v1/generations", json={"prompt": "from a browser", **TINY}, headers={"Origin": APP, **KEY.headers}
+    )
+    assert res.status_code == 202, res.text
+    assert res.headers["access-control-allow-origin"] == APP
+    want = {"location", "ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "retry-after", "x-request-id"}
+    assert want <= exposed(res)
+    assert {"location", "ratelimit-limit", "x-request-id"} <= set(res.headers)
+
+
+def test_error_answers_carry_cors_headers_too(svc: Service) -> None:
+    res = httpx.get(f"{svc.url}/v1/generations", headers={"Origin": APP})
+    assert res.status_code == 401
+    assert res.headers["access-control-allow-origin"] == APP  # so the page can read the problem
+
+
+def test_other_origins_get_nothing(svc: Service) -> None:
+    pre = httpx.options(f"{svc.url}/v1/generations", headers={"Origin": "https://evil.example", **PREFLIGHT})
+    assert pre.status_code == 400
+    assert "access-control-allow-origin" not in pre.headers
+    res = httpx.get(f"{svc.url}/v1/generations", headers={"Origin": "https://evil.example", **KEY.headers})
+    assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
+
+
+def test_no_cors_unless_configured(svc: Service) -> None:
+    plain: str = svc.plain  # type: ignore[attr-defined]
+    pre = httpx.options(f"{plain}/v1/generations", headers={"Origin": APP, **PREFLIGHT})
+    assert "access-control-allow-origin" not in pre.headers
+    res = httpx.get(f"{plain}/v1/generations", headers={"Origin": APP, **KEY.headers})
+    assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
+
+
+def test_origins_setting_accepts_a_json_list_or_commas() -> None:
+    assert Settings(cors_origins='["https://a.example", "https://b.example"]').cors_origins == [
+        "https://a.example",
+        "https://b.example",
+    ]
+    assert Settings(cors_origins="https://a.example, https://b.example").cors_origins == [
+        "https://a.example",
+        "https://b.example",
+    ]
+    assert Settings(cors_origins="").cors_origins == []

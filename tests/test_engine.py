@@ -1,0 +1,145 @@
+"""The SDXL engine in-process on the tiny model: every control reaches the pipeline and changes the output."""
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from app.contract.params import GenerationParams
+from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong
+from worker.settings import WorkerSettings
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    return Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model=str(tiny_model / "refiner"),
+                                 watermark=False))
+
+
+def run(engine: Engine, n: int = 1, **kw: Any) -> tuple[list[str], list[Progress]]:
+    base: dict[str, Any] = dict(prompt="a lighthouse", width=64, height=64, num_inference_steps=4,
+                                guidance_scale=5.0, seed=1, refiner={"mode": "ensemble"})
+    base.update(kw)
+    p = GenerationParams(**base)
+    steps: list[Progress] = []
+    specs = [ImageSpec(p.prompt, p.prompt_2, p.negative_prompt, p.negative_prompt_2, p.image_seed(i))
+             for i in range(n)]
+    imgs, _times = engine.run(p, specs, lambda pr: steps.append(Progress(pr.step, pr.total_steps, pr.stage)))
+    return [hashlib.sha256(i.tobytes()).hexdigest() for i in imgs], steps
+
+
+def test_same_params_same_pixels(engine: Engine) -> None:
+    assert run(engine)[0] == run(engine)[0]
+    assert run(engine)[0] != run(engine, seed=2)[0]
+
+
+@pytest.mark.parametrize("change", [
+    {"prompt_2": "a completely different second prompt"},
+    {"negative_prompt": "blurry"},
+    {"negative_prompt": ""},  # empty string is encoded; absent is SDXL's zeroed embedding
+    {"original_size": (512, 512)},
+    {"target_size": (256, 256)},
+    {"crops_coords_top_left": (32, 32)},
+    {"negative_original_size": (256, 256)},
+    {"guidance_scale": 9.0},
+    {"guidance_rescale": 0.7},
+    {"clip_skip": 1},
+    {"refiner": {"mode": "ensemble", "aesthetic_score": 1.0}},
+    {"refiner": {"mode": "ensemble", "negative_aesthetic_score": 9.0}},
+    {"refiner": {"mode": "ensemble", "denoising_start": 0.5}},
+    {"refiner": {"mode": "none"}},
+    {"refiner": {"mode": "img2img", "strength": 0.5}},
+])
+def test_each_control_changes_the_output(engine: Engine, change: dict[str, Any]) -> None:
+    assert run(engine, **change)[0] != run(engine)[0], change
+
+
+@pytest.mark.parametrize("name", ["euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun"])
+def test_every_scheduler_runs_and_differs_from_euler(engine: Engine, name: str) -> None:
+    digest, steps = run(engine, scheduler=name, num_inference_steps=5)
+    assert steps[-1].step == steps[-1].total_steps > 0
+    if name != "euler":
+        assert digest != run(engine, scheduler="euler", num_inference_steps=5)[0]
+
+
+def assert_monotonic(steps: list[Progress]) -> None:
+    assert [s.step for s in steps] == sorted(s.step for s in steps)
+    assert steps[-1].stage == "decoding"
+
+
+@pytest.mark.parametrize("n", [10, 30])
+def test_ensemble_steps_add_up_to_the_schedulers_count(engine: Engine, n: int) -> None:
+    _, steps = run(engine, num_inference_steps=n)
+    assert_monotonic(steps)
+    base = [s for s in steps if s.stage == "base"]
+    refiner = [s for s in steps if s.stage == "refiner"]
+    assert base and refiner
+    assert steps[-1].step == steps[-1].total_steps == n == len(base) + len(refiner)
+
+
+def test_img2img_adds_the_refiners_own_steps(engine: Engine) -> None:
+    _, steps = run(engine, num_inference_steps=10, refiner={"mode": "img2img", "strength": 0.5,
+                                                            "num_inference_steps": 8})
+    assert_monotonic(steps)
+    base = [s for s in steps if s.stage == "base"]
+    refiner = [s for s in steps if s.stage == "refiner"]
+    assert len(base) == 10 and len(refiner) == 4  # int(8 * 0.5)
+    assert steps[-1].total_steps == 14 == steps[-1].step
+    assert "decoding" in [s.stage for s in steps[:-1]]  # the base image is decoded before the refiner
+
+
+def test_heun_runs_about_twice_the_steps(engine: Engine) -> None:
+    _, steps = run(engine, scheduler="heun", num_inference_steps=6, refiner={"mode": "none"})
+    assert 10 <= steps[-1].total_steps == steps[-1].step <= 12
+
+
+def test_long_prompt_is_chunked_not_truncated(engine: Engine) -> None:
+    long = "a lighthouse " * 40 + "in a purple storm"
+    truncated_tail = "a lighthouse " * 40 + "on a sunny beach"
+    a, _ = run(engine, prompt=long)
+    b, _ = run(engine, prompt=truncated_tail)
+    assert a != b  # the words past token 77 reach the model
+    assert a == run(engine, prompt=long)[0]
+
+
+def test_long_prompt_reject_raises_in_the_worker_too(engine: Engine) -> None:
+    with pytest.raises(PromptTooLong):
+        run(engine, prompt="word " * 100, long_prompt="reject")
+
+
+def test_batched_images_match_solo_within_one_level(engine: Engine) -> None:
+    p = dict(prompt="batch", width=64, height=64, num_inference_steps=4, guidance_scale=5.0, seed=5,
+             refiner={"mode": "ensemble"})
+    params = GenerationParams(**p)
+    specs = [ImageSpec("batch", None, None, None, params.image_seed(i)) for i in range(3)]
+    batch, _ = engine.run(params, specs, lambda pr: None)
+    for i, spec in enumerate(specs):
+        solo, _ = engine.run(params, [spec], lambda pr: None)
+        diff = (torch.tensor(list(solo[0].getdata())) - torch.tensor(list(batch[i].getdata()))).abs().max()
+        assert int(diff) <= 1
+
+
+def test_nan_latents_are_detected(engine: Engine) -> None:
+    latents = torch.full((1, 4, 8, 8), float("nan"))
+    with pytest.raises(NonFiniteOutput):
+        engine.decode(latents)
+
+
+def test_vae_slicing_decodes_like_one_batch(engine: Engine) -> None:
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sliced = engine.decode(latents)
+    engine.settings.vae_slicing = False
+    try:
+        whole = engine.decode(latents)
+    finally:
+        engine.settings.vae_slicing = True
+    assert torch.allclose(sliced, whole, atol=1e-4)
+
+
+def test_model_info_names_models_and_versions(engine: Engine) -> None:
+    info = engine.model_info()
+    assert info["base_model"].endswith("base") and info["refiner_model"].endswith("refiner")
+    assert set(info["versions"]) == {"diffusers", "transformers", "torch"}
+    assert engine.scheduler_config("dpmpp_2m_karras")["use_karras_sigmas"] is True

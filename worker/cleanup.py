@@ -1,0 +1,180 @@
+"""`python -m worker.cleanup`: the periodic housekeeping process (no torch: it runs from the API image).
+
+Every SDXL_CLEANUP_INTERVAL_SECONDS it
+  * removes expired generations (the `sdxl:expiry` zset, by score) with their images, events and index entries;
+  * requeues generations whose worker died (app.reaper.Reaper.sweep), as the workers' heartbeats also do, so
+    a dead worker's job is found even when no worker is left alive;
+  * fails queued generations whose `deadline_at` passed with `deadline_exceeded`, so a caller waiting on an
+    empty fleet gets an answer (a worker also checks the deadline when it starts a job).
+It is its own process because rq's --with-scheduler would fork the GPU worker. `--once` runs one sweep.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from app.contract import keys, queueing
+from app.contract.events import EventType, emit
+from app.contract.records import TRANSITION, decode, encode
+from app.contract.status import ErrorType
+from app.logs import configure
+from app.reaper import Reaper
+from app.retention import purge
+from app.storage import ObjectStore, StorageUnavailable, build_store
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("worker.cleanup")
+
+BATCH = 200  # expired ids handled per Redis round trip
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Cleanup:
+    def __init__(self, r: "redis.Redis[bytes]", store: ObjectStore, settings: WorkerSettings) -> None:
+        self.r = r
+        self.store = store
+        self.settings = settings
+        self.reaper = Reaper(r, settings.max_attempts, 3600, settings.generation_ttl_seconds)
+        self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
+        self._transition = r.register_script(TRANSITION)
+        self._feed = r.register_script(queueing.FEED)
+
+    def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
+        if self.settings.image_url_mode == "presigned" and img.get("key"):
+            url = self.store.presigned_url(img["key"])
+            if url:
+                return url
+        base = (self.settings.public_base_url or "").rstrip("/")
+        return f"{base}/v1/generations/{gen_id}/images/{img['index']}"
+
+    # --- expiry -----------------------------------------------------------------------------------
+    def expire(self, now: float) -> int:
+        """Purge every generation whose expiry score has passed; stops early (and retries next sweep)
+        while the store is down, so no record is dropped with its images still stored."""
+        done = 0
+        while True:
+            due = [_str(m) for m in self.r.zrangebyscore(keys.EXPIRY, "-inf", now, start=0, num=BATCH)]
+            for gen_id in due:
+                raw = self.r.hgetall(keys.generation(gen_id))
+                rec = decode(raw) if raw else None
+                if rec and rec.get("expires_at") and float(rec["expires_at"]) > now:
+                    self.r.zadd(keys.EXPIRY, {gen_id: float(rec["expires_at"])})  # the record says later
+                    continue
+                active = rec is not None and rec.get("status") == "running"
+                again = now + 3600 if active else None  # a late upload by that worker gets swept then
+                try:
+                    purge(self.r, self.store, self.settings.storage_prefix, gen_id, rec, active, again)
+                except StorageUnavailable as exc:
+                    log.warning("storage unavailable; expiry resumes next sweep: %s", exc)
+                    return done
+                done += 1
+            if len(due) < BATCH:
+                return done
+
+    # --- deadlines --------------------------------------------------------------------------------
+    def queued_ids(self) -> set[str]:
+        """Ids still waiting: in some owner's pending zset or already fed to the rq list."""
+        ids: set[str] = set()
+        for owner in self.r.zrange(keys.ACTIVE_OWNERS, 0, -1):
+            ids.update(_str(m) for m in self.r.zrange(keys.pending(_str(owner)), 0, -1))
+        ids.update(_str(j).rsplit("-", 1)[0] for j in self.r.lrange(keys.RQ_QUEUE_KEY, 0, -1))
+        return ids
+
+    def fail_past_deadline(self, now: float) -> list[str]:
+        ids = sorted(self.queued_ids())
+        pipe = self.r.pipeline(transaction=False)
+        for gen_id in ids:
+            pipe.hmget(keys.generation(gen_id), "status", "deadline_at", "owner", "rq_job_id")
+        failed = []
+        for gen_id, (status, deadline_at, owner, rq_job_id) in zip(ids, pipe.execute(), strict=True):
+            if status != b"queued" or not deadline_at or float(deadline_at) >= now:
+                continue
+            fields = encode(
+                {
+                    "status": "failed",
+                    "finished_at": now,
+                    "error": {
+                        "type": ErrorType.deadline_exceeded.value,
+                        "message": "the generation could not start before its deadline",
+                    },
+                }
+            )
+            flat = [x for kv in fields.items() for x in kv]
+            # compare-and-set: a worker that started it meanwhile wins, and the job runs
+            res = self._transition(keys=[keys.generation(gen_id)], args=["", "queued", *flat])
+            if _str(res) != "OK":
+                continue
+            pipe2 = self.r.pipeline(transaction=False)
+            pipe2.zrem(keys.pending(_str(owner)), gen_id)
+            pipe2.lrem(keys.RQ_QUEUE_KEY, 0, rq_job_id)
+            pipe2.execute()
+            emit(
+                self.r,
+                gen_id,
+                EventType.failed,
+                self.image_url,
+                self.settings.generation_ttl_seconds,
+                self.webhook_queue,
+            )
+            failed.append(gen_id)
+        if failed:  # their places in the rq list go to the next in line
+            self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS], args=[self.settings.queue_feed_depth, keys.PREFIX])
+        return failed
+
+    # --- one sweep --------------------------------------------------------------------------------
+    def sweep(self) -> dict[str, int]:
+        now = time.time()
+        counts = {"expired": 0, "requeued": 0, "deadline_exceeded": 0, "errors": 0}
+        for name, step in (
+            ("expired", lambda: self.expire(now)),
+            ("requeued", lambda: len(self.reaper.sweep())),
+            ("deadline_exceeded", lambda: len(self.fail_past_deadline(now))),
+        ):
+            try:
+                counts[name] = step()
+            except redis.RedisError as exc:  # Redis down: the next sweep tries again
+                log.warning("cleanup step %s failed: %s", name, exc)
+                counts["errors"] += 1
+        log.info("cleanup sweep", extra=counts)
+        return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.cleanup", description=__doc__.split("\n")[0])
+    parser.add_argument("--once", action="store_true", help="run one sweep and exit")
+    args = parser.parse_args(argv)
+    configure("cleanup", os.environ.get("SDXL_LOG_LEVEL", "INFO"))
+    settings = WorkerSettings()
+    r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
+    cleanup = Cleanup(r, build_store(settings), settings)
+    if args.once:
+        return 1 if cleanup.sweep()["errors"] else 0
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("cleanup started", extra={"interval_seconds": settings.cleanup_interval_seconds})
+    while not stop.is_set():
+        cleanup.sweep()
+        stop.wait(settings.cleanup_interval_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

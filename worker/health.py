@@ -1,0 +1,60 @@
+"""`python -m worker.health`: exit 0 while this container's worker is alive and ready, else 1.
+
+The Dockerfile's HEALTHCHECK runs it. It reads the worker's registry entry in Redis (`sdxl:worker:<id>`:
+state and heartbeat, written by the worker's heartbeat thread) rather than asking the worker process, so it
+costs the worker nothing and needs no torch. Which worker: SDXL_WORKER_ID, or else the freshest entry whose
+id starts with this host's name (the default worker id is `<hostname>-<random>`). Healthy means a heartbeat
+younger than SDXL_LEASE_SECONDS and state `ready` or `busy`; loading, warming and stopping are not healthy
+(the image's start period covers loading).
+"""
+
+import json
+import socket
+import sys
+import time
+
+import redis
+
+from app.contract import keys
+from worker.settings import WorkerSettings
+
+
+def find_worker(r: "redis.Redis[bytes]", host: str) -> str | None:
+    ids = [w.decode() for w in r.zrange(keys.WORKERS, 0, -1) if w.decode().startswith(f"{host}-")]
+    best: tuple[float, str] | None = None
+    for wid in ids:
+        beat = r.hget(keys.worker(wid), "heartbeat")
+        if beat is not None and (best is None or float(beat) > best[0]):
+            best = (float(beat), wid)
+    return best[1] if best else None
+
+
+def check(r: "redis.Redis[bytes]", worker_id: str | None, lease_seconds: float, host: str) -> tuple[bool, dict]:
+    wid = worker_id or find_worker(r, host)
+    if not wid:
+        return False, {"healthy": False, "reason": f"no worker registered for host {host!r}"}
+    raw = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(wid)).items()}
+    if not raw:
+        return False, {"healthy": False, "worker": wid, "reason": "no registry entry (not started, or expired)"}
+    state = raw.get("state", "unknown")
+    age = time.time() - float(raw.get("heartbeat") or 0)
+    healthy = age <= lease_seconds and state in ("ready", "busy")
+    report = {"healthy": healthy, "worker": wid, "state": state, "heartbeat_age_seconds": round(age, 3)}
+    if not healthy:
+        report["reason"] = f"state {state}" if age <= lease_seconds else f"heartbeat {age:.0f}s old"
+    return healthy, report
+
+
+def main() -> int:
+    settings = WorkerSettings()
+    r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=3)
+    try:
+        healthy, report = check(r, settings.worker_id or None, settings.lease_seconds, socket.gethostname())
+    except redis.RedisError as exc:
+        healthy, report = False, {"healthy": False, "reason": f"redis unreachable: {type(exc).__name__}"}
+    print(json.dumps(report))
+    return 0 if healthy else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
