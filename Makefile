@@ -9,7 +9,7 @@ PORT ?= 8000
 REDIS_URL ?=
 MODEL_DIR ?= .models/tiny
 # CPU wheel where there is no NVIDIA driver, a CUDA build where there is; override freely.
-TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cu128 || echo https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cu126 || echo https://download.pytorch.org/whl/cpu)
 EXTRAS ?= api,worker,dev
 
 export PORT REDIS_URL

@@ -15,7 +15,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    public_base_url: str | None = Field(None, description="External URL of the API, for Location and image URLs")
+    public_base_url: str | None = Field(default=None, description="External URL of the API (Location, image URLs)")
     host: str = "127.0.0.1"  # where uvicorn listens, checked against the open-without-keys rule
 
     # storage (the worker uses the same names)

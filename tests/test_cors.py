@@ -75,13 +75,12 @@ def test_no_cors_unless_configured(svc: Service) -> None:
     assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
 
 
-def test_origins_setting_accepts_a_json_list_or_commas() -> None:
-    assert Settings(cors_origins='["https://a.example", "https://b.example"]').cors_origins == [
-        "https://a.example",
-        "https://b.example",
-    ]
-    assert Settings(cors_origins="https://a.example, https://b.example").cors_origins == [
-        "https://a.example",
-        "https://b.example",
-    ]
-    assert Settings(cors_origins="").cors_origins == []
+def test_origins_setting_accepts_a_json_list_or_commas(monkeypatch: pytest.MonkeyPatch) -> None:
+    both = ["https://a.example", "https://b.example"]
+    for raw, want in (
+        ('["https://a.example", "https://b.example"]', both),
+        ("https://a.example, https://b.example", both),
+        ("", []),
+    ):
+        monkeypatch.setenv("SDXL_CORS_ORIGINS", raw)
+        assert Settings().cors_origins == want

@@ -30,14 +30,14 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture
-def r(svc: Service) -> Iterator["redis.Redis[bytes]"]:
+def r(svc: Service) -> Iterator[redis.Redis]:
     client = svc.redis_server.client()  # type: ignore[attr-defined]
     client.flushdb()  # this module's private Redis, and no worker is running
     yield client
     client.close()
 
 
-def stored(r: "redis.Redis[bytes]", key: Key) -> dict[str, int]:
+def stored(r: redis.Redis, key: Key) -> dict[str, int]:
     """What a submit writes: records, the owner's index, its pending line, the rq list."""
     return {
         "records": len(r.keys("sdxl:gen:*")),
@@ -47,7 +47,7 @@ def stored(r: "redis.Redis[bytes]", key: Key) -> dict[str, int]:
     }
 
 
-def test_rate_limit_is_shared_by_replicas_and_answers_429(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_rate_limit_is_shared_by_replicas_and_answers_429(svc: Service, r: redis.Redis) -> None:
     replica: str = svc.replica  # type: ignore[attr-defined]
     seen = []
     for url in (svc.url, replica, svc.url):
@@ -70,14 +70,14 @@ def test_rate_limit_is_shared_by_replicas_and_answers_429(svc: Service, r: "redi
     assert ok.status_code == 200 and ok.headers["ratelimit-limit"] == "1000"
 
 
-def test_successful_submit_carries_ratelimit_headers(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_successful_submit_carries_ratelimit_headers(svc: Service, r: redis.Redis) -> None:
     res = post(svc.url, BODY, FREE)
     assert res.status_code == 202
     assert res.headers["ratelimit-limit"] == "1000"
     assert 0 <= int(res.headers["ratelimit-remaining"]) < 1000
 
 
-def test_unfinished_generations_per_key_are_capped(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_unfinished_generations_per_key_are_capped(svc: Service, r: redis.Redis) -> None:
     first = [post(svc.url, BODY, CAPPED) for _ in range(2)]
     assert [x.status_code for x in first] == [202, 202]
     before = stored(r, CAPPED)
@@ -94,7 +94,7 @@ def test_unfinished_generations_per_key_are_capped(svc: Service, r: "redis.Redis
     assert post(svc.url, BODY, CAPPED).status_code == 429
 
 
-def test_global_queue_depth_answers_503_with_retry_after_from_throughput(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_global_queue_depth_answers_503_with_retry_after_from_throughput(svc: Service, r: redis.Redis) -> None:
     shallow: str = svc.shallow  # type: ignore[attr-defined]
     assert [post(shallow, BODY, k).status_code for k in (FREE, CAPPED, FREE)] == [202, 202, 202]
     before = {k.name: stored(r, k) for k in (FREE, CAPPED)}

@@ -24,7 +24,7 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 @pytest.fixture
-def r(svc: Service) -> Iterator["redis.Redis[bytes]"]:
+def r(svc: Service) -> Iterator[redis.Redis]:
     client = svc.redis_server.client()  # type: ignore[attr-defined]
     client.flushdb()
     yield client
@@ -56,7 +56,7 @@ def all_pages(svc: Service, **params: Any) -> list[list[str]]:
             return pages
 
 
-def test_newest_first_in_cursor_pages(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_newest_first_in_cursor_pages(svc: Service, r: redis.Redis) -> None:
     ids = create(svc, A, 5)
     first = page(svc)
     assert [g["id"] for g in first["data"]] == ids[::-1] and first["next_cursor"] is None
@@ -65,7 +65,7 @@ def test_newest_first_in_cursor_pages(svc: Service, r: "redis.Redis[bytes]") -> 
     assert all_pages(svc, limit=5) == [ids[::-1]]
 
 
-def test_new_work_does_not_shift_the_next_page(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_new_work_does_not_shift_the_next_page(svc: Service, r: redis.Redis) -> None:
     ids = create(svc, A, 4)
     one = page(svc, limit=2)
     create(svc, A, 2)  # arrives between the two page reads
@@ -73,7 +73,7 @@ def test_new_work_does_not_shift_the_next_page(svc: Service, r: "redis.Redis[byt
     assert [g["id"] for g in one["data"] + two["data"]] == ids[::-1]
 
 
-def test_status_filter(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_status_filter(svc: Service, r: redis.Redis) -> None:
     ids = create(svc, A, 5)
     for gid in (ids[1], ids[3]):
         assert cancel(svc.url, gid, A).status_code == 202
@@ -83,14 +83,14 @@ def test_status_filter(svc: Service, r: "redis.Redis[bytes]") -> None:
     assert page(svc, status="succeeded")["data"] == []
 
 
-def test_only_the_callers_generations(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_only_the_callers_generations(svc: Service, r: redis.Redis) -> None:
     mine = create(svc, A, 2)
     theirs = create(svc, B, 3)
     assert [g["id"] for g in page(svc, A)["data"]] == mine[::-1]
     assert [g["id"] for g in page(svc, B)["data"]] == theirs[::-1]
 
 
-def test_expired_and_deleted_generations_are_skipped(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_expired_and_deleted_generations_are_skipped(svc: Service, r: redis.Redis) -> None:
     ids = create(svc, A, 4)
     r.delete(keys.generation(ids[1]))  # gone (deleted, or its record expired)
     r.hset(keys.generation(ids[2]), "expires_at", "1")  # past its expiry, record not yet reaped
@@ -98,7 +98,7 @@ def test_expired_and_deleted_generations_are_skipped(svc: Service, r: "redis.Red
     assert r.zscore(keys.owner_index(A.owner), ids[1]) is None  # the dangling index entry was dropped
 
 
-def test_bad_parameters_are_422(svc: Service, r: "redis.Redis[bytes]") -> None:
+def test_bad_parameters_are_422(svc: Service, r: redis.Redis) -> None:
     for params in ({"limit": 0}, {"limit": 101}, {"cursor": "not-a-cursor"}, {"status": "done"}):
         res = get(svc.url, "/v1/generations", A, **params)
         assert res.status_code == 422, (params, res.text)

@@ -77,7 +77,8 @@ def test_invalid_input_names_field_and_value(api: tuple[Service, RedisServer], n
 
 def test_malformed_json(api: tuple[Service, RedisServer]) -> None:
     svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    r = httpx.post(f"{svc.url}/v1/generations", content=b'{"prompt": "x",',
+                   headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body"
     assert_nothing_enqueued(server)
 

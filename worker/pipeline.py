@@ -185,7 +185,8 @@ class Engine:
         progress.total_steps = full
         if mode == RefinerMode.img2img:
             r_steps = params.refiner.num_inference_steps or params.num_inference_steps
-            progress.total_steps += max(1, int(self.full_step_count(params.scheduler, r_steps) * params.refiner.strength))
+            r_full = self.full_step_count(params.scheduler, r_steps)
+            progress.total_steps += max(1, int(r_full * params.refiner.strength))
 
         def callback(stage: str, offset: int) -> Callable[..., dict[str, Any]]:
             def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
