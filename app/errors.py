@@ -101,6 +101,19 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     return Problem(422, detail, errors=errors)
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method the path has: Starlette's own 405 names only the first route whose path matched."""
+    from fastapi.routing import iter_route_contexts
+
+    path = request.scope.get("path", "")
+    methods: set[str] = set()
+    for ctx in iter_route_contexts(request.app.routes):
+        regex = getattr(ctx, "path_regex", None)
+        if regex is not None and regex.match(path):
+            methods |= set(getattr(ctx, "methods", None) or ())
+    return ", ".join(sorted(methods))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
@@ -115,9 +128,11 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else TITLES.get(exc.status_code, ("", "Error"))[1]
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route for {request.url.path}"
+        headers = dict(exc.headers or {})
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
-        return problem_response(Problem(exc.status_code, detail, headers=dict(exc.headers or {})), request)
+            headers["Allow"] = allowed_methods(request)
+        return problem_response(Problem(exc.status_code, detail, headers=headers), request)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -130,4 +145,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(Problem(500, "an unexpected error occurred; it has been logged"), request)
+        # answered from outside the middleware stack: carry the request id RequestIdMiddleware assigned
+        rid = request.scope.get("state", {}).get("request_id")
+        headers = {"X-Request-ID": rid} if rid else None
+        return problem_response(Problem(500, "an unexpected error occurred; it has been logged", headers=headers),
+                                request)

@@ -7,14 +7,14 @@ import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from app import errors, logs, shutdown
+from app import errors, logs, openapi, shutdown
 from app.auth import KeyRing, check_open_mode
 from app.cors import install_cors
 from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import BodyGuardMiddleware, RequestIdMiddleware
-from app.routes import events, generations, health, metrics, webhooks
+from app.routes import events, generations, health, metrics, playground, webhooks
 from app.settings import Settings, get_settings
 from app.storage import ObjectStore, build_store
 
@@ -53,11 +53,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry, http_metrics = build_registry(lambda: getattr(getattr(app.state, "service", None), "r", None))
     app.state.metrics_registry = registry
     errors.install(app)
+    openapi.install(app)  # problem+json errors, security, headers: app/openapi.py
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
+    app.include_router(playground.router)  # the web page at / (no key needed to load it)
     app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=http_metrics)  # inside RequestId: sees the request id
     app.add_middleware(RequestIdMiddleware)

@@ -147,7 +147,7 @@ class ObservabilityMiddleware:
 class ClusterCollector(Collector):
     """Reads the cluster's numbers from Redis at scrape time (two pipelined round trips)."""
 
-    def __init__(self, get_redis: Callable[[], "redis.Redis[bytes] | None"]) -> None:
+    def __init__(self, get_redis: Callable[[], "redis.Redis | None"]) -> None:
         self.get_redis = get_redis
 
     def describe(self) -> Iterable[Metric]:
@@ -166,7 +166,7 @@ class ClusterCollector(Collector):
         yield ok
         yield from families
 
-    def read(self, r: "redis.Redis[bytes]") -> list[Metric]:
+    def read(self, r: redis.Redis) -> list[Metric]:
         now = time.time()
         pipe = r.pipeline(transaction=False)
         pipe.hgetall(keys.METRICS)
@@ -306,7 +306,7 @@ class ClusterCollector(Collector):
         return [live, ready_total, up, ready, state, beat, jobs, imgs, busy, loads, load_s, mem, peak]
 
 
-def build_registry(get_redis: Callable[[], "redis.Redis[bytes] | None"]) -> tuple[CollectorRegistry, HttpMetrics]:
+def build_registry(get_redis: Callable[[], "redis.Redis | None"]) -> tuple[CollectorRegistry, HttpMetrics]:
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)

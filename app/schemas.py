@@ -90,64 +90,83 @@ class GenerationCreate(BaseModel):
 
 
 class Progress(BaseModel):
-    step: int
-    total_steps: int
-    stage: str
-    eta_seconds: float | None = None
+    """How far the worker is; steps count base and refiner denoising steps together."""
+
+    step: int = Field(..., description="Denoising steps done", examples=[12])
+    total_steps: int = Field(..., description="Denoising steps in all (0 until a worker starts it)", examples=[30])
+    stage: str = Field(..., description="`queued`, `base`, `refiner`, `decoding`, `encoding`, `uploading` or `done`",
+                       examples=["base"])
+    eta_seconds: float | None = Field(None, description="Estimated seconds to the end, once measurable")
 
 
 class Image(BaseModel):
-    index: int
-    seed: int
-    width: int
-    height: int
-    content_type: str
-    bytes: int
-    sha256: str
-    url: str
+    """One stored image of a succeeded generation."""
+
+    index: int = Field(..., description="Position in the batch (0-based)", examples=[0])
+    seed: int = Field(..., description="The seed that reproduces this image alone", examples=[42])
+    width: int = Field(..., examples=[1024])
+    height: int = Field(..., examples=[1024])
+    content_type: str = Field(..., examples=["image/png"])
+    bytes: int = Field(..., description="Size of the encoded image", examples=[1523342])
+    sha256: str = Field(..., description="Hex sha256 of the image bytes",
+                        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"])
+    url: str = Field(..., description="Where to download it (this API, or a presigned object-store URL)",
+                     examples=["/v1/generations/gen_3q2Vd0yq8zS0mN6pW1xYbA/images/0"])
 
 
 class GenerationError(BaseModel):
-    type: str = Field(..., examples=["pipeline_error"])
-    message: str
+    """Why a generation failed: a stable `type` and a message (never a traceback)."""
+
+    type: str = Field(..., examples=["pipeline_error"], description="`pipeline_error`, `out_of_memory`, "
+                      "`worker_lost`, `deadline_exceeded`, `storage_unavailable`, `nan_output`, ...")
+    message: str = Field(..., examples=["the pipeline failed; the error was logged"])
 
 
 class Generation(BaseModel):
     """A generation as the service tracks it."""
 
     id: str = Field(..., examples=["gen_3q2Vd0yq8zS0mN6pW1xYbA"])
-    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
-    queue_position: int | None = None
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"] = Field(
+        ..., description="`succeeded`, `failed` and `canceled` are final", examples=["queued"])
+    queue_position: int | None = Field(None, description="0 = next to start; null unless queued")
     progress: Progress
-    params: dict[str, Any] | None
-    token_counts: dict[str, int] | None = None
-    images: list[Image]
-    error: GenerationError | None = None
-    attempt: int = 1
-    created_at: str | None
+    params: dict[str, Any] | None = Field(..., description="The resolved parameters: the request with the "
+                                          "deployment's defaults filled in (seed included)")
+    token_counts: dict[str, int] | None = Field(None, description="Tokens each text encoder sees, per prompt",
+                                                examples=[{"text_encoder": 9, "text_encoder_2": 9}])
+    images: list[Image] = Field(..., description="Empty until the generation succeeds")
+    error: GenerationError | None = Field(None, description="Set when `status` is `failed`")
+    attempt: int = Field(1, description="Incremented when a lost worker's job is run again")
+    created_at: str | None = Field(..., description="RFC 3339, UTC", examples=["2025-01-01T12:00:00.000Z"])
     started_at: str | None = None
     finished_at: str | None = None
-    expires_at: str | None = None
-    timings: dict[str, float]
-    manifest: dict[str, Any] | None = None
-    webhook: dict[str, Any] | None = None
+    expires_at: str | None = Field(None, description="When the record and its images are deleted")
+    timings: dict[str, float] = Field(..., description="Seconds per phase (`queued`, `pipeline`, `encoding`, "
+                                      "`uploading`, ...)", examples=[{"queued": 0.01, "pipeline": 2.4}])
+    manifest: dict[str, Any] | None = Field(None, description="What produced the images: parameters, "
+                                            "scheduler configuration and model revisions")
+    webhook: dict[str, Any] | None = Field(None, description="The webhook this generation notifies, if any")
 
 
 class FieldError(BaseModel):
-    field: str
-    message: str
-    value: Any = None
+    """One invalid field: its dotted name, why it was refused, and the value received."""
+
+    field: str = Field(..., examples=["width"])
+    message: str = Field(..., examples=["must be a multiple of 8 but is 1000"])
+    value: Any = Field(None, examples=[1000])
 
 
 class ProblemDetails(BaseModel):
     """RFC 9457 problem details; `type` is stable per error kind."""
 
-    type: str = Field(..., examples=["urn:sdxl:problem:validation-error"])
-    title: str
-    status: int
-    detail: str
-    instance: str | None = None
-    errors: list[FieldError] | None = None
+    type: str = Field(..., examples=["urn:sdxl:problem:validation-error"],
+                      description="`urn:sdxl:problem:<kind>`: branch on this, it never changes for a kind")
+    title: str = Field(..., description="Short summary of the kind", examples=["Invalid request"])
+    status: int = Field(..., description="The HTTP status code", examples=[422])
+    detail: str = Field(..., description="What went wrong in this request, for people",
+                        examples=["`width` must be a multiple of 8 but is 1000"])
+    instance: str | None = Field(None, description="The request path", examples=["/v1/generations"])
+    errors: list[FieldError] | None = Field(None, description="Each invalid field (422 only)")
 
 
 class WebhookAttempt(BaseModel):

@@ -22,7 +22,7 @@ def watch(event: asyncio.Event) -> Callable[[], None]:
     Only where a server installed a Python handler in the main thread (uvicorn, gunicorn workers); elsewhere
     (tests calling create_app in-process) it does nothing.
     """
-    if True:
+    if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
     installed: dict[int, Any] = {}

@@ -27,7 +27,7 @@ from app.enqueue import resolve
 from app.reaper import Reaper
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from tests.procs import PY, ROOT, Proc, RedisServer, Service, base_env, wait_for
+from tests.procs import PY, ROOT, Proc, RedisServer, Service, base_env, free_port, wait_for
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
 LONG = {"width": 256, "height": 256, "num_inference_steps": 60}
@@ -214,7 +214,8 @@ def test_api_starts_without_workers_and_readyz_follows_redis(stack: Stack) -> No
 
 def test_readiness_transitions_loading_warming_ready(stack: Stack) -> None:
     svc = stack()
-    w = svc.start_worker(wait_ready=False)
+    port = free_port()
+    w = svc.start_worker(wait_ready=False, SDXL_METRICS_PORT=str(port), SDXL_METRICS_HOST="127.0.0.1")
     wid = w.worker_id  # type: ignore[attr-defined]
     seen: list[tuple[str, bool, bool]] = []
     deadline = time.monotonic() + 180
@@ -232,6 +233,8 @@ def test_readiness_transitions_loading_warming_ready(stack: Stack) -> None:
     assert [s for s, _, _ in seen] == ["loading", "warming", "ready"], seen
     assert seen == [("loading", False, False), ("warming", True, False), ("ready", True, True)]
     assert health_probe(svc, SDXL_WORKER_ID=wid).returncode == 0
+    # the worker's own endpoint (SDXL_METRICS_PORT) has its process numbers
+    assert "process_resident_memory_bytes" in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     assert w.stop() == 0
     assert health_probe(svc, SDXL_WORKER_ID=wid).returncode == 1
 

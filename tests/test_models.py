@@ -238,6 +238,28 @@ def test_build_pipelines_in_half_precision() -> None:
         assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_build_full_wiring_on_meta() -> None:
+    """The full-size builder's device/dtype path, without memory: meta device, fp16."""
+    built: Pipes = models.build_full("meta", torch.float16)
+    base, refiner = built
+    assert torch.get_default_dtype() == torch.float32
+    assert refiner.text_encoder_2 is base.text_encoder_2 and refiner.vae is base.vae
+    assert refiner.text_encoder is None and refiner.config.requires_aesthetics_score is True
+    modules = {
+        "unet": base.unet,
+        "refiner_unet": refiner.unet,
+        "vae": base.vae,
+        "text_encoder": base.text_encoder,
+        "text_encoder_2": base.text_encoder_2,
+    }
+    for name, module in modules.items():
+        params = list(module.parameters())
+        assert sum(p.numel() for p in params) == models.PUBLISHED_PARAMETER_COUNTS[name]
+        assert {(p.device.type, p.dtype) for p in params} == {("meta", torch.float16)}
+    # the small local tokenizer's ids fit the full 49408-row embeddings
+    assert len(base.tokenizer) <= base.text_encoder.config.vocab_size == 49408
+
+
 def test_cli_build_tiny_skips_existing(tiny: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     root = tiny[0].parent
     before = _digests(root)

@@ -42,6 +42,12 @@ def main() -> int:
     settings = WorkerSettings()
     configure("worker", os.environ.get("SDXL_LOG_LEVEL", "INFO"), log_prompts=settings.log_prompts)
     worker_id = settings.resolved_worker_id()
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        # process numbers only; the worker's jobs, images, state and GPU memory reach Prometheus through the
+        # registry in Redis and any API replica's /metrics (app/metrics.py)
+        start_http_server(settings.metrics_port, addr=settings.metrics_host)
     r = redis_client(settings.redis_url, settings.redis_retry_seconds)
 
     from worker.worker import CancelListener, Heartbeat, Registry, SDXLWorker, make_queue

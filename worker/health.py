@@ -19,8 +19,9 @@ from app.contract import keys
 from worker.settings import WorkerSettings
 
 
-def find_worker(r: "redis.Redis[bytes]", host: str) -> str | None:
-    ids = [w.decode() for w in r.zrange(keys.WORKERS, 0, -1) if w.decode().startswith(f"{host}-")]
+def find_worker(r: redis.Redis, host: str) -> str | None:
+    ids = [_text(w) for w in r.zrange(keys.WORKERS, 0, -1)]  # type: ignore[union-attr,arg-type]
+    ids = [w for w in ids if w.startswith(f"{host}-")]
     best: tuple[float, str] | None = None
     for wid in ids:
         beat = r.hget(keys.worker(wid), "heartbeat")
@@ -29,11 +30,11 @@ def find_worker(r: "redis.Redis[bytes]", host: str) -> str | None:
     return best[1] if best else None
 
 
-def check(r: "redis.Redis[bytes]", worker_id: str | None, lease_seconds: float, host: str) -> tuple[bool, dict]:
+def check(r: redis.Redis, worker_id: str | None, lease_seconds: float, host: str) -> tuple[bool, dict]:
     wid = worker_id or find_worker(r, host)
     if not wid:
         return False, {"healthy": False, "reason": f"no worker registered for host {host!r}"}
-    raw = {k.decode(): v.decode() for k, v in r.hgetall(keys.worker(wid)).items()}
+    raw = {_text(k): _text(v) for k, v in r.hgetall(keys.worker(wid)).items()}  # type: ignore[union-attr]
     if not raw:
         return False, {"healthy": False, "worker": wid, "reason": "no registry entry (not started, or expired)"}
     state = raw.get("state", "unknown")
@@ -43,6 +44,10 @@ def check(r: "redis.Redis[bytes]", worker_id: str | None, lease_seconds: float, 
     if not healthy:
         report["reason"] = f"state {state}" if age <= lease_seconds else f"heartbeat {age:.0f}s old"
     return healthy, report
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def main() -> int:

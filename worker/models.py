@@ -593,8 +593,11 @@ def count_full_parameters() -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------
 
 
+_DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
 def _parse_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+    dtype = getattr(torch, _DTYPE_ALIASES.get(name, name), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise argparse.ArgumentTypeError(f"not a floating torch dtype: {name}")
     return dtype

@@ -51,7 +51,7 @@ class WorkerSettings(BaseSettings):
     generation_ttl_seconds: int = 7 * 24 * 3600
     queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0
-    lease_seconds: int = 15  # a worker silent this long is presumed dead; its job is requeued once
+    lease_seconds: int = 12  # silent this long = presumed dead, job requeued once; + one 3 s beat: found in 15 s
     max_attempts: int = 2
     shutdown_grace_seconds: float = 60.0  # after SIGTERM, finish the current job within this or requeue it
     batch_max: int = 1  # micro-batching off by default: lowest latency
@@ -60,6 +60,8 @@ class WorkerSettings(BaseSettings):
     webhook_progress_interval_seconds: float = 2.0  # progress webhooks: at most one per generation per this
     redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
     log_prompts: bool = False  # prompts stay out of the logs unless this is on (rq's job description is never logged)
+    metrics_port: int | None = None  # serve this process's own metrics (CPU, memory, GC) here; cluster view: API
+    metrics_host: str = "0.0.0.0"
     cleanup_interval_seconds: float = 60.0  # `python -m worker.cleanup`: seconds between sweeps
 
     def resolved_worker_id(self) -> str:

@@ -1,0 +1,432 @@
+"""`sdxl`: the service from a terminal. Submit and watch a generation, download its images, list, show, cancel.
+
+Only the standard library and httpx, so it installs without torch. Progress comes from the generation's
+server-sent events; errors print the problem details' `detail`. Exit codes: 0 done, 1 failed (or any error the
+request itself did not cause), 2 invalid request (the server's 400/413/415/422, or bad command-line usage),
+130 interrupted (a running generation is canceled first).
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = ("succeeded", "failed", "canceled")
+INVALID_REQUEST = (400, 413, 415, 422)  # the request was refused as written: a usage error, exit 2
+FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+STREAM_RETRIES = 5  # reconnects (with Last-Event-ID) before falling back to long-polling
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def problem_message(res: httpx.Response) -> str:
+    """`detail` of a problem-details answer; something readable for anything else (a proxy's HTML page)."""
+    try:
+        body = res.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("detail"):
+        return str(body["detail"])
+    text = res.text.strip().splitlines()[0][:200] if res.text.strip() else res.reason_phrase
+    return f"HTTP {res.status_code}: {text}"
+
+
+def check(res: httpx.Response) -> httpx.Response:
+    if res.status_code >= 400:
+        raise CliError(problem_message(res), 2 if res.status_code in INVALID_REQUEST else 1)
+    return res
+
+
+class Client:
+    def __init__(self, url: str, key: str | None, timeout: float = 30.0) -> None:
+        headers = {"User-Agent": "sdxl-cli/1.0", "Accept": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        # trust_env=False: no proxy from the environment gets to see the key
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, trust_env=False)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return check(self.http.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach {self.http.base_url}: {exc}") from exc
+
+    def json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        return dict(self.request(method, path, **kwargs).json())
+
+    def events(self, gen_id: str, last_id: str | None) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """(event id, event name, resource) from the SSE stream until the server closes it."""
+        headers = {"Accept": "text/event-stream", **({"Last-Event-ID": last_id} if last_id else {})}
+        timeout = httpx.Timeout(30.0, read=60.0)  # the server sends a keep-alive comment every 15 s
+        with self.http.stream("GET", f"/v1/generations/{gen_id}/events", headers=headers, timeout=timeout) as res:
+            if res.status_code == 204:
+                return  # nothing follows the terminal event we already have
+            if res.status_code >= 400:
+                res.read()
+                check(res)
+            yield from parse_sse(res.iter_lines())
+
+    def download(self, gen_id: str, index: int) -> bytes:
+        # a 307 points at the object store (presigned); httpx drops Authorization when the host changes
+        return self.request(
+            "GET", f"/v1/generations/{gen_id}/images/{index}", follow_redirects=True, headers={"Accept": "*/*"}
+        ).content
+
+
+def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data and fields.get("event"):
+                try:
+                    yield fields.get("id", ""), fields["event"], json.loads("\n".join(data))
+                except ValueError:
+                    pass  # not ours to crash on; the final GET tells the truth anyway
+            fields, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue  # keep-alive comment
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        else:
+            fields[name] = value
+
+
+def waiting(gen: dict[str, Any]) -> str:
+    pos = gen.get("queue_position")  # 0 = next to start
+    if not isinstance(pos, int):
+        return ""
+    return " (next)" if pos == 0 else f" ({pos} ahead)"
+
+
+class ProgressBar:
+    """One redrawn line on a terminal; one line per change when stderr is a file or a pipe."""
+
+    WIDTH = 30
+
+    def __init__(self, out: TextIO, quiet: bool = False) -> None:
+        self.out = out
+        self.quiet = quiet
+        self.tty = out.isatty()
+        self.last = ""
+
+    def line(self, gen: dict[str, Any]) -> str:
+        status = gen.get("status", "")
+        if status == "queued":
+            return "queued" + waiting(gen)
+        p = gen.get("progress") or {}
+        step, total = int(p.get("step") or 0), int(p.get("total_steps") or 0)
+        if not total and status == "running":
+            return f"starting ({p.get('stage') or 'loading'})"
+        frac = min(step / total, 1.0) if total else 0.0
+        filled = int(frac * self.WIDTH)
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        text = f"[{bar}] {frac * 100:3.0f}%  step {step}/{total}  {p.get('stage') or status}"
+        eta = p.get("eta_seconds")
+        if isinstance(eta, (int, float)) and status == "running" and eta > 0:
+            text += f"  eta {eta:.1f}s"
+        return text
+
+    def update(self, gen: dict[str, Any]) -> None:
+        text = self.line(gen)
+        if self.quiet or text == self.last:
+            return
+        self.last = text
+        if self.tty:
+            self.out.write("\r\x1b[2K" + text)
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+    def done(self) -> None:
+        if self.tty and self.last and not self.quiet:
+            self.out.write("\n")
+            self.out.flush()
+        self.last = ""
+
+
+def follow(client: Client, gen: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
+    """Watch until the generation is final; reconnects resume after the last event seen."""
+    gen_id = gen["id"]
+    bar.update(gen)
+    last_id: str | None = None
+    for _attempt in range(STREAM_RETRIES):
+        try:
+            for event_id, _name, resource in client.events(gen_id, last_id):
+                last_id = event_id or last_id
+                gen = resource
+                bar.update(gen)
+                if gen.get("status") in TERMINAL:
+                    return gen
+        except httpx.TransportError:
+            pass  # dropped: check where it stands, then resume the stream
+        gen = client.json("GET", f"/v1/generations/{gen_id}")
+        bar.update(gen)
+        if gen["status"] in TERMINAL:
+            return gen
+    while gen["status"] not in TERMINAL:  # the stream keeps failing (a buffering proxy?): long-poll instead
+        gen = client.json(
+            "GET", f"/v1/generations/{gen_id}", headers={"Prefer": "wait=30"}, timeout=httpx.Timeout(30.0, read=45.0)
+        )
+        bar.update(gen)
+    return gen
+
+
+def output_paths(output: str | None, gen: dict[str, Any]) -> list[Path]:
+    images = gen.get("images") or []
+    fmt = (gen.get("params") or {}).get("output_format", "png")
+    base = Path(output) if output else Path(gen["id"] + EXTENSIONS.get(fmt, ".png"))
+    if len(images) == 1:
+        return [base]
+    # several images: out.png -> out-0.png, out-1.png ... (N is the image index, as in the API and `seed + N`)
+    return [base.with_name(f"{base.stem}-{img['index']}{base.suffix}") for img in images]
+
+
+def save_images(client: Client, gen: dict[str, Any], output: str | None) -> list[tuple[Path, dict[str, Any]]]:
+    saved = []
+    for path, img in zip(output_paths(output, gen), gen.get("images") or [], strict=True):
+        data = client.download(gen["id"], img["index"])
+        digest = hashlib.sha256(data).hexdigest()
+        if img.get("sha256") and digest != img["sha256"]:
+            raise CliError(
+                f"image {img['index']} arrived damaged: sha256 {digest} but the service says "
+                f"{img['sha256']}; nothing was written to {path}"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)  # never leave a half-written image under the final name
+        saved.append((path, img))
+    return saved
+
+
+def generation_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {"prompt": args.prompt}
+    fmt = args.format
+    if fmt is None and args.output:
+        fmt = FORMATS.get(Path(args.output).suffix.lower())  # `-o x.webp` asks for WebP
+    optional = {
+        "negative_prompt": args.negative,
+        "width": args.width,
+        "height": args.height,
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "seed": args.seed,
+        "scheduler": args.scheduler,
+        "num_images_per_prompt": args.n,
+        "output_format": fmt,
+    }
+    body.update({k: v for k, v in optional.items() if v is not None})
+    if args.refiner is not None:
+        body["refiner"] = {"mode": args.refiner}
+    return body
+
+
+def cmd_generate(client: Client, args: argparse.Namespace) -> int:
+    gen = client.json("POST", "/v1/generations", json=generation_body(args))
+    if args.no_wait:
+        print(gen["id"])
+        return 0
+    bar = ProgressBar(sys.stderr, quiet=args.quiet)
+    if not args.quiet:
+        print(f"{gen['id']} {gen['status']}", file=sys.stderr, flush=True)
+    try:
+        gen = follow(client, gen, bar)
+    except KeyboardInterrupt:
+        bar.done()
+        interrupt(client, gen["id"])
+    bar.done()
+    if gen["status"] == "failed":
+        err = gen.get("error") or {}
+        raise CliError(f"generation {gen['id']} failed: {err.get('message') or err.get('type') or 'unknown error'}")
+    if gen["status"] == "canceled":
+        raise CliError(f"generation {gen['id']} was canceled")
+    for path, img in save_images(client, gen, args.output):
+        print(f"{path}  seed {img['seed']}  {img['width']}x{img['height']} {img['content_type']}")
+    total = (gen.get("timings") or {}).get("total")
+    if total is not None and not args.quiet:
+        print(f"{gen['id']} done in {total:.1f}s", file=sys.stderr)
+    return 0
+
+
+def interrupt(client: Client, gen_id: str) -> NoReturn:
+    print(f"interrupted: canceling {gen_id}", file=sys.stderr, flush=True)
+    try:
+        client.http.post(f"/v1/generations/{gen_id}/cancel", timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"could not cancel {gen_id}: {exc}", file=sys.stderr)
+    raise SystemExit(130)
+
+
+def summary_row(gen: dict[str, Any]) -> str:
+    params = gen.get("params") or {}
+    p = gen.get("progress") or {}
+    size = f"{params.get('width', '?')}x{params.get('height', '?')}" if params else "-"
+    steps = f"{p.get('step', 0)}/{p.get('total_steps', 0)}"
+    prompt = str(params.get("prompt", "")).replace("\n", " ")
+    prompt = prompt if len(prompt) <= 48 else prompt[:47] + "…"
+    return f"{gen['id']:<28} {gen['status']:<10} {gen.get('created_at') or '-':<24} {size:<10} {steps:<7} {prompt}"
+
+
+def cmd_list(client: Client, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in {"limit": args.limit, "status": args.status, "cursor": args.cursor}.items() if v}
+    page = client.json("GET", "/v1/generations", params=params)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    rows = page.get("data") or []
+    if not rows:
+        print("no generations", file=sys.stderr)
+    else:
+        print(f"{'ID':<28} {'STATUS':<10} {'CREATED':<24} {'SIZE':<10} {'STEPS':<7} PROMPT")
+        for gen in rows:
+            print(summary_row(gen))
+    if page.get("next_cursor"):
+        print(f"more: sdxl list --cursor {page['next_cursor']}", file=sys.stderr)
+    return 0
+
+
+def cmd_show(client: Client, args: argparse.Namespace) -> int:
+    gen = client.json("GET", f"/v1/generations/{args.id}")
+    if args.json:
+        print(json.dumps(gen, indent=2))
+        return 0
+    params = gen.get("params") or {}
+    p = gen.get("progress") or {}
+    lines = [
+        ("id", gen["id"]),
+        ("status", gen["status"] + waiting(gen)),
+        ("progress", f"step {p.get('step', 0)}/{p.get('total_steps', 0)} {p.get('stage', '')}".rstrip()),
+        ("prompt", params.get("prompt")),
+        ("negative", params.get("negative_prompt")),
+        ("size", f"{params.get('width')}x{params.get('height')}" if params else None),
+        ("steps", params.get("num_inference_steps")),
+        ("guidance", params.get("guidance_scale")),
+        ("scheduler", params.get("scheduler")),
+        ("refiner", (params.get("refiner") or {}).get("mode")),
+        ("seed", params.get("seed")),
+        ("created", gen.get("created_at")),
+        ("started", gen.get("started_at")),
+        ("finished", gen.get("finished_at")),
+        ("expires", gen.get("expires_at")),
+    ]
+    if gen.get("error"):
+        lines.append(("error", f"{gen['error'].get('type')}: {gen['error'].get('message')}"))
+    for name, value in lines:
+        if value is not None:
+            print(f"{name + ':':<10} {value}")
+    for img in gen.get("images") or []:
+        print(
+            f"image {img['index']}:  seed {img['seed']}  {img['width']}x{img['height']} {img['content_type']}  "
+            f"{img['bytes']} bytes  sha256 {img['sha256']}"
+        )
+    timings = {
+        k: v for k, v in (gen.get("timings") or {}).items() if k != "batch_images" and isinstance(v, (int, float))
+    }
+    if timings:
+        print("timings:   " + "  ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    return 0
+
+
+def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
+    gen = client.json("POST", f"/v1/generations/{args.id}/cancel")
+    print(f"{gen['id']} {gen['status']}")
+    return 0
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # --url/--key work before or after the subcommand; SUPPRESS keeps a subcommand from resetting them
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", default=argparse.SUPPRESS, help=f"API base URL (env SDXL_URL, default {DEFAULT_URL})")
+    conn.add_argument("--key", default=argparse.SUPPRESS, help="API key, sent as a Bearer token (env SDXL_API_KEY)")
+
+    parser = argparse.ArgumentParser(prog="sdxl", description="Generate images with the SDXL service.", parents=[conn])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        parents=[conn],
+        help="generate images from a prompt and download them",
+        description="Submit a generation, show its progress, then download its images.",
+    )
+    gen.add_argument("prompt", help="what to draw")
+    gen.add_argument(
+        "-o",
+        "--output",
+        help="image file (several images: NAME-0.EXT, NAME-1.EXT, ...); default <id>.<format> in the current directory",
+    )
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 8")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 8")
+    gen.add_argument("--steps", type=int, help="denoising steps")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, help="random when absent; image N uses seed + N")
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun")
+    gen.add_argument("--refiner", choices=["none", "ensemble", "img2img"], help="refiner mode")
+    gen.add_argument(
+        "--format", choices=["png", "webp", "jpeg"], help="image format (default: from the -o extension, else png)"
+    )
+    gen.add_argument("-n", "--n", type=positive, help="number of images")
+    gen.add_argument("--no-wait", action="store_true", help="print the generation id and return at once")
+    gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    gen.set_defaults(func=cmd_generate)
+
+    lst = sub.add_parser("list", parents=[conn], help="list your generations, newest first")
+    lst.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    lst.add_argument("--limit", type=positive, default=20, help="rows (at most 100; default 20)")
+    lst.add_argument("--cursor", help="continue after a previous page")
+    lst.add_argument("--json", action="store_true", help="print the raw page")
+    lst.set_defaults(func=cmd_list)
+
+    show = sub.add_parser("show", parents=[conn], help="show one generation")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="print the raw resource")
+    show.set_defaults(func=cmd_show)
+
+    cancel = sub.add_parser("cancel", parents=[conn], help="cancel a queued or running generation")
+    cancel.add_argument("id")
+    cancel.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    url = getattr(args, "url", None) or os.environ.get("SDXL_URL") or DEFAULT_URL
+    key = getattr(args, "key", None) or os.environ.get("SDXL_API_KEY") or None
+    client = Client(url, key)
+    try:
+        return int(args.func(client, args))
+    except CliError as exc:
+        print(f"sdxl: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        client.http.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

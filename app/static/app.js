@@ -1,0 +1,336 @@
+// The playground: submit a generation, follow its server-sent events, show the images, seed, manifest, timings.
+// Every call sends the key as `Authorization: Bearer`, which is why events are read with fetch + a stream
+// reader (EventSource cannot send headers) and images are fetched as blobs (an <img src> could not either).
+"use strict";
+
+(() => {
+  const KEY_STORE = "sdxl.apiKey";
+  const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
+  const STREAM_RETRIES = 5; // reconnects (resuming with Last-Event-ID) before falling back to long-polling
+  const LOG_LIMIT = 300;
+  const EXT = { "image/png": "png", "image/webp": "webp", "image/jpeg": "jpg" };
+
+  const $ = (id) => document.getElementById(id);
+  const run = { id: null, objectUrls: [] };
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+    }
+  }
+
+  function authHeaders(extra) {
+    const headers = { Accept: "application/json", ...extra };
+    const key = $("api-key").value.trim();
+    if (key) headers.Authorization = `Bearer ${key}`;
+    return headers;
+  }
+
+  // The problem details' `detail` (every API error has one), else whatever can be said.
+  async function problemDetail(res) {
+    try {
+      const body = await res.json();
+      if (body && typeof body.detail === "string") return body.detail;
+    } catch (_) {
+      // not JSON: a proxy's page, say
+    }
+    return `HTTP ${res.status} ${res.statusText}`.trim();
+  }
+
+  async function api(method, path, { body, headers } = {}) {
+    const init = { method, headers: authHeaders(headers), cache: "no-store" };
+    if (body !== undefined) {
+      init.body = JSON.stringify(body);
+      init.headers["Content-Type"] = "application/json";
+    }
+    const res = await fetch(path, init);
+    if (!res.ok) throw new ApiError(res.status, await problemDetail(res));
+    return res;
+  }
+
+  // Server-sent events from a fetch response: yields {id, event, data} with data parsed as JSON.
+  async function* sseEvents(res) {
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    let fields = {};
+    let data = [];
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        buffer += value;
+        let nl;
+        while ((nl = buffer.indexOf("\n")) >= 0) {
+          let line = buffer.slice(0, nl);
+          buffer = buffer.slice(nl + 1);
+          if (line.endsWith("\r")) line = line.slice(0, -1);
+          if (line === "") {
+            if (data.length && fields.event) {
+              let parsed = null;
+              try {
+                parsed = JSON.parse(data.join("\n"));
+              } catch (_) {
+                // skip it: the resource is read again at the end anyway
+              }
+              if (parsed) yield { id: fields.id || null, event: fields.event, data: parsed };
+            }
+            fields = {};
+            data = [];
+            continue;
+          }
+          if (line.startsWith(":")) continue; // keep-alive comment
+          const colon = line.indexOf(":");
+          const name = colon < 0 ? line : line.slice(0, colon);
+          let val = colon < 0 ? "" : line.slice(colon + 1);
+          if (val.startsWith(" ")) val = val.slice(1);
+          if (name === "data") data.push(val);
+          else fields[name] = val;
+        }
+      }
+    } finally {
+      reader.cancel().catch(() => {}); // leaving early closes the connection
+    }
+  }
+
+  // --- display -----------------------------------------------------------------------------------
+  function showError(message) {
+    const box = $("error");
+    box.textContent = message;
+    box.hidden = !message;
+  }
+
+  function setStatus(text) {
+    $("status").textContent = text;
+  }
+
+  function showProgress(gen) {
+    const bar = $("progress");
+    const p = gen.progress || {};
+    $("run").dataset.state = gen.status;
+    if (gen.status === "queued") {
+      bar.removeAttribute("value"); // indeterminate while waiting for a worker
+      const pos = Number.isInteger(gen.queue_position) ? ` (position ${gen.queue_position + 1})` : "";
+      setStatus(`Queued${pos}`);
+      return;
+    }
+    const total = p.total_steps || 0;
+    bar.max = total || 1;
+    bar.value = Math.min(p.step || 0, total || 1);
+    if (gen.status === "running") {
+      const eta = typeof p.eta_seconds === "number" && p.eta_seconds > 0 ? ` · about ${p.eta_seconds.toFixed(1)} s left` : "";
+      setStatus(`Step ${p.step || 0} of ${total} · ${p.stage || "running"}${eta}`);
+    } else if (gen.status === "succeeded") {
+      bar.value = bar.max;
+      const total_s = gen.timings && gen.timings.total;
+      setStatus(typeof total_s === "number" ? `Done in ${total_s.toFixed(1)} s` : "Done");
+    } else if (gen.status === "failed") {
+      setStatus("Failed");
+    } else if (gen.status === "canceled") {
+      setStatus("Canceled");
+    }
+  }
+
+  function logEvent(name, gen) {
+    const log = $("event-log");
+    const p = gen.progress || {};
+    const li = document.createElement("li");
+    li.dataset.event = name;
+    li.textContent = `${new Date().toLocaleTimeString()}  ${name}  step ${p.step || 0}/${p.total_steps || 0}  ${p.stage || ""}`;
+    log.append(li);
+    while (log.children.length > LOG_LIMIT) log.firstElementChild.remove();
+  }
+
+  function clearResult() {
+    for (const url of run.objectUrls) URL.revokeObjectURL(url);
+    run.objectUrls = [];
+    $("images").replaceChildren();
+    $("event-log").replaceChildren();
+    $("facts").hidden = true;
+    $("timings-box").hidden = true;
+    $("manifest-box").hidden = true;
+    $("manifest").textContent = "";
+    $("timings").tBodies[0].replaceChildren();
+    showError("");
+  }
+
+  async function showImages(gen) {
+    const holder = $("images");
+    const prompt = (gen.params && gen.params.prompt) || "";
+    for (const img of gen.images || []) {
+      const res = await api("GET", `/v1/generations/${gen.id}/images/${img.index}`, { headers: { Accept: "*/*" } });
+      const url = URL.createObjectURL(await res.blob());
+      run.objectUrls.push(url);
+      const figure = document.createElement("figure");
+      const el = document.createElement("img");
+      el.alt = `Generated image ${img.index + 1}: ${prompt}`;
+      el.width = img.width;
+      el.height = img.height;
+      el.dataset.index = img.index;
+      el.dataset.seed = img.seed;
+      el.src = url;
+      const caption = document.createElement("figcaption");
+      const link = document.createElement("a");
+      link.href = url;
+      link.download = `${gen.id}-${img.index}.${EXT[img.content_type] || "img"}`;
+      link.textContent = "Download";
+      caption.append(`Seed ${img.seed} · ${img.width}×${img.height} · `, link);
+      figure.append(el, caption);
+      holder.append(figure);
+    }
+  }
+
+  function showFacts(gen) {
+    $("gen-id").textContent = gen.id;
+    const seeds = (gen.images || []).map((i) => i.seed);
+    const seed = seeds.length ? seeds.join(", ") : gen.params && gen.params.seed;
+    $("seed-out").textContent = seed === undefined || seed === null ? "" : String(seed);
+    $("facts").hidden = false;
+    const body = $("timings").tBodies[0];
+    body.replaceChildren();
+    for (const [phase, value] of Object.entries(gen.timings || {})) {
+      if (typeof value !== "number" || phase === "batch_images") continue;
+      const row = body.insertRow();
+      row.insertCell().textContent = phase;
+      row.insertCell().textContent = value.toFixed(3);
+    }
+    $("timings-box").hidden = body.rows.length === 0;
+    if (gen.manifest) {
+      $("manifest").textContent = JSON.stringify(gen.manifest, null, 2);
+      $("manifest-box").hidden = false;
+    }
+  }
+
+  // --- one generation ----------------------------------------------------------------------------
+  async function follow(gen) {
+    let lastId = null;
+    for (let attempt = 0; attempt < STREAM_RETRIES; attempt++) {
+      try {
+        const headers = { Accept: "text/event-stream" };
+        if (lastId) headers["Last-Event-ID"] = lastId;
+        const res = await api("GET", `/v1/generations/${gen.id}/events`, { headers });
+        if (res.status !== 204) {
+          for await (const ev of sseEvents(res)) {
+            if (ev.id) lastId = ev.id;
+            gen = ev.data;
+            logEvent(ev.event, gen);
+            showProgress(gen);
+            if (TERMINAL.has(gen.status)) return gen;
+          }
+        }
+      } catch (err) {
+        if (err instanceof ApiError) throw err;
+        // the connection dropped: see where it stands, then resume after the last event
+      }
+      gen = await (await api("GET", `/v1/generations/${gen.id}`)).json();
+      showProgress(gen);
+      if (TERMINAL.has(gen.status)) return gen;
+    }
+    while (!TERMINAL.has(gen.status)) {
+      gen = await (await api("GET", `/v1/generations/${gen.id}`, { headers: { Prefer: "wait=30" } })).json();
+      showProgress(gen);
+    }
+    return gen;
+  }
+
+  function requestBody() {
+    const num = (id) => ($(id).value.trim() === "" ? undefined : Number($(id).value));
+    const body = {
+      prompt: $("prompt").value,
+      width: num("width"),
+      height: num("height"),
+      num_inference_steps: num("steps"),
+      guidance_scale: num("guidance"),
+      seed: num("seed"),
+      num_images_per_prompt: num("images-count"),
+      scheduler: $("scheduler").value,
+      output_format: $("format").value,
+    };
+    const negative = $("negative-prompt").value;
+    if (negative.trim()) body.negative_prompt = negative;
+    if ($("refiner").value) body.refiner = { mode: $("refiner").value };
+    for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
+    return body;
+  }
+
+  function setBusy(busy) {
+    $("generate").disabled = busy;
+    $("cancel").disabled = !busy;
+    $("generate-form").setAttribute("aria-busy", String(busy));
+  }
+
+  async function generate(event) {
+    event.preventDefault();
+    saveKey();
+    if (!$("prompt").value.trim()) {
+      showError("Enter a prompt.");
+      $("prompt").focus();
+      return;
+    }
+    clearResult();
+    setBusy(true);
+    setStatus("Submitting…");
+    try {
+      const res = await api("POST", "/v1/generations", { body: requestBody() });
+      let gen = await res.json();
+      run.id = gen.id;
+      logEvent("submitted", gen);
+      showProgress(gen);
+      gen = await follow(gen);
+      if (gen.status === "succeeded") {
+        showFacts(gen);
+        await showImages(gen);
+      } else if (gen.status === "failed") {
+        const err = gen.error || {};
+        showError(`Generation failed: ${err.message || err.type || "unknown error"}`);
+        showFacts(gen);
+      }
+    } catch (err) {
+      setStatus("Stopped.");
+      if (err instanceof ApiError) {
+        showError(err.message);
+        if (err.status === 401) $("api-key").focus();
+      } else {
+        showError(`Cannot reach the service: ${err.message}`);
+      }
+    } finally {
+      run.id = null;
+      setBusy(false);
+    }
+  }
+
+  async function cancel() {
+    if (!run.id) return;
+    $("cancel").disabled = true;
+    try {
+      await api("POST", `/v1/generations/${run.id}/cancel`);
+      setStatus("Canceling…"); // the event stream reports when it has stopped
+    } catch (err) {
+      showError(err.message);
+      $("cancel").disabled = false;
+    }
+  }
+
+  function saveKey() {
+    const key = $("api-key").value.trim();
+    try {
+      if (key) localStorage.setItem(KEY_STORE, key);
+      else localStorage.removeItem(KEY_STORE);
+    } catch (_) {
+      // storage disabled (private mode): the key still works for this page
+    }
+  }
+
+  function init() {
+    try {
+      $("api-key").value = localStorage.getItem(KEY_STORE) || "";
+    } catch (_) {
+      // storage disabled
+    }
+    $("api-key").addEventListener("change", saveKey);
+    $("generate-form").addEventListener("submit", generate);
+    $("cancel").addEventListener("click", cancel);
+  }
+
+  init();
+})();
