@@ -144,14 +144,23 @@ class ProgressBar:
 
     def update(self, gen: dict[str, Any]) -> None:
         text = self.line(gen)
-        if self.quiet or text == self.last:
+        # a file or pipe gets a line per stage and per tenth of the steps, not one per step (logs stay short)
+        key = text if self.tty else self.coarse(gen)
+        if self.quiet or key == self.last:
             return
-        self.last = text
+        self.last = key
         if self.tty:
             self.out.write("\r\x1b[2K" + text)
         else:
             self.out.write(text + "\n")
         self.out.flush()
+
+    @staticmethod
+    def coarse(gen: dict[str, Any]) -> str:
+        p = gen.get("progress") or {}
+        total = int(p.get("total_steps") or 0)
+        tenth = int(10 * int(p.get("step") or 0) / total) if total else -1
+        return f"{gen.get('status')}|{p.get('stage')}|{tenth}|{gen.get('queue_position')}"
 
     def done(self) -> None:
         if self.tty and self.last and not self.quiet:

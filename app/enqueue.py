@@ -41,6 +41,9 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool) 
             raise field_error(name, f"must be between {settings.min_size} and {hi} but is {value}", value)
     if req.num_inference_steps > settings.max_steps:
         raise field_error("num_inference_steps", f"must be at most {settings.max_steps}", req.num_inference_steps)
+    refiner_steps = req.refiner.num_inference_steps  # img2img runs these on top: the same limit applies
+    if refiner_steps is not None and refiner_steps > settings.max_steps:
+        raise field_error("refiner.num_inference_steps", f"must be at most {settings.max_steps}", refiner_steps)
     if req.num_images_per_prompt > settings.max_images_per_prompt:
         raise field_error(
             "num_images_per_prompt", f"must be at most {settings.max_images_per_prompt}", req.num_images_per_prompt

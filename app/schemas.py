@@ -48,8 +48,8 @@ class GenerationCreate(BaseModel):
         None, description="Absent: SDXL's zeroed negative embedding. Empty string: the encoded empty prompt."
     )
     negative_prompt_2: str | None = None
-    width: int = Field(1024, description="Pixels, a multiple of 8")
-    height: int = Field(1024, description="Pixels, a multiple of 8")
+    width: int = Field(1024, description="Pixels, a multiple of 8", json_schema_extra={"multipleOf": 8})
+    height: int = Field(1024, description="Pixels, a multiple of 8", json_schema_extra={"multipleOf": 8})
     snap_to_bucket: bool = Field(False, description="Replace width/height by the nearest SDXL training bucket")
     num_inference_steps: int = Field(30, ge=1)
     guidance_scale: float = Field(5.0, ge=0.0, le=30.0)

@@ -76,8 +76,17 @@ def test_operation_ids_are_stable_snake_case(doc: dict[str, Any]) -> None:
     ids = [op.get("operationId") for _p, _m, op in operations(doc)]
     assert all(i and re.fullmatch(r"[a-z][a-z0-9_]*", i) for i in ids), ids
     assert len(ids) == len(set(ids))
-    expected = {"create_generation", "get_generation", "cancel_generation", "get_generation_image", "healthz",
-                "readyz", "list_generations", "delete_generation", "stream_generation_events"}
+    expected = {
+        "create_generation",
+        "get_generation",
+        "cancel_generation",
+        "get_generation_image",
+        "healthz",
+        "readyz",
+        "list_generations",
+        "delete_generation",
+        "stream_generation_events",
+    }
     assert expected <= set(ids)
 
 
@@ -122,9 +131,7 @@ def test_headers_are_documented(doc: dict[str, Any]) -> None:
     assert "Last-Event-ID" in {p["name"] for p in events["parameters"] if p["in"] == "header"}
     for code in ("200", "201", "202"):
         headers = create["responses"][code]["headers"]
-        assert {"Location", "X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(
-            headers
-        )
+        assert {"Location", "X-Request-ID", "RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset"} <= set(headers)
     for _p, _m, op in operations(doc):
         for resp in op["responses"].values():
             assert "X-Request-ID" in resolve(doc, resp).get("headers", {})
@@ -152,9 +159,24 @@ def test_redocly_lint_is_clean() -> None:
     redocly = _redocly()
     env = {**os.environ, "REDOCLY_TELEMETRY": "off", "NO_COLOR": "1", "REDOCLY_SUPPRESS_UPDATE_NOTICE": "true"}
     res = subprocess.run(
-        ["npx", "--prefix", str(NODE_DIR), "--no-install", "redocly", "lint", "openapi/openapi.json",
-         "--config", "redocly.yaml", "--format", "stylish"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        [
+            "npx",
+            "--prefix",
+            str(NODE_DIR),
+            "--no-install",
+            "redocly",
+            "lint",
+            "openapi/openapi.json",
+            "--config",
+            "redocly.yaml",
+            "--format",
+            "stylish",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert redocly.exists()
     assert res.returncode == 0, f"redocly lint failed:\n{res.stdout[-6000:]}\n{res.stderr[-3000:]}"
