@@ -85,9 +85,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Ubuntu 22.04 ships CPython 3.11 as python3.11 (universe). Versions are not pinned:
 # the base image tag fixes the release, and pinning a .deb version breaks the build as
 # soon as Ubuntu publishes a security update (the archive drops superseded versions).
+# libgl1 + libglib2.0-0: opencv, pulled in by invisible-watermark (SDXL's watermark).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3.11 python3.11-venv \
+    && apt-get install -y --no-install-recommends ca-certificates python3.11 python3.11-venv libgl1 libglib2.0-0 \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 sdxl \

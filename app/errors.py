@@ -71,7 +71,10 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, str)):
+    if isinstance(value, str):
+        # the echoed value must itself be valid UTF-8 (lone surrogates arrive via JSON escapes)
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if value == value and abs(value) != float("inf") else str(value)
@@ -129,6 +132,12 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route for {request.url.path}"
         headers = dict(exc.headers or {})
+        if exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's answer for bodies json.loads itself chokes on (invalid UTF-8, nesting, huge ints)
+            p = Problem(422, "`body` could not be parsed as JSON", errors=[
+                {"field": "body", "message": "could not be parsed as JSON (encoding, nesting depth or number size)",
+                 "value": None}])
+            return problem_response(p, request)
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
             headers["Allow"] = allowed_methods(request)

@@ -81,6 +81,15 @@ class GenerationCreate(BaseModel):
             raise ValueError("must not be blank")
         return v
 
+    @field_validator("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
+    @classmethod
+    def _clean_text(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
     @field_validator("width", "height")
     @classmethod
     def _multiple_of_8(cls, v: int) -> int:

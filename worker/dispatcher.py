@@ -60,7 +60,8 @@ def main() -> int:
     pump = webhooks.DuePump(redis_client(settings.redis_url), settings.webhook_pump_interval_seconds)
     pump.start()
     queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
-    worker = SimpleWorker([queue], connection=r, name=name, serializer=JSONSerializer)
+    worker = SimpleWorker([queue], connection=r, name=name, serializer=JSONSerializer,
+                          log_job_description=False)  # payloads carry the prompt
     log.info(
         "dispatcher ready",
         extra={

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -28,6 +29,7 @@ from worker.prompts import long_prompt_embeds, needs_chunks
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.pipeline")
+diffusers.utils.logging.disable_progress_bar()  # one JSON line per event: no tqdm bars in worker logs
 
 SCHEDULER_CLASSES: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {}),

@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
 from app import ssrf
-from app.contract import keys
+from app.contract import keys, stats
 from app.contract.events import EventType
 from app.contract.records import rfc3339
 
@@ -266,6 +266,7 @@ class Deliverer:
             pipe.expire(keys.webhook_log(gen_id), ttl if ttl > 0 else self.settings.generation_ttl_seconds)
         if due is not None:  # logged and scheduled together: the log never shows a retry that was not queued
             pipe.zadd(keys.WEBHOOK_DUE, {due[0]: due[1]})
+        stats.count_webhook(pipe, outcome)
         pipe.execute()
         level = logging.INFO if outcome in ("delivered", "retrying") else logging.WARNING
         log.log(

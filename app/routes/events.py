@@ -13,6 +13,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import Response, StreamingResponse
 
 from app.contract import keys
+from app.contract.events import EventType
 from app.contract.records import decode
 from app.deps import PrincipalDep, ServiceDep
 from app.errors import field_error
@@ -26,6 +27,24 @@ TERMINAL_EVENTS = {f"generation.{s}" for s in TERMINAL}
 BLOCK_MS = 5000  # one XREAD wait; well under the async client's socket timeout
 KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SETTLE_MS = 1000  # status is final but its event not yet in the stream: the emitter is a few ms behind
+
+
+# One event of the stream (the stream is a sequence of them): OpenAPI 3.2 names this `itemSchema`; 3.1 tools such
+# as schemathesis read `schema` of text/event-stream that way. `data` is the generation resource as JSON.
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": [t.value for t in EventType]},
+        "id": {"type": "string", "pattern": STREAM_ID.pattern, "description": "Send as `Last-Event-ID` to resume"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/Generation"},
+        },
+        "retry": {"type": "integer", "description": "Milliseconds to wait before reconnecting"},
+    },
+}
 
 
 def _text(value: bytes | str) -> str:
@@ -101,7 +120,7 @@ def _id_key(event_id: str) -> tuple[int, int]:
     responses={
         204: {"description": "`Last-Event-ID` is the terminal event: nothing follows (EventSource stops)"},
         200: {
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT}},
             "description": "Server-sent events named by type (`generation.started`, `generation.progress`, "
             "`generation.succeeded`, ...); `id` is the stream entry id, `data` the generation resource. "
             "The stream ends after the terminal event.",

@@ -17,10 +17,11 @@ STATIC = Path(__file__).resolve().parent.parent / "static"
 ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
 
 # Same-origin script and style only (no inline code, no CDN); images are blob: URLs the page makes itself.
-# connect-src allows https: because in presigned mode an image download is redirected to the object store.
+# connect-src allows https: because in presigned mode an image download is redirected to the object store,
+# and blob: so the page's own images can be read back (the test checks their sha256 that way).
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
-    "connect-src 'self' https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    "connect-src 'self' blob: https:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 HEADERS = {
     "Content-Security-Policy": CSP,

@@ -276,6 +276,7 @@
       run.id = gen.id;
       logEvent("submitted", gen);
       showProgress(gen);
+      showFacts(gen); // the id and the resolved seed are known from the start
       gen = await follow(gen);
       if (gen.status === "succeeded") {
         showFacts(gen);
@@ -283,7 +284,6 @@
       } else if (gen.status === "failed") {
         const err = gen.error || {};
         showError(`Generation failed: ${err.message || err.type || "unknown error"}`);
-        showFacts(gen);
       }
     } catch (err) {
       setStatus("Stopped.");

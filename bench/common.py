@@ -1,0 +1,249 @@
+"""Shared benchmark helpers: a private Redis + real API/worker processes, percentiles, machine facts, and an
+in-process baseline (the worker's own Engine.run in a fresh process) to compute ratios against.
+
+Every benchmark prints JSON lines: one object per figure and a final {"event": "summary", ...}. Ratios are
+always against a baseline measured in the same run, on the same machine, with the same thread count.
+
+    python bench/common.py inprocess < params.json     # (internal) the baseline child process
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from tests.procs import PY, RedisServer, Service  # noqa: E402
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+def emit(row: dict[str, Any]) -> None:
+    print(json.dumps(row), flush=True)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def pcts(values: Sequence[float], qs: Sequence[int] = (50, 95, 99), scale: float = 1.0, nd: int = 3) -> dict[str, float]:
+    return {f"p{q}": round(percentile(values, q) * scale, nd) for q in qs}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, load and the versions that matter, for the start line of every benchmark."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        rs = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=5).stdout
+        redis_server = next((p.split("=", 1)[1] for p in rs.split() if p.startswith("v=")), rs.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        redis_server = None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": {
+            "python": platform.python_version(),
+            **{d: _version(d) for d in ("torch", "diffusers", "fastapi", "uvicorn", "starlette", "pydantic", "rq",
+                                        "redis", "httpx")},
+            "redis-server": redis_server,
+        },
+    }
+
+
+def start_line(bench: str, **extra: Any) -> None:
+    emit({"event": "start", "bench": bench, **machine(), **extra})
+
+
+def tiny_model() -> Path:
+    target = Path(os.environ.get("SDXL_TEST_MODEL_DIR", ROOT / ".models" / "tiny"))
+    if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from worker.models import build_tiny
+
+        build_tiny(target)
+    return target
+
+
+def bench_env(threads: int, progress_interval: float = 60.0, **extra: str) -> dict[str, str]:
+    """Environment for every benchmark process (API, worker and the in-process baseline alike).
+
+    - threads: torch's intra-op pool (OMP/MKL). The worker and the baseline get the same number, and it is
+      below the core count by default so the API, Redis and the client are not fighting the model for cores.
+    - SDXL_PROGRESS_INTERVAL_SECONDS: progress is still written at every stage change (base, refiner, decoding,
+      encoding, uploading); a long interval only drops the periodic mid-stage writes, which at tiny-model step
+      times (a few ms) would otherwise be ~4 writes/s per job of pure Redis traffic inside the timed pipeline.
+    - heartbeat/lease: the production defaults (3 s / 12 s), not the tests' 1 s / 5 s.
+    """
+    env = {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "SDXL_PROGRESS_INTERVAL_SECONDS": str(progress_interval),
+        "SDXL_HEARTBEAT_SECONDS": "3",
+        "SDXL_LEASE_SECONDS": "12",
+    }
+    env.update(extra)
+    return env
+
+
+def raised_limits(**extra: str) -> dict[str, str]:
+    """Per-key and global limits far above anything a benchmark sends (docs/access.md)."""
+    return {
+        "SDXL_DEFAULT_RATE_PER_MINUTE": "100000000",
+        "SDXL_DEFAULT_BURST": "10000000",
+        "SDXL_DEFAULT_MAX_QUEUED": "10000000",
+        "SDXL_MAX_QUEUE_DEPTH": "10000000",
+        **extra,
+    }
+
+
+@dataclass
+class Stack:
+    svc: Service
+    redis_server: RedisServer
+    api_urls: list[str] = field(default_factory=list)
+    data_dir: Path = Path(".")
+
+    @property
+    def r(self) -> "redis.Redis[bytes]":
+        return self.redis_server.client()
+
+    def logs_tail(self, n: int = 3000) -> str:
+        return "\n".join(f"--- {p.log.name}\n{p.output()[-n:]}" for p in self.svc.apis + self.svc.workers)
+
+
+@contextmanager
+def stack(apis: int = 1, workers: int = 1, env: dict[str, str] | None = None,
+          worker_env: dict[str, str] | None = None) -> Iterator[Stack]:
+    """A private redis-server on a free loopback port + `apis` uvicorn processes + `workers` workers."""
+    model = tiny_model()
+    server = RedisServer()
+    server.start()
+    with tempfile.TemporaryDirectory(prefix="sdxl-bench-") as tmp:
+        svc = Service(server.url, model, Path(tmp), env)
+        st = Stack(svc, server, [], Path(tmp))
+        try:
+            for _ in range(apis):
+                st.api_urls.append(svc.start_api())
+            for _ in range(workers):
+                svc.start_worker(**(worker_env or {}))
+            yield st
+        finally:
+            svc.stop()
+            server.stop()
+
+
+def workload(size: int = 256, steps: int = 20, refiner: str = "ensemble", seed: int = 0, **extra: Any) -> dict[str, Any]:
+    return {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": steps, "seed": seed,
+            "refiner": {"mode": refiner}, **extra}
+
+
+def records(r: "redis.Redis[bytes]") -> dict[str, dict[str, Any]]:
+    """Every generation record in the private Redis: id -> decoded hash."""
+    from app.contract.records import decode
+
+    out: dict[str, dict[str, Any]] = {}
+    for key in r.scan_iter(match="sdxl:gen:*", count=1000):
+        raw = r.hgetall(key)
+        if raw:
+            rec = decode(raw)
+            out[rec.get("id") or key.decode().split(":", 2)[2]] = rec
+    return out
+
+
+def busy_share(recs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Share of the wall time, first start to last finish, that a worker spent inside the pipeline call.
+
+    With one worker and no batching this is sum(timings.pipeline) / wall; batched records share one call,
+    so each call is counted once (pipeline / batch_images per image).
+    """
+    done = [x for x in recs if x.get("status") == "succeeded" and x.get("timings")]
+    if not done:
+        return {"busy_share": float("nan")}
+    start = min(float(x["started_at"]) for x in done)
+    end = max(float(x["finished_at"]) for x in done)
+    busy = sum(x["timings"]["pipeline"] / max(1, int(x["timings"].get("batch_images", 1))) for x in done)
+    return {"busy_share": round(busy / (end - start), 4), "busy_seconds": round(busy, 4),
+            "wall_first_start_to_last_finish_s": round(end - start, 4)}
+
+
+def inprocess(params: dict[str, Any], n: int, env: dict[str, str], warmup: int = 2,
+              batch: int = 1) -> list[float]:
+    """Seconds per `Engine.run` call on `params` (the resolved params the service reported), measured in a
+    fresh process with the worker's own environment: the same code path without the service around it."""
+    child_env = {**env, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([PY, str(Path(__file__).resolve()), "inprocess"], input=json.dumps(
+        {"params": params, "n": n, "warmup": warmup, "batch": batch}), capture_output=True, text=True,
+        env=child_env, cwd=ROOT, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"in-process baseline failed:\n{proc.stderr[-3000:]}")
+    return [float(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]]
+
+
+def _inprocess_child() -> None:
+    from app.contract.params import GenerationParams
+    from worker.pipeline import Engine, ImageSpec
+    from worker.settings import WorkerSettings
+
+    req = json.loads(sys.stdin.read())
+    params = GenerationParams.model_validate(req["params"])
+    engine = Engine(WorkerSettings())
+    engine.warmup()  # as the worker does before taking jobs
+    specs = [ImageSpec(params.prompt, params.prompt_2, params.negative_prompt, params.negative_prompt_2,
+                       params.image_seed(i)) for i in range(req["batch"])]
+    for _ in range(req["warmup"]):
+        engine.run(params, specs, lambda _p: None)
+    seconds = []
+    for _ in range(req["n"]):
+        t0 = time.perf_counter()
+        engine.run(params, specs, lambda _p: None)
+        seconds.append(time.perf_counter() - t0)
+    print(json.dumps({"seconds": seconds}), flush=True)
+
+
+def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
+    return {"value": value, "goal": target, "op": ">=" if higher_is_better else "<=",
+            "met": bool(value >= target if higher_is_better else value <= target)}
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["inprocess"]:
+        _inprocess_child()
+    else:
+        sys.exit(__doc__)

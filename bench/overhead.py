@@ -1,0 +1,95 @@
+"""Service overhead for one generation at a time.
+
+A client POSTs /v1/generations with `Prefer: wait=60`, then GETs the image bytes. Overhead = that end-to-end
+time minus the worker's own `timings.pipeline`. The baseline is the same `Engine.run` on the same resolved
+params in a fresh process with the worker's environment (bench/common.py `inprocess`), run while the service
+sits idle. Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
+
+    python bench/overhead.py                 # tiny model, 256x256, 20 steps, base+refiner ensemble, N=30
+    python bench/overhead.py --n 5 --warmup 1   # smoke
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import httpx  # noqa: E402
+from common import bench_env, emit, goal, inprocess, pcts, percentile, stack, start_line, workload  # noqa: E402
+
+
+def one(client: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    resp = client.post("/v1/generations", json=body, headers={"Prefer": "wait=60"})
+    if resp.status_code != 201:
+        raise RuntimeError(f"expected 201 within wait=60, got {resp.status_code}: {resp.text[:500]}")
+    res = resp.json()
+    img = client.get(res["images"][0]["url"])
+    if img.status_code != 200 or not img.content:
+        raise RuntimeError(f"image GET answered {img.status_code}")
+    return time.perf_counter() - t0, res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=30, help="timed generations (and in-process calls)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--refiner", default="ensemble", choices=["none", "ensemble", "img2img"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the worker and the baseline")
+    ap.add_argument("--progress-interval", type=float, default=60.0, help="SDXL_PROGRESS_INTERVAL_SECONDS")
+    args = ap.parse_args()
+    start_line("overhead", n=args.n, size=args.size, steps=args.steps, refiner=args.refiner, threads=args.threads,
+               progress_interval_seconds=args.progress_interval)
+    body = workload(args.size, args.steps, args.refiner, seed=1234)
+    env = bench_env(args.threads, args.progress_interval)
+    with stack(apis=1, workers=1, env=env) as st, httpx.Client(base_url=st.api_urls[0], timeout=120) as client:
+        params: dict[str, Any] = {}
+        for _ in range(max(1, args.warmup)):
+            _, res = one(client, body)
+            params = res["params"]
+        # the baseline runs now, with the service idle, on exactly the params the service resolved
+        base = inprocess(params, args.n, st.svc.env(), warmup=max(1, args.warmup))
+        e2e, pipe, overhead, queued, encoding, uploading = [], [], [], [], [], []
+        for _ in range(args.n):
+            seconds, res = one(client, body)
+            t = res["timings"]
+            e2e.append(seconds)
+            pipe.append(t["pipeline"])
+            overhead.append(seconds - t["pipeline"])
+            queued.append(t["queued"])
+            encoding.append(t["encoding"])
+            uploading.append(t["uploading"])
+        base_after = inprocess(params, max(3, args.n // 3), st.svc.env(), warmup=1)  # drift check on a busy box
+
+    emit({"figure": "inprocess_seconds", **pcts(base), "mean": round(statistics.mean(base), 4),
+          "after_service_p50": round(statistics.median(base_after), 4)})
+    emit({"figure": "end_to_end_seconds", **pcts(e2e, nd=4), "mean": round(statistics.mean(e2e), 4)})
+    emit({"figure": "worker_pipeline_seconds", **pcts(pipe, nd=4)})
+    emit({"figure": "overhead_ms", **pcts(overhead, scale=1000, nd=2), "mean": round(statistics.mean(overhead) * 1000, 2)})
+    emit({"figure": "overhead_parts_ms_p50", "queued": round(statistics.median(queued) * 1000, 2),
+          "encoding": round(statistics.median(encoding) * 1000, 2),
+          "uploading": round(statistics.median(uploading) * 1000, 2),
+          "rest": round((statistics.median(overhead) - statistics.median(queued) - statistics.median(encoding)
+                         - statistics.median(uploading)) * 1000, 2)})
+    p50_base = statistics.median(base)
+    emit({
+        "event": "summary", "bench": "overhead", "n": args.n,
+        "overhead_p50_ms": goal(round(percentile(overhead, 50) * 1000, 2), 3.0, higher_is_better=False),
+        "overhead_p95_ms": round(percentile(overhead, 95) * 1000, 2),
+        "end_to_end_over_inprocess_p50": goal(round(statistics.median(e2e) / p50_base, 4), 1.05,
+                                              higher_is_better=False),
+        "worker_pipeline_over_inprocess_p50": round(statistics.median(pipe) / p50_base, 4),
+        "inprocess_p50_s": round(p50_base, 4),
+        "inprocess_drift": round(statistics.median(base_after) / p50_base, 4),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""The `sdxl` command line, run as a real subprocess against a live service with API keys on: generate (progress on
+stderr, verified image files, path and seed on stdout), list, show, cancel, Ctrl-C, and the problem-details
+errors with their exit codes."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.access import BLOCKER, Key, get, keys_env, post, service_with, wait_final, wait_status
+from tests.procs import ROOT, Service
+
+ALICE = Key("alice")
+TINY_ARGS = ["--width", "128", "--height", "128", "--steps", "4", "--refiner", "none"]
+GEN_ID = re.compile(r"\bgen_[A-Za-z0-9_-]+")
+# the console script `pip install` made, else the module (a checkout that was not installed)
+SCRIPT = Path(sys.executable).with_name("sdxl")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "app.cli"]
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {"SDXL_API_KEYS": keys_env(ALICE), "SDXL_PROGRESS_INTERVAL_SECONDS": "0"}  # an event per step
+    with service_with(tiny_model, tmp_path_factory.mktemp("cli"), 1, env) as s:
+        yield s
+
+
+def cli_env(svc: Service, key: str | None = ALICE.secret) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}
+    env["SDXL_URL"] = svc.url
+    if key is not None:
+        env["SDXL_API_KEY"] = key
+    return env
+
+
+def sdxl(svc: Service, *args: str, cwd: Path, key: str | None = ALICE.secret) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMMAND, *args], cwd=cwd, env=cli_env(svc, key), capture_output=True, text=True, timeout=240
+    )
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def resource(svc: Service, gen_id: str) -> dict[str, Any]:
+    res = get(svc.url, f"/v1/generations/{gen_id}", ALICE)
+    assert res.status_code == 200, res.text
+    return dict(res.json())
+
+
+def test_generate_writes_the_verified_png_and_reports_progress(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "a lighthouse at dusk", "-o", "out.png", "--seed", "1234", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = (tmp_path / "out.png").read_bytes()
+    assert png_size(data) == (128, 128)
+    gen_id = GEN_ID.search(r.stderr)
+    assert gen_id, r.stderr
+    gen = resource(svc, gen_id.group())
+    assert gen["status"] == "succeeded"
+    assert hashlib.sha256(data).hexdigest() == gen["images"][0]["sha256"]
+    assert gen["params"]["prompt"] == "a lighthouse at dusk" and gen["params"]["seed"] == 1234
+    # stdout: where the image went and its seed
+    assert "out.png" in r.stdout and "seed 1234" in r.stdout
+    # stderr: a drawn progress bar that reached the last step
+    assert re.search(r"\[#+-*\]\s+\d+%\s+step \d+/4", r.stderr), r.stderr
+    assert "step 4/4" in r.stderr
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_several_images_get_index_suffixes_and_the_format_follows_the_extension(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "two boats", "-n", "2", "--seed", "50", "-o", "pics/boat.webp", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    gen = resource(svc, GEN_ID.search(r.stderr).group())  # type: ignore[union-attr]
+    assert gen["params"]["output_format"] == "webp"
+    for img in gen["images"]:
+        path = tmp_path / "pics" / f"boat-{img['index']}.webp"
+        data = path.read_bytes()
+        assert data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+        assert hashlib.sha256(data).hexdigest() == img["sha256"]
+        assert f"pics/boat-{img['index']}.webp  seed {50 + img['index']}" in r.stdout
+    assert len(gen["images"]) == 2
+
+
+def test_no_wait_then_show_and_list(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "a quiet harbor", "--no-wait", "--seed", "77", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    gen_id = r.stdout.strip()
+    assert GEN_ID.fullmatch(gen_id), r.stdout
+    assert not list(tmp_path.iterdir())  # nothing downloaded
+    assert wait_final(svc.url, gen_id, ALICE)["status"] == "succeeded"
+
+    shown = sdxl(svc, "show", gen_id, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^status:\s+succeeded$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^prompt:\s+a quiet harbor$", shown.stdout, re.M)
+    assert re.search(r"^image 0:\s+seed 77\s+128x128 image/png", shown.stdout, re.M)
+
+    listed = sdxl(svc, "list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if line.startswith(gen_id))
+    assert "succeeded" in row and "128x128" in row and "a quiet harbor" in row
+
+    failed_only = sdxl(svc, "list", "--status", "failed", cwd=tmp_path)
+    assert failed_only.returncode == 0 and gen_id not in failed_only.stdout
+
+    one = sdxl(svc, "list", "--limit", "1", "--json", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    page = json.loads(one.stdout)
+    assert len(page["data"]) == 1 and page["next_cursor"]  # earlier tests made more than one
+
+
+def test_cancel_a_running_generation_and_refuse_a_finished_one(svc: Service, tmp_path: Path) -> None:
+    res = post(svc.url, BLOCKER, ALICE)
+    assert res.status_code == 202, res.text
+    gen_id = res.json()["id"]
+    wait_status(svc.url, gen_id, ALICE, {"running"})
+    r = sdxl(svc, "cancel", gen_id, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(gen_id)
+    assert wait_final(svc.url, gen_id, ALICE)["status"] == "canceled"
+
+    done = post(svc.url, {"prompt": "done", "width": 128, "height": 128, "num_inference_steps": 4}, ALICE).json()
+    assert wait_final(svc.url, done["id"], ALICE)["status"] == "succeeded"
+    again = sdxl(svc, "cancel", done["id"], cwd=tmp_path)
+    assert again.returncode == 1
+    assert f"generation `{done['id']}` already succeeded; it cannot be canceled" in again.stderr
+
+
+def test_ctrl_c_during_generate_cancels_it_and_exits_130(svc: Service, tmp_path: Path) -> None:
+    args = ["generate", "interrupt me", "--width", "768", "--height", "768", "--steps", "100", "--refiner", "none"]
+    # SIGINT back to its default in the child: a runner started in the background may have it ignored
+    proc = subprocess.Popen(
+        [*COMMAND, *args],
+        cwd=tmp_path,
+        env=cli_env(svc),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # "<id> queued": printed once the generation exists
+        gen_id = GEN_ID.search(first)
+        assert gen_id, first
+        wait_status(svc.url, gen_id.group(), ALICE, {"running"})
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert f"canceling {gen_id.group()}" in err
+    assert wait_final(svc.url, gen_id.group(), ALICE)["status"] == "canceled"
+    assert not list(tmp_path.iterdir())
+
+
+def test_validation_error_exits_2_with_the_detail(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "x", "--width", "130", "--height", "128", "-o", "bad.png", cwd=tmp_path)
+    assert r.returncode == 2
+    assert "`width`" in r.stderr and "must be a multiple of 8 but is 130" in r.stderr
+    assert r.stdout == "" and not (tmp_path / "bad.png").exists()
+
+
+def test_key_problems_and_unknown_ids_exit_1_with_the_detail(svc: Service, tmp_path: Path) -> None:
+    missing = sdxl(svc, "list", cwd=tmp_path, key=None)
+    assert missing.returncode == 1
+    assert "this API needs a key" in missing.stderr
+    wrong = sdxl(svc, "--key", "sdxl_wrong", "list", cwd=tmp_path, key=None)
+    assert wrong.returncode == 1 and "the API key is not valid" in wrong.stderr
+    # --key after the subcommand works too, and beats the environment
+    after = sdxl(svc, "list", "--key", ALICE.secret, cwd=tmp_path, key="sdxl_wrong")
+    assert after.returncode == 0, after.stderr
+    unknown = sdxl(svc, "show", "gen_AAAAAAAAAAAAAAAAAAAAAA", cwd=tmp_path)
+    assert unknown.returncode == 1 and "gen_AAAAAAAAAAAAAAAAAAAAAA" in unknown.stderr
+
+
+def test_unreachable_service_exits_1(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDXL_")}
+    r = subprocess.run(
+        [*COMMAND, "--url", "http://127.0.0.1:9", "list"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert "cannot reach http://127.0.0.1:9" in r.stderr
+
+
+def test_the_console_script_is_declared_and_needs_no_worker_packages() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["scripts"]["sdxl"] == "app.cli:main"
+    code = (
+        "import sys, app.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'fastapi'}))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"  # the client installs and starts without the API's or the worker's packages

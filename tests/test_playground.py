@@ -1,0 +1,213 @@
+"""The web playground at `/`, driven end to end in headless Chromium (Debian's chromium + chromedriver, through
+Selenium) against a live service with API keys on: key entry, generate, live progress from the event stream,
+the image fetched with the key as a blob, its seed, manifest and timings; cancel; problem details shown."""
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.access import Key, get, keys_env, service_with, wait_final
+from tests.procs import Service
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ALICE = Key("alice")
+
+browser_missing = not CHROMIUM.exists() or not CHROMEDRIVER.exists()
+needs_browser = pytest.mark.skipif(
+    browser_missing,
+    reason="needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
+    "run scripts/ensure_chromium.sh",
+)
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service as DriverService
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+except ImportError:  # the page test below still runs; the browser fixture skips, saying why
+    webdriver = None
+
+CHROME_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-features=Translate,OptimizationHints,MediaRouter",
+    "--disable-extensions",
+    "--window-size=1280,1400",
+]
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {"SDXL_API_KEYS": keys_env(ALICE), "SDXL_PROGRESS_INTERVAL_SECONDS": "0"}  # an event per step
+    with service_with(tiny_model, tmp_path_factory.mktemp("playground"), 1, env) as s:
+        yield s
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    if webdriver is None:
+        pytest.skip("needs selenium (in the dev extra): pip install -e '.[dev]'")
+    # Selenium Manager never runs (the driver path is given); these keep it from trying anyway
+    os.environ.setdefault("SE_OFFLINE", "true")
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    profile = tempfile.TemporaryDirectory(prefix="sdxl-chromium-")
+    for arg in [*CHROME_ARGS, f"--user-data-dir={profile.name}"]:
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=DriverService(str(CHROMEDRIVER)), options=options)
+    driver.set_script_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        profile.cleanup()
+
+
+def fill(driver: Any, **fields: str) -> None:
+    for element_id, value in fields.items():
+        el = driver.find_element(By.ID, element_id.replace("_", "-"))
+        el.clear()
+        el.send_keys(value)
+
+
+def open_page(driver: Any, svc: Service, key: str, prompt: str, **settings: str) -> None:
+    driver.get(f"{svc.url}/")
+    fill(driver, api_key=key, prompt=prompt, **settings)
+    Select(driver.find_element(By.ID, "refiner")).select_by_value("none")
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).get_attribute("textContent")).strip()
+
+
+def state(driver: Any) -> str | None:
+    return driver.find_element(By.ID, "run").get_attribute("data-state")
+
+
+def logged_events(driver: Any) -> list[str]:
+    return [str(li.get_attribute("data-event")) for li in driver.find_elements(By.CSS_SELECTOR, "#event-log li")]
+
+
+IMAGE_READY = """
+const img = document.querySelector('#images img');
+return img && img.src.startsWith('blob:') && img.complete && img.naturalWidth > 0
+  ? {src: img.src, w: img.naturalWidth, h: img.naturalHeight, seed: img.dataset.seed} : null;
+"""
+BLOB_SHA256 = """
+const done = arguments[arguments.length - 1];
+fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => crypto.subtle.digest('SHA-256', b))
+  .then(d => done(Array.from(new Uint8Array(d)).map(x => x.toString(16).padStart(2, '0')).join('')))
+  .catch(e => done('error: ' + e));
+"""
+
+
+def test_page_and_assets_load_without_a_key(svc: Service) -> None:
+    page = httpx.get(f"{svc.url}/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "connect-src 'self'" in csp
+    assert 'src="/static/app.js"' in page.text and '<label for="api-key">' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing from another site
+    for name, kind in [("app.js", "text/javascript"), ("app.css", "text/css")]:
+        asset = httpx.get(f"{svc.url}/static/{name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+        assert "https://" not in asset.text
+    missing = httpx.get(f"{svc.url}/static/../main.py")
+    assert missing.status_code == 404
+    other = httpx.get(f"{svc.url}/static/index.py")
+    assert other.status_code == 404 and other.headers["content-type"].startswith("application/problem+json")
+    paths = httpx.get(f"{svc.url}/openapi.json").json()["paths"]
+    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+
+
+@needs_browser
+def test_generate_in_the_browser_with_a_key(svc: Service, browser: Any) -> None:
+    open_page(browser, svc, ALICE.secret, "a lighthouse at dusk", width="128", height="128", steps="4", seed="4321")
+    browser.find_element(By.ID, "generate").click()
+
+    image: dict[str, Any] = WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    assert image["src"].startswith("blob:")
+    assert (image["w"], image["h"]) == (128, 128)
+    assert state(browser) == "succeeded"
+
+    gen_id = text_of(browser, "gen-id")
+    gen = get(svc.url, f"/v1/generations/{gen_id}", ALICE).json()  # alice's: the page sent her key
+    assert gen["status"] == "succeeded"
+    assert browser.execute_async_script(BLOB_SHA256, image["src"]) == gen["images"][0]["sha256"]
+
+    assert text_of(browser, "seed-out") == "4321" and image["seed"] == "4321"
+    manifest = json.loads(text_of(browser, "manifest"))
+    assert manifest == gen["manifest"]
+    assert manifest["params"]["seed"] == 4321 and manifest["params"]["prompt"] == "a lighthouse at dusk"
+    timings = text_of(browser, "timings")
+    assert "pipeline" in timings and "total" in timings
+
+    # progress was shown live: progress events from the stream, and the bar at its end
+    events = logged_events(browser)
+    assert "generation.started" in events and events[-1] == "generation.succeeded"
+    assert events.count("generation.progress") >= 1
+    bar = browser.find_element(By.ID, "progress")
+    assert bar.get_attribute("value") == bar.get_attribute("max") == "4"
+    assert text_of(browser, "status").startswith("Done")
+    assert not browser.find_element(By.ID, "error").is_displayed()
+    assert browser.find_element(By.ID, "cancel").get_attribute("disabled") is not None
+
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []  # no CSP violation, no failed request, no script error
+
+    browser.refresh()  # the key was remembered in localStorage
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == ALICE.secret
+
+
+@needs_browser
+def test_cancel_button_stops_a_running_generation(svc: Service, browser: Any) -> None:
+    open_page(browser, svc, ALICE.secret, "cancel me", width="768", height="768", steps="100")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 60).until(lambda d: state(d) == "running")
+    cancel = browser.find_element(By.ID, "cancel")
+    assert cancel.is_enabled()
+    cancel.click()
+    WebDriverWait(browser, 60).until(lambda d: state(d) == "canceled")
+    assert text_of(browser, "status") == "Canceled"
+    assert logged_events(browser)[-1] == "generation.canceled"
+    assert browser.find_elements(By.CSS_SELECTOR, "#images img") == []
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    gen_id = text_of(browser, "gen-id")
+    assert wait_final(svc.url, gen_id, ALICE)["status"] == "canceled"
+
+
+@needs_browser
+def test_problem_details_are_shown(svc: Service, browser: Any) -> None:
+    open_page(browser, svc, "sdxl_not_a_key", "x", width="128", height="128", steps="4")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert error.text == "the API key is not valid"
+    assert browser.switch_to.active_element.get_attribute("id") == "api-key"
+
+    fill(browser, api_key=ALICE.secret, width="130")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(lambda d: "multiple of 8" in error.text)
+    assert "`width`" in error.text and "130" in error.text
+    assert browser.find_element(By.ID, "generate").is_enabled()
+
+
+def test_the_service_under_test_has_keys_on(svc: Service) -> None:
+    """So the browser tests prove the page sends the key: without one the API refuses."""
+    assert httpx.get(f"{svc.url}/v1/generations").status_code == 401
+    assert get(svc.url, "/v1/generations", ALICE).status_code == 200
