@@ -38,6 +38,8 @@ class Member:
     rq_job_id: str
     record: dict[str, Any] = field(default_factory=dict)
     outcome: str | None = None  # canceled / superseded / requeue once decided
+    step: int = 0  # latest progress, kept in memory (Redis sees it throttled)
+    total_steps: int = 0
 
     @property
     def gen_id(self) -> str:
@@ -211,6 +213,8 @@ class Runner:
                 for m in hit:
                     m.outcome = "superseded" if m.gen_id in self.superseded else "canceled"
                 raise StepAbort("cancel")
+            for m in members:
+                m.step, m.total_steps = progress.step, progress.total_steps
             now = time.monotonic()
             if now - last_flush[0] >= self.settings.progress_interval_seconds or progress.stage != last_flush[1]:
                 last_flush[0], last_flush[1] = now, progress.stage
@@ -293,7 +297,7 @@ class Runner:
             "scheduler_config": self.engine.scheduler_config(params.scheduler),
             **self.engine.model_info(),
         }
-        self.publish_progress([m], Progress(step=self.step_of(m), total_steps=self.total_of(m), stage="encoding"))
+        self.publish_progress([m], Progress(step=m.step, total_steps=m.total_steps, stage="encoding"))
         t0 = time.monotonic()
         encoded = []
         for i, img in enumerate(images):
@@ -305,7 +309,7 @@ class Runner:
         if self.token_lost(m):
             log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id)
             return
-        self.publish_progress([m], Progress(step=self.step_of(m), total_steps=self.total_of(m), stage="uploading"))
+        self.publish_progress([m], Progress(step=m.step, total_steps=m.total_steps, stage="uploading"))
         t1 = time.monotonic()
         records = []
         try:
@@ -333,7 +337,7 @@ class Runner:
             "total": round(now - created, 4),
             "batch_images": batch_images,  # images computed in the same pipeline call
         }
-        total = self.total_of(m)
+        total = m.total_steps
         outcome = self.transition(m.gen_id, m.payload.token, "running", {
             "status": "succeeded", "finished_at": now, "images": records, "timings": timings,
             "manifest": manifest,
@@ -343,14 +347,6 @@ class Runner:
         if outcome == "OK":
             self.jobs_done += 1
             self.images_done += len(records)
-
-    def step_of(self, m: Member) -> int:
-        prog = self.r.hget(keys.generation(m.gen_id), "progress")
-        return int(decode({"progress": prog or b"{}"})["progress"].get("step", 0))
-
-    def total_of(self, m: Member) -> int:
-        prog = self.r.hget(keys.generation(m.gen_id), "progress")
-        return int(decode({"progress": prog or b"{}"})["progress"].get("total_steps", 0))
 
     def put_with_retry(self, key: str, data: bytes, ctype: str, meta: dict[str, str]) -> None:
         deadline = time.monotonic() + self.settings.storage_retry_seconds
