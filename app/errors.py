@@ -91,7 +91,7 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     errors = []
     for err in exc.errors():
         field = _field_name(tuple(err.get("loc", ())))
-        msg = str(err.get("msg", "is invalid"))
+        msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
             field, msg = "body", f"is not valid JSON: {err.get('ctx', {}).get('error', msg)}"
         elif err.get("type") == "extra_forbidden":

@@ -288,7 +288,6 @@ def _tidy_parameters(op: dict[str, Any]) -> None:
     canonical = {"prefer": "Prefer", "idempotency-key": "Idempotency-Key", "last-event-id": "Last-Event-ID"}
     examples = {
         "Prefer": "wait=30",
-        "Idempotency-Key": "9d1c2a4e-3b5f-4c8e-a0d7-6f1e2b3c4d5e",
         "Last-Event-ID": "1700000000000-0",
         "gen_id": "gen_3q2Vd0yq8zS0mN6pW1xYbA",
     }

@@ -47,7 +47,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def pcts(values: Sequence[float], qs: Sequence[int] = (50, 95, 99), scale: float = 1.0, nd: int = 3) -> dict[str, float]:
+def pcts(
+    values: Sequence[float], qs: Sequence[int] = (50, 95, 99), scale: float = 1.0, nd: int = 3
+) -> dict[str, float]:
     return {f"p{q}": round(percentile(values, q) * scale, nd) for q in qs}
 
 
@@ -80,8 +82,10 @@ def machine() -> dict[str, Any]:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "versions": {
             "python": platform.python_version(),
-            **{d: _version(d) for d in ("torch", "diffusers", "fastapi", "uvicorn", "starlette", "pydantic", "rq",
-                                        "redis", "httpx")},
+            **{
+                d: _version(d)
+                for d in ("torch", "diffusers", "fastapi", "uvicorn", "starlette", "pydantic", "rq", "redis", "httpx")
+            },
             "redis-server": redis_server,
         },
     }
@@ -149,8 +153,9 @@ class Stack:
 
 
 @contextmanager
-def stack(apis: int = 1, workers: int = 1, env: dict[str, str] | None = None,
-          worker_env: dict[str, str] | None = None) -> Iterator[Stack]:
+def stack(
+    apis: int = 1, workers: int = 1, env: dict[str, str] | None = None, worker_env: dict[str, str] | None = None
+) -> Iterator[Stack]:
     """A private redis-server on a free loopback port + `apis` uvicorn processes + `workers` workers."""
     model = tiny_model()
     server = RedisServer()
@@ -169,9 +174,18 @@ def stack(apis: int = 1, workers: int = 1, env: dict[str, str] | None = None,
             server.stop()
 
 
-def workload(size: int = 256, steps: int = 20, refiner: str = "ensemble", seed: int = 0, **extra: Any) -> dict[str, Any]:
-    return {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": steps, "seed": seed,
-            "refiner": {"mode": refiner}, **extra}
+def workload(
+    size: int = 256, steps: int = 20, refiner: str = "ensemble", seed: int = 0, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "prompt": PROMPT,
+        "width": size,
+        "height": size,
+        "num_inference_steps": steps,
+        "seed": seed,
+        "refiner": {"mode": refiner},
+        **extra,
+    }
 
 
 def records(r: "redis.Redis[bytes]") -> dict[str, dict[str, Any]]:
@@ -199,18 +213,26 @@ def busy_share(recs: Sequence[dict[str, Any]]) -> dict[str, float]:
     start = min(float(x["started_at"]) for x in done)
     end = max(float(x["finished_at"]) for x in done)
     busy = sum(x["timings"]["pipeline"] / max(1, int(x["timings"].get("batch_images", 1))) for x in done)
-    return {"busy_share": round(busy / (end - start), 4), "busy_seconds": round(busy, 4),
-            "wall_first_start_to_last_finish_s": round(end - start, 4)}
+    return {
+        "busy_share": round(busy / (end - start), 4),
+        "busy_seconds": round(busy, 4),
+        "wall_first_start_to_last_finish_s": round(end - start, 4),
+    }
 
 
-def inprocess(params: dict[str, Any], n: int, env: dict[str, str], warmup: int = 2,
-              batch: int = 1) -> list[float]:
+def inprocess(params: dict[str, Any], n: int, env: dict[str, str], warmup: int = 2, batch: int = 1) -> list[float]:
     """Seconds per `Engine.run` call on `params` (the resolved params the service reported), measured in a
     fresh process with the worker's own environment: the same code path without the service around it."""
     child_env = {**env, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([PY, str(Path(__file__).resolve()), "inprocess"], input=json.dumps(
-        {"params": params, "n": n, "warmup": warmup, "batch": batch}), capture_output=True, text=True,
-        env=child_env, cwd=ROOT, timeout=1800)
+    proc = subprocess.run(
+        [PY, str(Path(__file__).resolve()), "inprocess"],
+        input=json.dumps({"params": params, "n": n, "warmup": warmup, "batch": batch}),
+        capture_output=True,
+        text=True,
+        env=child_env,
+        cwd=ROOT,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"in-process baseline failed:\n{proc.stderr[-3000:]}")
     return [float(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]]
@@ -225,8 +247,12 @@ def _inprocess_child() -> None:
     params = GenerationParams.model_validate(req["params"])
     engine = Engine(WorkerSettings())
     engine.warmup()  # as the worker does before taking jobs
-    specs = [ImageSpec(params.prompt, params.prompt_2, params.negative_prompt, params.negative_prompt_2,
-                       params.image_seed(i)) for i in range(req["batch"])]
+    specs = [
+        ImageSpec(
+            params.prompt, params.prompt_2, params.negative_prompt, params.negative_prompt_2, params.image_seed(i)
+        )
+        for i in range(req["batch"])
+    ]
     for _ in range(req["warmup"]):
         engine.run(params, specs, lambda _p: None)
     seconds = []
@@ -237,9 +263,50 @@ def _inprocess_child() -> None:
     print(json.dumps({"seconds": seconds}), flush=True)
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a process so far (load-independent, unlike wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class RedisCounter:
+    """Commands and CPU the private redis-server spent between start() and stop(): round trips per request
+    cost the same on a loaded or an idle machine, so they explain overhead that wall time only blurs."""
+
+    def __init__(self, r: "redis.Redis[bytes]") -> None:
+        self.r = r
+        self.before: dict[str, int] = {}
+        self.cpu0 = 0.0
+
+    def _snapshot(self) -> tuple[dict[str, int], float]:
+        stats = self.r.info("commandstats")
+        cpu = self.r.info("cpu")
+        calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
+        return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+    def start(self) -> None:
+        self.before, self.cpu0 = self._snapshot()
+
+    def stop(self, per: int) -> dict[str, Any]:
+        after, cpu1 = self._snapshot()
+        diff = {k: v - self.before.get(k, 0) for k, v in after.items() if v - self.before.get(k, 0) > 0}
+        diff.pop("info", None)  # our own snapshots
+        total = sum(diff.values())
+        top = sorted(diff.items(), key=lambda kv: -kv[1])[:12]
+        return {
+            "redis_commands_per_generation": round(total / per, 2),
+            "redis_cpu_ms_per_generation": round((cpu1 - self.cpu0) * 1000 / per, 3),
+            "by_command_per_generation": {k: round(v / per, 2) for k, v in top},
+        }
+
+
 def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
-    return {"value": value, "goal": target, "op": ">=" if higher_is_better else "<=",
-            "met": bool(value >= target if higher_is_better else value <= target)}
+    return {
+        "value": value,
+        "goal": target,
+        "op": ">=" if higher_is_better else "<=",
+        "met": bool(value >= target if higher_is_better else value <= target),
+    }
 
 
 if __name__ == "__main__":

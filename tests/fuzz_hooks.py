@@ -13,6 +13,8 @@ import schemathesis
 
 # must match test_fuzz.LIMITS
 MIN_SIZE, MAX_SIZE, MAX_STEPS, MAX_IMAGES, MAX_PROMPT_CHARS = 64, 128, 2, 1, 4000
+CONTROL = r"\x00-\x08\x0b\x0c\x0e-\x1f"
+TEXT = f"[^{CONTROL}]"
 PROMPTS = ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2")
 
 
@@ -36,7 +38,11 @@ def before_load_schema(context: Any, raw_schema: dict[str, Any]) -> None:
     for name in PROMPTS:
         for branch in _branches(props[name]):
             branch["maxLength"] = MAX_PROMPT_CHARS
-            if name in ("prompt", "prompt_2"):  # must say something; an empty negative prompt is meaningful
-                branch["pattern"] = r"\S"
+            # no control characters but tab and newlines; a prompt must say something (an empty negative prompt
+            # is meaningful). Fixed rules of GenerationCreate that its schema does not spell out.
+            if name in ("prompt", "prompt_2"):
+                branch["pattern"] = f"^{TEXT}*[^\\s{CONTROL}]{TEXT}*$"
+            else:
+                branch["pattern"] = f"^{TEXT}*$"
     for branch in _branches(schemas["RefinerCreate"]["properties"]["num_inference_steps"]):
         branch["maximum"] = MAX_STEPS

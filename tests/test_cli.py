@@ -114,10 +114,12 @@ def test_no_wait_then_show_and_list(svc: Service, tmp_path: Path) -> None:
     failed_only = sdxl(svc, "list", "--status", "failed", cwd=tmp_path)
     assert failed_only.returncode == 0 and gen_id not in failed_only.stdout
 
+    everything = json.loads(sdxl(svc, "list", "--limit", "100", "--json", cwd=tmp_path).stdout)["data"]
     one = sdxl(svc, "list", "--limit", "1", "--json", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     page = json.loads(one.stdout)
-    assert len(page["data"]) == 1 and page["next_cursor"]  # earlier tests made more than one
+    assert [g["id"] for g in page["data"]] == [everything[0]["id"]]
+    assert bool(page["next_cursor"]) == (len(everything) > 1)
 
 
 def test_cancel_a_running_generation_and_refuse_a_finished_one(svc: Service, tmp_path: Path) -> None:

@@ -50,7 +50,8 @@ async def create_generation(
     prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer 201 when done within N s")] = None,
     idempotency_key: Annotated[str | None, Header(
         description="Repeat-safe submit: the same key and body return the first generation (200), a different "
-                    "body 409. Scoped to the API key; kept as long as the generation.", max_length=255)] = None,
+                    "body 409. Scoped to the API key; kept as long as the generation.", max_length=255,
+        json_schema_extra={"pattern": r"^[\x20-\x7e]{1,255}$"})] = None,  # documents app.idempotency.KEY_RE
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     replayed = False
