@@ -25,7 +25,7 @@ from app.limits import Limiter
 from app.retention import purge
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable
+from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url
 from app.tokens import counter_for
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
@@ -58,11 +58,7 @@ class GenerationService:
 
     # --- URLs -------------------------------------------------------------------------------------
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
-        if self.settings.image_url_mode == "presigned" and img.get("key"):
-            url = self.store.presigned_url(img["key"])
-            if url:
-                return url
-        return f"{self.public_base_url}/v1/generations/{gen_id}/images/{img['index']}"
+        return image_url(self.settings, self.store, gen_id, img)
 
     def location(self, gen_id: str) -> str:
         return f"{self.public_base_url}/v1/generations/{gen_id}"

@@ -4,6 +4,7 @@ import re
 import secrets
 from typing import Any
 
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Problem, problem_response
@@ -69,7 +70,7 @@ class BodyGuardMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge()
+                    raise _TooLarge(413, f"request body exceeds {self.max_bytes} bytes")
             return message
 
         try:
@@ -84,8 +85,9 @@ class BodyGuardMiddleware:
         await response(scope, _noop_receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised from receive(). An HTTPException, because FastAPI's body reader passes those on to the error
+    handlers and turns any other exception into a generic 400 (which would hide the 413)."""
 
 
 async def _noop_receive() -> Any:

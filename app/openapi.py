@@ -105,11 +105,6 @@ RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset
 
 # Problems every route of a kind can answer, shared as components/responses: name, description, example detail
 STANDARD: dict[int, tuple[str, str, str]] = {
-    400: (
-        "BadRequest",
-        "The body could not be read at all (for example it is not UTF-8); invalid JSON is a 422",
-        "There was an error parsing the body",
-    ),
     401: (
         "Unauthorized",
         "No API key, a malformed `Authorization` header, or an unknown key",
@@ -279,8 +274,6 @@ def _problem_codes(route: RouteContext, method: str, op: dict[str, Any], secured
         codes |= {413, 415}  # app.middleware.BodyGuardMiddleware, before routing
     if op.get("parameters") or op.get("requestBody"):
         codes.add(422)
-    if op.get("requestBody"):
-        codes.add(400)  # FastAPI's own answer to a body it cannot decode
     return codes
 
 

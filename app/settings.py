@@ -3,33 +3,21 @@
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from app.contract.params import RefinerMode
+from app.storage import StorageSettings
 
 
-class Settings(BaseSettings):
+class Settings(StorageSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    public_base_url: str | None = Field(default=None, description="External URL of the API (Location, image URLs)")
     host: str = "127.0.0.1"  # where uvicorn listens, checked against the open-without-keys rule
 
-    # storage (the worker uses the same names)
-    storage_backend: Literal["local", "s3"] = "local"
-    storage_dir: Path = Path(".data/images")
-    storage_prefix: str = "generations/"
-    image_url_mode: Literal["api", "presigned"] = "api"
-    # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
-    s3_bucket: str = ""
-    s3_region: str | None = None  # None: the AWS chain's region, else us-east-1
-    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None: AWS
-    s3_public_endpoint_url: str | None = None  # endpoint clients reach, used only to sign presigned URLs
-    s3_addressing_style: Literal["path", "virtual", "auto"] = "auto"
-    presign_expiry_seconds: int = Field(default=3600, ge=1, le=604800)  # SigV4 caps presigned URLs at 7 days
 
     # limits on a single request
     max_width: int = 2048
@@ -46,7 +34,6 @@ class Settings(BaseSettings):
     refiner_model: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
     default_refiner_mode: RefinerMode | None = None  # None: ensemble when a refiner is configured
 
-    generation_ttl_seconds: int = 7 * 24 * 3600
     queue_feed_depth: int = 4  # ids kept in the rq queue at once; bounds how far fair share can lag
     job_timeout_seconds: int = 3600
     # webhook SSRF policy at submit (app/ssrf.py); the dispatcher applies the same two settings again

@@ -8,7 +8,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Literal, Protocol
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class StorageUnavailable(Exception):
@@ -94,7 +97,27 @@ class LocalStore:
         return None
 
 
-def build_store(settings: "StoreSettings") -> ObjectStore:
+class StorageSettings(BaseSettings):
+    """Storage and URL settings every process shares (same `SDXL_*` names in the API, worker and cleanup)."""
+
+    model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
+
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path(".data/images")
+    storage_prefix: str = "generations/"
+    image_url_mode: Literal["api", "presigned"] = "api"
+    # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
+    s3_bucket: str = ""
+    s3_region: str | None = None  # None: the AWS chain's region, else us-east-1
+    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None: AWS
+    s3_public_endpoint_url: str | None = None  # endpoint clients reach, used only to sign presigned URLs
+    s3_addressing_style: Literal["path", "virtual", "auto"] = "auto"
+    presign_expiry_seconds: int = Field(default=3600, ge=1, le=604800)  # SigV4 caps presigned URLs at 7 days
+    public_base_url: str | None = Field(default=None, description="External URL of the API (Location, image URLs)")
+    generation_ttl_seconds: int = 7 * 24 * 3600
+
+
+def build_store(settings: StorageSettings) -> ObjectStore:
     """The store the settings name; shared by the API and the worker."""
     if settings.storage_backend == "s3":
         from app.storage_s3 import S3Store
@@ -103,10 +126,11 @@ def build_store(settings: "StoreSettings") -> ObjectStore:
     return LocalStore(settings.storage_dir)
 
 
-class StoreSettings(Protocol):
-    # read-only members, so that both settings classes (whose backend is a Literal) satisfy it
-    @property
-    def storage_backend(self) -> str: ...
-
-    @property
-    def storage_dir(self) -> Path: ...
+def image_url(settings: StorageSettings, store: ObjectStore, gen_id: str, img: dict[str, Any]) -> str:
+    """A presigned URL in presigned mode (when the store can make one), else the API's own image URL."""
+    if settings.image_url_mode == "presigned" and img.get("key"):
+        url = store.presigned_url(img["key"])
+        if url:
+            return url
+    base = (settings.public_base_url or "").rstrip("/")
+    return f"{base}/v1/generations/{gen_id}/images/{img['index']}"

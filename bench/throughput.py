@@ -61,8 +61,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the worker and the baseline")
     ap.add_argument("--progress-interval", type=float, default=60.0, help="SDXL_PROGRESS_INTERVAL_SECONDS")
     args = ap.parse_args()
-    start_line("throughput", clients=args.clients, total=args.total, size=args.size, steps=args.steps,
-               refiner=args.refiner, threads=args.threads, progress_interval_seconds=args.progress_interval)
+    start_line(
+        "throughput",
+        clients=args.clients,
+        total=args.total,
+        size=args.size,
+        steps=args.steps,
+        refiner=args.refiner,
+        threads=args.threads,
+        progress_interval_seconds=args.progress_interval,
+    )
     body = workload(args.size, args.steps, args.refiner, seed=1234)
     env = bench_env(args.threads, args.progress_interval)
     with stack(apis=1, workers=1, env=env) as st:
@@ -83,22 +91,43 @@ def main() -> int:
     seq_rate = 1 / statistics.median(base)
     rate = len(ids) / wall
     share = busy_share(timed)
-    emit({"figure": "inprocess_sequential", "seconds_per_image": pcts(base, nd=4),
-          "images_per_second": round(seq_rate, 4)})
-    emit({"figure": "service_throughput", "clients": args.clients, "generations": len(ids),
-          "wall_s": round(wall, 3), "images_per_second": round(rate, 4)})
+    emit(
+        {
+            "figure": "inprocess_sequential",
+            "seconds_per_image": pcts(base, nd=4),
+            "images_per_second": round(seq_rate, 4),
+        }
+    )
+    emit(
+        {
+            "figure": "service_throughput",
+            "clients": args.clients,
+            "generations": len(ids),
+            "wall_s": round(wall, 3),
+            "images_per_second": round(rate, 4),
+        }
+    )
     emit({"figure": "client_latency_s", **pcts(latencies, nd=3)})
-    emit({"figure": "pipeline_busy", **share,
-          "heartbeat_busy_seconds": round(busy1 - busy0, 3),
-          "heartbeat_busy_over_client_wall": round((busy1 - busy0) / wall, 4)})
-    emit({
-        "event": "summary", "bench": "throughput",
-        "images_per_second": round(rate, 4),
-        "over_inprocess_sequential": round(rate / seq_rate, 4),
-        "pipeline_busy_share": goal(share["busy_share"], 0.99, higher_is_better=True),
-        "worker_pipeline_over_inprocess_p50": round(
-            statistics.median(x["timings"]["pipeline"] for x in timed) / statistics.median(base), 4),
-    })
+    emit(
+        {
+            "figure": "pipeline_busy",
+            **share,
+            "heartbeat_busy_seconds": round(busy1 - busy0, 3),
+            "heartbeat_busy_over_client_wall": round((busy1 - busy0) / wall, 4),
+        }
+    )
+    emit(
+        {
+            "event": "summary",
+            "bench": "throughput",
+            "images_per_second": round(rate, 4),
+            "over_inprocess_sequential": round(rate / seq_rate, 4),
+            "pipeline_busy_share": goal(share["busy_share"], 0.99, higher_is_better=True),
+            "worker_pipeline_over_inprocess_p50": round(
+                statistics.median(x["timings"]["pipeline"] for x in timed) / statistics.median(base), 4
+            ),
+        }
+    )
     return 0
 
 

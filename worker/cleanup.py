@@ -30,7 +30,7 @@ from app.contract.status import ErrorType
 from app.logs import configure
 from app.reaper import Reaper
 from app.retention import purge
-from app.storage import ObjectStore, StorageUnavailable, build_store
+from app.storage import ObjectStore, StorageUnavailable, build_store, image_url
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.cleanup")
@@ -53,12 +53,7 @@ class Cleanup:
         self._feed = r.register_script(queueing.FEED)
 
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
-        if self.settings.image_url_mode == "presigned" and img.get("key"):
-            url = self.store.presigned_url(img["key"])
-            if url:
-                return url
-        base = (self.settings.public_base_url or "").rstrip("/")
-        return f"{base}/v1/generations/{gen_id}/images/{img['index']}"
+        return image_url(self.settings, self.store, gen_id, img)
 
     # --- expiry -----------------------------------------------------------------------------------
     def expire(self, now: float) -> int:

@@ -22,7 +22,7 @@ from app.contract.events import TERMINAL_EVENT, EventType, emit
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
 from app.contract.records import TRANSITION, decode, encode
 from app.contract.status import ErrorType
-from app.storage import ObjectStore, StorageUnavailable, image_key
+from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
 from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
 from worker.settings import WorkerSettings
@@ -69,12 +69,7 @@ class Runner:
 
     # --- helpers ----------------------------------------------------------------------------------
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
-        if self.settings.image_url_mode == "presigned" and img.get("key"):
-            url = self.store.presigned_url(img["key"])
-            if url:
-                return url
-        base = (self.settings.public_base_url or "").rstrip("/")
-        return f"{base}/v1/generations/{gen_id}/images/{img['index']}"
+        return image_url(self.settings, self.store, gen_id, img)
 
     def emit(self, gen_id: str, event: EventType) -> None:
         try:

@@ -2,18 +2,18 @@
 
 import secrets
 import socket
-from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from app.storage import StorageSettings
 
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(StorageSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -33,22 +33,8 @@ class WorkerSettings(BaseSettings):
     watermark: bool | None = None  # None: on where invisible-watermark is installed
     warmup: bool = True
 
-    # storage (same names as the API)
-    storage_backend: Literal["local", "s3"] = "local"
-    storage_dir: Path = Path(".data/images")
-    storage_prefix: str = "generations/"
-    storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
-    image_url_mode: Literal["api", "presigned"] = "api"
-    # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
-    s3_bucket: str = ""
-    s3_region: str | None = None  # None: the AWS chain's region, else us-east-1
-    s3_endpoint_url: str | None = None  # MinIO, Ceph, R2...; None: AWS
-    s3_public_endpoint_url: str | None = None  # endpoint clients reach, used only to sign presigned URLs
-    s3_addressing_style: Literal["path", "virtual", "auto"] = "auto"
-    presign_expiry_seconds: int = Field(default=3600, ge=1, le=604800)  # SigV4 caps presigned URLs at 7 days
-    public_base_url: str | None = None
 
-    generation_ttl_seconds: int = 7 * 24 * 3600
+    storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0
     lease_seconds: int = 12  # silent this long = presumed dead, job requeued once; + one 3 s beat: found in 15 s

@@ -1,0 +1,185 @@
+"""Every 4xx and 5xx the API can produce is RFC 9457 problem+json with a stable `type`, and the spec declares it.
+
+Live services (real uvicorn, worker, Redis) for everything but the unexpected 500, which is provoked in-process
+through a test-only route on an app built by create_app.
+"""
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+from starlette.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.access import Key, keys_env, service_with
+from tests.procs import ROOT, RedisServer, Service
+
+SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
+PROBLEM_SCHEMA = {"$ref": "#/components/schemas/ProblemDetails", "components": SPEC["components"]}
+TINY = {"prompt": "a red bicycle", "width": 128, "height": 128, "num_inference_steps": 4}
+MAX_BODY = 2048
+MISSING = "gen_AAAAAAAAAAAAAAAAAAAAAA"
+
+MAIN = Key("main")
+TIGHT = Key("tight", rate_per_minute=1, burst=1)  # one request, then 429 for a minute
+CAPPED = Key("capped", max_queued=1)
+
+
+def assert_problem(r: httpx.Response, status: int, kind: str, op: tuple[str, str] | None = None) -> dict[str, Any]:
+    """The answer is a problem of this kind, shaped as the spec says, declared for `op` (method, path)."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json", r.headers
+    body: dict[str, Any] = r.json()
+    jsonschema.validate(body, PROBLEM_SCHEMA)
+    assert body["type"] == f"urn:sdxl:problem:{kind}" and body["status"] == status, body
+    assert body["title"] and body["detail"] and body["instance"] == r.request.url.path
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    assert r.headers.get("x-request-id"), "every answer carries its request id"
+    if op is not None:
+        method, path = op
+        assert str(status) in SPEC["paths"][path][method]["responses"], f"{status} not declared for {op}"
+    if status in (429, 503):
+        assert int(r.headers["retry-after"]) >= 1
+    return body
+
+
+@pytest.fixture(scope="module")
+def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    env = {"SDXL_API_KEYS": keys_env(MAIN, TIGHT), "SDXL_MAX_BODY_BYTES": str(MAX_BODY)}
+    with service_with(tiny_model, tmp_path_factory.mktemp("errors"), workers=1, env=env) as s:
+        yield s
+
+
+def call(svc: Service, method: str, path: str, key: Key | None = MAIN, **kw: Any) -> httpx.Response:
+    headers = {**(key.headers if key else {}), **kw.pop("headers", {})}
+    return httpx.request(method, f"{svc.url}{path}", headers=headers, timeout=60, **kw)
+
+
+def test_404_from_routing_and_for_a_missing_generation(svc: Service) -> None:
+    assert_problem(call(svc, "GET", "/v1/nothing-here"), 404, "not-found")
+    r = call(svc, "GET", f"/v1/generations/{MISSING}")
+    assert_problem(r, 404, "generation-not-found", ("get", "/v1/generations/{gen_id}"))
+    r = call(svc, "GET", f"/v1/generations/{MISSING}/images/0")
+    assert_problem(r, 404, "generation-not-found", ("get", "/v1/generations/{gen_id}/images/{index}"))
+
+
+def test_405_names_every_allowed_method(svc: Service) -> None:
+    r = call(svc, "PATCH", "/v1/generations")
+    assert_problem(r, 405, "method-not-allowed")
+    assert r.headers["allow"] == "GET, POST"
+    r = call(svc, "PUT", f"/v1/generations/{MISSING}")
+    assert_problem(r, 405, "method-not-allowed")
+    assert r.headers["allow"] == "DELETE, GET"
+
+
+def test_413_over_the_body_limit_declared_or_streamed(svc: Service) -> None:
+    big = {**TINY, "prompt": "x" * MAX_BODY}
+    assert_problem(
+        call(svc, "POST", "/v1/generations", json=big), 413, "payload-too-large", ("post", "/v1/generations")
+    )
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the guard counts the bytes as they arrive
+        yield b'{"prompt": "'
+        for _ in range(MAX_BODY // 256 + 1):
+            yield b"y" * 256
+        yield b'"}'
+
+    r = call(svc, "POST", "/v1/generations", content=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_problem(r, 413, "payload-too-large")
+
+
+def test_415_for_a_body_that_is_not_json(svc: Service) -> None:
+    r = call(svc, "POST", "/v1/generations", content=b"prompt=hi", headers={"Content-Type": "text/plain"})
+    assert_problem(r, 415, "unsupported-media-type", ("post", "/v1/generations"))
+
+
+def test_422_names_the_field_and_the_value(svc: Service) -> None:
+    r = call(svc, "POST", "/v1/generations", json={**TINY, "width": 100})
+    body = assert_problem(r, 422, "validation-error", ("post", "/v1/generations"))
+    assert [(e["field"], e["value"]) for e in body["errors"]] == [("width", 100)]
+    assert "multiple of 8" in body["errors"][0]["message"]
+    for raw in (b'{"prompt": ', b'{"prompt": "\xff"}'):  # not JSON; not even UTF-8
+        r = call(svc, "POST", "/v1/generations", content=raw, headers={"Content-Type": "application/json"})
+        assert assert_problem(r, 422, "validation-error")["errors"][0]["field"] == "body"
+    r = call(svc, "GET", "/v1/generations", params={"limit": 0})
+    assert assert_problem(r, 422, "validation-error", ("get", "/v1/generations"))["errors"][0]["field"] == "limit"
+
+
+def test_409_cancel_of_a_finished_generation(svc: Service) -> None:
+    done = call(svc, "POST", "/v1/generations", json=TINY, headers={"Prefer": "wait=30"}).json()
+    assert done["status"] == "succeeded"
+    r = call(svc, "POST", f"/v1/generations/{done['id']}/cancel")
+    assert_problem(r, 409, "generation-final", ("post", "/v1/generations/{gen_id}/cancel"))
+
+
+def test_401_without_or_with_a_wrong_key(svc: Service) -> None:
+    r = call(svc, "GET", "/v1/generations", key=None)
+    assert_problem(r, 401, "unauthorized", ("get", "/v1/generations"))
+    assert r.headers["www-authenticate"] == 'Bearer realm="sdxl"'
+    r = call(svc, "POST", "/v1/generations", key=None, json=TINY, headers={"Authorization": "Bearer nope"})
+    assert_problem(r, 401, "unauthorized", ("post", "/v1/generations"))
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+def test_429_over_the_rate_limit(svc: Service) -> None:
+    assert call(svc, "GET", "/v1/generations", key=TIGHT).status_code == 200
+    r = call(svc, "GET", "/v1/generations", key=TIGHT)
+    assert_problem(r, 429, "rate-limited", ("get", "/v1/generations"))
+    assert r.headers["ratelimit-limit"] == "1" and r.headers["ratelimit-remaining"] == "0"
+
+
+@pytest.fixture
+def idle_service(tiny_model: Path, tmp_path: Path) -> Iterator[Service]:
+    """An API with no worker, so what is submitted stays queued; a private Redis the test may stop."""
+    server = RedisServer()
+    server.start()
+    svc = Service(
+        server.url, tiny_model, tmp_path, {"SDXL_API_KEYS": keys_env(MAIN, CAPPED), "SDXL_MAX_QUEUE_DEPTH": "1"}
+    )
+    try:
+        svc.start_api()
+        svc.redis_server = server  # type: ignore[attr-defined]
+        yield svc
+    finally:
+        svc.stop()
+        server.stop()
+
+
+def test_429_unfinished_cap_and_503_queue_full(idle_service: Service) -> None:
+    assert call(idle_service, "POST", "/v1/generations", key=CAPPED, json=TINY).status_code == 202
+    r = call(idle_service, "POST", "/v1/generations", key=CAPPED, json=TINY)
+    assert_problem(r, 429, "too-many-unfinished", ("post", "/v1/generations"))
+    r = call(idle_service, "POST", "/v1/generations", key=MAIN, json=TINY)
+    assert_problem(r, 503, "queue-full", ("post", "/v1/generations"))
+
+
+def test_503_with_retry_after_when_redis_is_down(idle_service: Service) -> None:
+    gen = call(idle_service, "POST", "/v1/generations", key=MAIN, json=TINY).json()
+    idle_service.redis_server.stop()  # type: ignore[attr-defined]
+    r = call(idle_service, "GET", f"/v1/generations/{gen['id']}")
+    assert_problem(r, 503, "store-unavailable", ("get", "/v1/generations/{gen_id}"))
+    r = call(idle_service, "POST", "/v1/generations", json=TINY)
+    assert_problem(r, 503, "store-unavailable", ("post", "/v1/generations"))
+    assert_problem(call(idle_service, "GET", "/readyz", key=None), 503, "not-ready", ("get", "/readyz"))
+    assert call(idle_service, "GET", "/healthz", key=None).status_code == 200  # alive, just not ready
+
+
+def test_unexpected_500_discloses_nothing() -> None:
+    # no lifespan runs (no `with`), so nothing connects anywhere; the port is a dead one all the same
+    app = create_app(Settings.model_construct(redis_url="redis://127.0.0.1:9/0"))
+
+    async def boom() -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    app.add_api_route("/boom", boom)
+    r = TestClient(app, raise_server_exceptions=False).get("/boom", headers={"X-Request-ID": "req-test-500"})
+    body = assert_problem(r, 500, "internal-error")
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    assert body["detail"] == "an unexpected error occurred; it has been logged"
+    assert r.headers["x-request-id"] == "req-test-500"
