@@ -23,7 +23,7 @@ export SDXL_REFINER_MODEL := $(MODEL_DIR)/refiner
 export HF_HUB_OFFLINE := 1
 endif
 
-.PHONY: help venv system model run test lint openapi bench load chaos clean
+.PHONY: help venv system model run test test-tools lint openapi bench load chaos clean
 
 help:
 	@echo "make run    - serve the API on 127.0.0.1:$(PORT) with one worker (tiny model unless SDXL_BASE_MODEL is set)"
@@ -52,8 +52,14 @@ model: $(if $(filter $(MODEL_DIR)/base,$(SDXL_BASE_MODEL)),$(MODEL_DIR)/base/mod
 run: venv model
 	$(PY) scripts/run_local.py
 
-test: venv model
-	HF_HUB_OFFLINE=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
+# Browser (playground) and Node (OpenAPI lint) tools the suite uses; installed when missing.
+test-tools:
+	@scripts/ensure_chromium.sh
+	@scripts/ensure_node_tools.sh
+
+# OMP_NUM_THREADS=1: the tests run API, workers and pytest side by side; torch's threads would fight
+test: venv model test-tools
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check app worker tests bench scripts

@@ -8,6 +8,7 @@ writes the result to openapi/openapi.json; tests/test_openapi.py keeps the two e
 """
 
 import copy
+import http
 from typing import Any
 
 from fastapi import FastAPI
@@ -207,8 +208,6 @@ def _standard_responses() -> dict[str, Any]:
 
 def _is_default_description(code: int, text: str | None) -> bool:
     """FastAPI fills an undescribed response with the status phrase; ours then says it better."""
-    import http
-
     try:
         phrase = http.HTTPStatus(code).phrase
     except ValueError:
@@ -296,6 +295,10 @@ SUCCESS = {
     ("cancel_generation", "202"): "Cancellation accepted: `canceled` at once if it was queued, within a step "
     "if it was running, unchanged if it was already canceled",
     ("get_generation", "200"): "The generation (final, or the state when `Prefer: wait` ran out)",
+    ("list_generations", "200"): "One page of this key's generations, newest first",
+    ("list_generation_webhook_attempts", "200"): "Every delivery attempt, oldest first",
+    ("healthz", "200"): "The process is alive",
+    ("readyz", "200"): "Ready: Redis answers; the workers are listed with their states",
     ("*", "202"): "Accepted",
     ("*", "204"): "Done; no content",
 }

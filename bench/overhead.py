@@ -10,8 +10,11 @@ sits idle. Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
 """
 
 import argparse
+import re
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
+import redis  # noqa: E402
 from common import (  # noqa: E402
     RedisCounter,
+    Stack,
     bench_env,
     emit,
     goal,
@@ -67,6 +72,78 @@ def phases(res: dict[str, Any], marks: dict[str, float], rec: dict[str, Any]) ->
     }
 
 
+def trace_one(st: Stack, client: httpx.Client, body: dict[str, Any], path: str) -> dict[str, Any]:
+    """One more generation under Redis MONITOR: each command with its time and process, written to `path`.
+    Commands run inside Lua scripts are listed but not counted; a MULTI..EXEC block counts as one round trip."""
+    lines: list[dict[str, Any]] = []
+    mon_conn = redis.Redis(port=st.redis_server.port)
+    ready, stop = threading.Event(), threading.Event()
+
+    def listen() -> None:
+        with mon_conn.monitor() as m:
+            ready.set()
+            for cmd in m.listen():
+                lines.append(cmd)
+                if stop.is_set():
+                    return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    ready.wait(5)
+    time.sleep(0.2)
+    t0 = time.time()
+    _seconds, res, marks = one(client, body)
+    t1 = time.time()
+    stop.set()
+    st.r.ping()  # wakes the listener so it sees `stop`
+    thread.join(5)
+    pids = {p.proc.pid: "api" for p in st.svc.apis} | {p.proc.pid: "worker" for p in st.svc.workers}
+    port_pid = _redis_client_pids(st.redis_server.port)
+    answered = marks["post_end"]
+    counts: dict[str, int] = {}
+    open_multi: set[str] = set()
+    with open(path, "w") as out:
+        for ln in lines:
+            if not t0 <= ln["time"] <= t1:
+                continue
+            who = (
+                "lua"
+                if ln.get("client_type") == "lua"
+                else pids.get(port_pid.get(int(ln.get("client_port") or 0), 0), "?")
+            )
+            cmd = ln["command"].split(" ", 1)[0].upper()
+            phase = "before_answer" if ln["time"] <= answered else "after_answer"
+            out.write(f"{ln['time'] - t0:9.4f} {who:6s} {phase:13s} {ln['command'][:160]}\n")
+            if who == "lua":
+                continue
+            if cmd == "MULTI":
+                open_multi.add(who)
+            elif cmd == "EXEC":
+                open_multi.discard(who)
+            if who in open_multi and cmd != "MULTI":
+                continue
+            counts[f"{who}_{phase}"] = counts.get(f"{who}_{phase}", 0) + 1
+    row = {
+        "figure": "redis_commands_one_generation",
+        "trace_file": path,
+        **dict(sorted(counts.items())),
+        "note": "commands sent (MULTI..EXEC = 1; non-transactional pipelines still count each command)",
+    }
+    emit(row)
+    return row
+
+
+def _redis_client_pids(port: int) -> dict[int, int]:
+    """Local port of each loopback connection to redis-server -> owning pid (from `ss -tnp`)."""
+    out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
+    found: dict[int, int] = {}
+    for line in out.splitlines():
+        m = re.search(rf"127\.0\.0\.1:(\d+)\s+127\.0\.0\.1:{port}\s.*pid=(\d+)", line)
+        if m:
+            found[int(m.group(1))] = int(m.group(2))
+    return found
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=30, help="timed generations (and in-process calls)")
@@ -76,6 +153,7 @@ def main() -> int:
     ap.add_argument("--refiner", default="ensemble", choices=["none", "ensemble", "img2img"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the worker and the baseline")
     ap.add_argument("--progress-interval", type=float, default=60.0, help="SDXL_PROGRESS_INTERVAL_SECONDS")
+    ap.add_argument("--trace", metavar="FILE", help="also MONITOR one more generation: every Redis command, by process")
     args = ap.parse_args()
     start_line(
         "overhead",
@@ -95,7 +173,7 @@ def main() -> int:
             params = res["params"]
         # the baseline runs now, with the service idle, on exactly the params the service resolved
         base = inprocess(params, args.n, st.svc.env(), warmup=max(1, args.warmup))
-        e2e, pipe, overhead, parts = [], [], [], []
+        e2e, pipe, overhead, no_encoding, parts = [], [], [], [], []
         r = st.r
         counter = RedisCounter(r)
         api_pid, worker_pid = st.svc.apis[0].proc.pid, st.svc.workers[0].proc.pid
@@ -106,11 +184,14 @@ def main() -> int:
             e2e.append(seconds)
             pipe.append(res["timings"]["pipeline"])
             overhead.append(seconds - res["timings"]["pipeline"])
+            no_encoding.append(seconds - res["timings"]["pipeline"] - res["timings"]["encoding"])
             parts.append(phases(res, marks, decode(r.hgetall(f"sdxl:gen:{res['id']}"))))
         redis_cost = counter.stop(args.n)  # includes our one HGETALL per generation for the phase split
         api_cpu = (proc_cpu_seconds(api_pid) - api_cpu0) / args.n
         worker_cpu = (proc_cpu_seconds(worker_pid) - worker_cpu0) / args.n
         base_after = inprocess(params, max(3, args.n // 3), st.svc.env(), warmup=1)  # drift check on a busy box
+        if args.trace:
+            trace_one(st, client, body, args.trace)  # emits its own line
 
     emit(
         {
@@ -129,6 +210,7 @@ def main() -> int:
             "mean": round(statistics.mean(overhead) * 1000, 2),
         }
     )
+    emit({"figure": "overhead_excluding_png_encoding_ms", **pcts(no_encoding, scale=1000, nd=2)})
     emit(
         {
             "figure": "overhead_phases_ms_p50",

@@ -30,8 +30,9 @@ TIGHT = Key("tight", rate_per_minute=1, burst=1)  # one request, then 429 for a 
 CAPPED = Key("capped", max_queued=1)
 
 
-def assert_problem(r: httpx.Response, status: int, kind: str, op: tuple[str, str] | None = None) -> dict[str, Any]:
-    """The answer is a problem of this kind, shaped as the spec says, declared for `op` (method, path)."""
+def assert_problem(r: Any, status: int, kind: str, op: tuple[str, str] | None = None) -> dict[str, Any]:
+    """`r` (an httpx response, or the TestClient's) is a problem of this kind, shaped as the spec says, and
+    declared for `op` (method, path)."""
     assert r.status_code == status, r.text
     assert r.headers["content-type"] == "application/problem+json", r.headers
     body: dict[str, Any] = r.json()

@@ -8,6 +8,7 @@ declare, so every answer below is also a check that the contract lists it.
 import hashlib
 import importlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -183,3 +184,18 @@ def test_errors_parse_as_problem_details(sdxl: SimpleNamespace, svc: Service, cl
     refused = sdxl.create_generation.sync_detailed(client=anon, body=body(sdxl))
     assert refused.status_code == 401 and refused.parsed.type_ == "urn:sdxl:problem:unauthorized"
     assert refused.headers["www-authenticate"].startswith("Bearer")
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def test_every_scheduler_answers_strict_json(sdxl: SimpleNamespace, client: Any) -> None:
+    # found by tests/test_fuzz.py: DPM-Solver's config holds -inf, and the manifest carried it into the answer
+    for scheduler in sdxl.models.GenerationCreateScheduler:
+        res = sdxl.create_generation.sync_detailed(
+            client=client, body=body(sdxl, scheduler=scheduler.value, num_inference_steps=2), prefer="wait=30"
+        )
+        assert res.status_code == 201, (scheduler, res.content[:300])
+        gen = json.loads(res.content, parse_constant=_no_constants)
+        assert gen["status"] == "succeeded" and gen["manifest"]["scheduler_config"], scheduler

@@ -5,6 +5,7 @@ torch's CPU thread pool is per thread.
 """
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,7 +170,10 @@ class Engine:
         return self._schedulers[key]
 
     def scheduler_config(self, name: str) -> dict[str, Any]:
-        return dict(self.scheduler(self.base, name).config)
+        # some configs hold infinities (DPM-Solver's lambda_min_clipped = -inf), which JSON cannot carry:
+        # the manifest travels in the resource, SSE data and webhooks, so they are written as strings
+        return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
+                for k, v in self.scheduler(self.base, name).config.items()}
 
     def full_step_count(self, name: str, steps: int) -> int:
         sched = SCHEDULER_CLASSES[name][0].from_config(self.base.scheduler.config, **SCHEDULER_CLASSES[name][1])
