@@ -37,8 +37,8 @@ system:
 $(VENV)/.installed: pyproject.toml | system
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, from TORCH_INDEX, so the extras below do not pull a different build
-	$(PY) -m pip install -q --extra-index-url $(TORCH_INDEX) torch==2.13.0
+	# torch alone first, from TORCH_INDEX (its deps come from PyPI below), so the extras keep this build
+	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
