@@ -1,6 +1,8 @@
 """Worker throughput with micro-batching over without: the same burst of compatible requests (same size, steps,
 scheduler; different seeds) against 1 API + 1 worker, once with the default worker (SDXL_BATCH_MAX=1) and
-once with SDXL_BATCH_MAX=4 SDXL_BATCH_WAIT_MS=50, each on a fresh Redis and fresh processes.
+once with SDXL_BATCH_MAX=4 SDXL_BATCH_WAIT_MS=50, each on a fresh Redis and fresh processes. The requests are
+split over `--rounds` alternating rounds (unbatched, batched, batched, unbatched, ...) and pooled, so a change
+in machine load during the run hits both configurations alike.
 
 All requests are queued at once (no Prefer: wait), then long-polled to the end. Throughput is images over the
 worker's window, first start to last finish, taken from the records; the client's window (first submit to
@@ -44,7 +46,9 @@ async def burst(url: str, bodies: list[dict[str, Any]]) -> tuple[float, list[str
         return time.perf_counter() - t0, ids
 
 
-def one_run(label: str, args: argparse.Namespace, worker_env: dict[str, str]) -> dict[str, Any]:
+def one_run(
+    label: str, args: argparse.Namespace, worker_env: dict[str, str], requests: int, seed0: int
+) -> dict[str, Any]:
     env = bench_env(args.threads, args.progress_interval, **raised_limits())
     with stack(apis=1, workers=1, env=env, worker_env=worker_env) as st:
         url = st.api_urls[0]
@@ -56,7 +60,7 @@ def one_run(label: str, args: argparse.Namespace, worker_env: dict[str, str]) ->
         )
         if warm.status_code != 201:
             raise RuntimeError(f"warm-up answered {warm.status_code}: {warm.text[:300]}")
-        bodies = [workload(args.size, args.steps, args.refiner, seed=1000 + i) for i in range(args.requests)]
+        bodies = [workload(args.size, args.steps, args.refiner, seed=seed0 + i) for i in range(requests)]
         client_wall, ids = asyncio.run(burst(url, bodies))
         stored = records(st.r)
         recs = [stored[i] for i in ids if i in stored]
@@ -70,6 +74,7 @@ def one_run(label: str, args: argparse.Namespace, worker_env: dict[str, str]) ->
         "figure": f"{label}_throughput",
         "worker_env": worker_env,
         "requests": len(ids),
+        "images": len(ok),
         "worker_window_s": round(end - start, 3),
         "images_per_second": round(len(ok) / (end - start), 4),
         "client_wall_s": round(client_wall, 3),
@@ -87,6 +92,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--refiner", default="ensemble", choices=["none", "ensemble", "img2img"])
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per configuration (A B B A)")
     ap.add_argument("--batch-max", type=int, default=4)
     ap.add_argument("--batch-wait-ms", type=int, default=50)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the worker")
@@ -101,20 +107,40 @@ def main() -> int:
         threads=args.threads,
         batch_max=args.batch_max,
         batch_wait_ms=args.batch_wait_ms,
+        rounds=args.rounds,
     )
-    plain = one_run("unbatched", args, {})
-    batched = one_run(
-        "batched", args, {"SDXL_BATCH_MAX": str(args.batch_max), "SDXL_BATCH_WAIT_MS": str(args.batch_wait_ms)}
-    )
+    configs = {
+        "unbatched": {},
+        "batched": {"SDXL_BATCH_MAX": str(args.batch_max), "SDXL_BATCH_WAIT_MS": str(args.batch_wait_ms)},
+    }
+    # A B B A ... order, requests split over the rounds, pooled: a drift in machine load hits both alike
+    order = [
+        name
+        for r in range(args.rounds)
+        for name in (("unbatched", "batched") if r % 2 == 0 else ("batched", "unbatched"))
+    ]
+    per_round = max(1, args.requests // args.rounds)
+    rows: dict[str, list[dict[str, Any]]] = {"unbatched": [], "batched": []}
+    for i, name in enumerate(order):
+        rows[name].append(one_run(name, args, configs[name], per_round, seed0=1000 + i * per_round))
+
+    def pooled(name: str, window: str) -> float:
+        return sum(r["images"] for r in rows[name]) / sum(r[window] for r in rows[name])
+
     emit(
         {
             "event": "summary",
             "bench": "batching",
+            "rounds": args.rounds,
             "batched_over_unbatched_images_per_second": round(
-                batched["images_per_second"] / plain["images_per_second"], 4
+                pooled("batched", "worker_window_s") / pooled("unbatched", "worker_window_s"), 4
             ),
-            "client_window_ratio": round(batched["client_images_per_second"] / plain["client_images_per_second"], 4),
-            "mean_batch_images": batched["mean_batch_images"],
+            "per_round": [
+                round(b["images_per_second"] / u["images_per_second"], 4)
+                for u, b in zip(rows["unbatched"], rows["batched"], strict=True)
+            ],
+            "client_window_ratio": round(pooled("batched", "client_wall_s") / pooled("unbatched", "client_wall_s"), 4),
+            "mean_batch_images": round(statistics.mean(r["mean_batch_images"] for r in rows["batched"]), 3),
         }
     )
     return 0

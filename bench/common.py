@@ -167,7 +167,7 @@ def stack(
             for _ in range(apis):
                 st.api_urls.append(svc.start_api())
             for _ in range(workers):
-                svc.start_worker(**(worker_env or {}))
+                svc.start_worker(True, **(worker_env or {}))
             yield st
         finally:
             svc.stop()
@@ -298,6 +298,40 @@ class RedisCounter:
             "redis_cpu_ms_per_generation": round((cpu1 - self.cpu0) * 1000 / per, 3),
             "by_command_per_generation": {k: round(v / per, 2) for k, v in top},
         }
+
+
+def round_trip_cost(url: str, n: int = 2000) -> dict[str, float]:
+    """CPU (client process) and wall time of one Redis PING with the sync and the asyncio redis-py clients:
+    the unit that a request's round-trip count multiplies."""
+    import asyncio
+
+    import redis.asyncio as aredis
+
+    r = redis.Redis.from_url(url)
+    r.ping()
+    c0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(n):
+        r.ping()
+    sync_cpu, sync_wall = (time.process_time() - c0) / n, (time.perf_counter() - t0) / n
+    r.close()
+
+    async def pings() -> tuple[float, float]:
+        ar = aredis.Redis.from_url(url)
+        await ar.ping()
+        c1, t1 = time.process_time(), time.perf_counter()
+        for _ in range(n):
+            await ar.ping()
+        out = (time.process_time() - c1) / n, (time.perf_counter() - t1) / n
+        await ar.aclose()
+        return out
+
+    async_cpu, async_wall = asyncio.run(pings())
+    return {
+        "sync_cpu_ms": round(sync_cpu * 1000, 4),
+        "sync_wall_ms": round(sync_wall * 1000, 4),
+        "async_cpu_ms": round(async_cpu * 1000, 4),
+        "async_wall_ms": round(async_wall * 1000, 4),
+    }
 
 
 def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:

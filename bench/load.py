@@ -169,7 +169,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="2..4")
     ap.add_argument("--refiner", default="ensemble", choices=["none", "ensemble", "img2img"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    ap.add_argument("--timeout", type=float, default=900, help="global limit in seconds for the whole run")
+    ap.add_argument("--timeout", type=float, default=1800, help="global limit in seconds for the whole run")
     args = ap.parse_args()
     started = time.monotonic()
     start_line(

@@ -31,7 +31,7 @@ QUICK: dict[str, list[str]] = {
     "overhead": ["--n", "5", "--warmup", "1", "--size", "128", "--steps", "4"],
     "throughput": ["--total", "8", "--baseline-n", "3", "--size", "128", "--steps", "4"],
     "submit": ["--duration", "2", "--warmup", "0.5"],
-    "batching": ["--requests", "8", "--size", "128", "--steps", "4"],
+    "batching": ["--requests", "8", "--size", "128", "--steps", "4", "--rounds", "1"],
     "pipeline": ["--model", "tiny", "--skip-compile", "--runs", "1", "--size", "128", "--steps", "4"],
     "load": ["--requests", "100", "--clients", "16"],
 }
@@ -41,6 +41,9 @@ DEFAULT = ["overhead", "throughput", "submit", "batching", "pipeline"]
 def run(name: str, extra: list[str]) -> tuple[int, dict[str, object] | None, float]:
     t0 = time.monotonic()
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if name == "pipeline":  # one torch thread, like the service benchmarks' worker (BENCHMARKS.md says why)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", "1")
     proc = subprocess.Popen(
         [sys.executable, str(HERE / f"{name}.py"), *extra], stdout=subprocess.PIPE, text=True, cwd=HERE.parent, env=env
     )

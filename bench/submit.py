@@ -97,7 +97,7 @@ def measure(
 
 
 def main() -> int:
-    from common import Stack, bench_env, emit, goal, raised_limits, stack, start_line, workload
+    from common import Stack, bench_env, emit, goal, raised_limits, round_trip_cost, stack, start_line, workload
 
     from tests.procs import PY, Proc, free_port, wait_for
 
@@ -110,7 +110,7 @@ def main() -> int:
     body = json.dumps(workload(256, 20, "ensemble", seed=1234)).encode()
     import httpx
 
-    with stack(apis=1, workers=0, env=bench_env(1, **raised_limits())) as st:
+    with stack(apis=1, workers=0, env=bench_env(1, 60.0, **raised_limits())) as st:
         st_: Stack = st
         port = int(st_.api_urls[0].rsplit(":", 1)[1])
         check = httpx.post(
@@ -161,6 +161,7 @@ def main() -> int:
         finally:
             bare.stop()
         queued = sum(1 for _ in st_.r.scan_iter(match="sdxl:gen:*", count=1000))
+        emit({"figure": "redis_ping_cost", **round_trip_cost(st_.redis_server.url)})
     bare_rps = (bare1["requests"] + bare2["requests"]) / (bare1["wall_s"] + bare2["wall_s"])
     svc_rps = (svc1["requests"] + svc2["requests"]) / (svc1["wall_s"] + svc2["wall_s"])
     bad = {c: n for row in (svc1, svc2) for c, n in row["status_codes"].items() if c != 202}

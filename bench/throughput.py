@@ -78,7 +78,8 @@ def main() -> int:
         if warm.status_code != 201:
             raise RuntimeError(f"warm-up answered {warm.status_code}: {warm.text[:300]}")
         params = warm.json()["params"]
-        base = inprocess(params, args.baseline_n, st.svc.env(), warmup=1)
+        # the baseline brackets the service run (half before, half after), pooled: load drift hits both alike
+        base = inprocess(params, max(2, (args.baseline_n + 1) // 2), st.svc.env(), warmup=1)
         r = st.r
         wid = st.svc.workers[0].worker_id  # type: ignore[attr-defined]
         busy0 = float(r.hget(f"sdxl:worker:{wid}", "busy_seconds") or 0)
@@ -86,6 +87,7 @@ def main() -> int:
         time.sleep(3.5)  # one heartbeat (3 s) so the registry's busy_seconds includes the last job
         busy1 = float(r.hget(f"sdxl:worker:{wid}", "busy_seconds") or 0)
         recs = records(r)
+        base += inprocess(params, max(2, args.baseline_n // 2), st.svc.env(), warmup=1)
         timed = [recs[i] for i in ids]
 
     seq_rate = 1 / statistics.median(base)
