@@ -30,6 +30,7 @@ from app.tokens import counter_for
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 TERMINAL = {"succeeded", "failed", "canceled"}
+TERMINAL_EVENTS = {"generation.succeeded", "generation.failed", "generation.canceled"}
 
 
 def not_found(gen_id: str) -> Problem:
@@ -51,6 +52,7 @@ class GenerationService:
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
+        self._refiner_checked: tuple[float, bool] = (-1e9, True)
         self.stopping = asyncio.Event()  # set on SIGTERM (app/shutdown.py): long-polls answer at once
         self.webhook_policy = ssrf.Policy.build(ssrf.split_list(settings.webhook_allow_addresses),
                                                 settings.webhook_allow_http)
@@ -67,10 +69,12 @@ class GenerationService:
     async def refiner_available(self) -> bool:
         if not self.settings.refiner_configured:
             return False
-        workers = await self.live_workers()
-        if not workers:
-            return True  # none registered yet: accept and let it queue
-        return any(w.get("has_refiner") == "1" for w in workers)
+        now = time.monotonic()
+        if now - self._refiner_checked[0] > 1.0:  # the registry changes slowly: one read per second per replica
+            workers = await self.live_workers()
+            # none registered yet: accept and let it queue
+            self._refiner_checked = (now, not workers or any(w.get("has_refiner") == "1" for w in workers))
+        return self._refiner_checked[1]
 
     async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None,
                      gen_id: str | None = None) -> dict[str, Any]:
@@ -138,10 +142,13 @@ class GenerationService:
                                       count=100)
             if not res:
                 continue
+            final = False
             for _stream, entries in res:
-                for eid, _fields in entries:
+                for eid, fields in entries:
                     last = eid.decode() if isinstance(eid, bytes) else eid
-            rec = await self.record(gen_id, principal)
+                    final = final or fields.get(b"type", b"").decode() in TERMINAL_EVENTS
+            if final:  # progress events do not need a re-read: only the terminal one ends the wait
+                rec = await self.record(gen_id, principal)
         return await self.resource(rec)
 
     # --- cancel -----------------------------------------------------------------------------------

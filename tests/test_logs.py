@@ -46,7 +46,10 @@ def test_request_id_follows_the_generation_and_prompts_stay_out(service: Service
 
     def worker_lines() -> list[dict] | None:
         hits = [e for e in json_lines(worker) if e.get("request_id") == rid]
-        return hits if any(e["msg"] == "generation succeeded" for e in hits) else None
+        # rq logs its own "job OK" line just after our job function returns: wait for both
+        done = any(e["msg"] == "generation succeeded" for e in hits) and any(
+            e["logger"] == "rq.worker" and "OK" in e["msg"] for e in hits)
+        return hits if done else None
 
     lines = wait_for(worker_lines, 10, "the worker's lines for this request")
     assert all(e["generation_id"] == gen_id for e in lines), lines

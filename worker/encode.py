@@ -17,13 +17,15 @@ MANIFEST_KEY = "sdxl-manifest"
 EXIF_IMAGE_DESCRIPTION = 0x010E
 
 
-def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[str, Any]) -> tuple[bytes, str]:
+def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[str, Any],
+           png_level: int = 1) -> tuple[bytes, str]:
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     buf = io.BytesIO()
     if fmt == OutputFormat.png:
         info = PngInfo()
         info.add_text(MANIFEST_KEY, text)
-        image.save(buf, format="PNG", pnginfo=info, compress_level=6)
+        # zlib level 1: ~5x faster than 6 on the worker's critical path, files ~15-25% larger
+        image.save(buf, format="PNG", pnginfo=info, compress_level=png_level)
     else:
         exif = Image.Exif()
         exif[EXIF_IMAGE_DESCRIPTION] = text

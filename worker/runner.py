@@ -297,7 +297,8 @@ class Runner:
         encoded = []
         for i, img in enumerate(images):
             data, ctype = encoding.encode(img, params.output_format, params.output_quality,
-                                          {**manifest, "seed": params.image_seed(i), "index": i})
+                                          {**manifest, "seed": params.image_seed(i), "index": i},
+                                          self.settings.png_compress_level)
             encoded.append((i, data, ctype, img.width, img.height))
         encoding_seconds = time.monotonic() - t0
         # ownership check before writing: a superseded worker must not store a second result

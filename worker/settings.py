@@ -4,6 +4,7 @@ import secrets
 import socket
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from app.storage import StorageSettings
@@ -34,6 +35,7 @@ class WorkerSettings(StorageSettings):
     warmup: bool = True
 
 
+    png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0
