@@ -97,7 +97,7 @@ class Submission:
 class Enqueuer:
     """Writes everything one submission needs in one round trip, then feeds the rq queue."""
 
-    def __init__(self, r: "redis.Redis[bytes]", settings: Settings) -> None:
+    def __init__(self, r: redis.Redis, settings: Settings) -> None:
         self.r = r
         self.settings = settings
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
@@ -155,7 +155,7 @@ class Enqueuer:
             "request_id": request_id,
             **(extra or {}),
         }
-        record = encode(fields)
+        record: dict[Any, Any] = encode(fields)
         pipe = self.r.pipeline(transaction=True)
         job.save(pipeline=pipe)
         pipe.hset(keys.generation(gen_id), mapping=record)

@@ -16,7 +16,7 @@ from app import ssrf
 from app.auth import Principal
 from app.contract import keys, queueing
 from app.contract.events import EventType, emit
-from app.contract.records import decode
+from app.contract.records import as_str, decode
 from app.contract.resource import render
 from app.enqueue import Enqueuer, new_generation_id, resolve, token_counts
 from app.errors import Problem, field_error
@@ -39,7 +39,7 @@ def not_found(gen_id: str) -> Problem:
 
 class GenerationService:
     def __init__(
-        self, r: "redis.Redis[bytes]", ar: "aredis.Redis[bytes]", settings: Settings, store: ObjectStore
+        self, r: redis.Redis, ar: aredis.Redis, settings: Settings, store: ObjectStore
     ) -> None:
         self.r = r
         self.ar = ar
@@ -143,10 +143,11 @@ class GenerationService:
             if not res:
                 continue
             final = False
-            for _stream, entries in res:
+            streams: list[Any] = res  # type: ignore[assignment]
+            for _stream, entries in streams:
                 for eid, fields in entries:
-                    last = eid.decode() if isinstance(eid, bytes) else eid
-                    final = final or fields.get(b"type", b"").decode() in TERMINAL_EVENTS
+                    last = as_str(eid)
+                    final = final or as_str(fields.get(b"type", b"")) in TERMINAL_EVENTS
             if final:  # progress events do not need a re-read: only the terminal one ends the wait
                 rec = await self.record(gen_id, principal)
         return await self.resource(rec)
@@ -218,9 +219,9 @@ class GenerationService:
         ids = await self.ar.zrangebyscore(keys.WORKERS, cutoff, "+inf")
         workers = []
         for wid in ids:
-            raw = await self.ar.hgetall(keys.worker(wid.decode()))  # type: ignore[misc]
+            raw = await self.ar.hgetall(keys.worker(as_str(wid)))  # type: ignore[misc]
             if raw:
-                workers.append({k.decode(): v.decode() for k, v in raw.items()})
+                workers.append({as_str(k): as_str(v) for k, v in raw.items()})
         return workers
 
 

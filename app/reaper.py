@@ -32,7 +32,7 @@ return 1
 
 
 class Reaper:
-    def __init__(self, r: "redis.Redis[bytes]", max_attempts: int, job_timeout: int, ttl: int,
+    def __init__(self, r: redis.Redis, max_attempts: int, job_timeout: int, ttl: int,
                  stranded_after: float = 30.0) -> None:
         self.r = r
         self.max_attempts = max_attempts

@@ -23,7 +23,7 @@ RECORD_GRACE_SECONDS = 24 * 3600
 
 
 def purge(
-    r: "redis.Redis[bytes]",
+    r: redis.Redis,
     store: ObjectStore,
     storage_prefix: str,
     gen_id: str,

@@ -10,6 +10,7 @@ Pair = tuple[int, int]
 EVENT_TYPES = Literal[
     "generation.started", "generation.progress", "generation.succeeded", "generation.failed", "generation.canceled"
 ]
+DEFAULT_WEBHOOK_EVENTS: tuple[EVENT_TYPES, ...] = ("generation.succeeded", "generation.failed", "generation.canceled")
 
 
 class RefinerCreate(BaseModel):
@@ -27,9 +28,7 @@ class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     url: str = Field(..., max_length=2048, examples=["https://example.com/hooks/sdxl"])
-    events: list[EVENT_TYPES] = Field(
-        default_factory=lambda: ["generation.succeeded", "generation.failed", "generation.canceled"]
-    )
+    events: list[EVENT_TYPES] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
 
 class GenerationCreate(BaseModel):
@@ -64,7 +63,7 @@ class GenerationCreate(BaseModel):
     negative_original_size: Pair | None = None
     negative_target_size: Pair | None = None
     negative_crops_coords_top_left: Pair | None = None
-    refiner: RefinerCreate = Field(default_factory=RefinerCreate)
+    refiner: RefinerCreate = Field(default_factory=lambda: RefinerCreate.model_validate({}))
     output_format: OutputFormat = OutputFormat.png
     output_quality: int = Field(90, ge=1, le=100, description="webp/jpeg quality")
     long_prompt: LongPrompt = Field(

@@ -21,8 +21,8 @@ CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L
 def _from_vocab(folder: Path) -> Tokenizer:
     """Rebuild CLIP's fast tokenizer from vocab.json + merges.txt (hub repos that ship no tokenizer.json)."""
     vocab = json.loads((folder / "vocab.json").read_text())
-    merges = [
-        tuple(line.split())
+    merges: list[tuple[str, str]] = [
+        (line.split()[0], line.split()[1])
         for line in (folder / "merges.txt").read_text().splitlines()[1:]
         if line and not line.startswith("#")
     ]

@@ -145,7 +145,7 @@ class Stack:
     data_dir: Path = Path(".")
 
     @property
-    def r(self) -> "redis.Redis[bytes]":
+    def r(self) -> redis.Redis:
         return self.redis_server.client()
 
     def logs_tail(self, n: int = 3000) -> str:
@@ -188,7 +188,7 @@ def workload(
     }
 
 
-def records(r: "redis.Redis[bytes]") -> dict[str, dict[str, Any]]:
+def records(r: redis.Redis) -> dict[str, dict[str, Any]]:
     """Every generation record in the private Redis: id -> decoded hash."""
     from app.contract.records import decode
 
@@ -273,7 +273,7 @@ class RedisCounter:
     """Commands and CPU the private redis-server spent between start() and stop(): round trips per request
     cost the same on a loaded or an idle machine, so they explain overhead that wall time only blurs."""
 
-    def __init__(self, r: "redis.Redis[bytes]") -> None:
+    def __init__(self, r: redis.Redis) -> None:
         self.r = r
         self.before: dict[str, int] = {}
         self.cpu0 = 0.0

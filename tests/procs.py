@@ -66,7 +66,7 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
 
-    def client(self) -> "redis.Redis[bytes]":
+    def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=5)
 
 

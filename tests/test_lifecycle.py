@@ -57,7 +57,7 @@ def stack(tiny_model: Path, tmp_path: Path) -> Iterator[Stack]:
         server.stop()
 
 
-def rclient(svc: Service) -> "redis.Redis[bytes]":
+def rclient(svc: Service) -> redis.Redis:
     return redis.Redis.from_url(svc.redis_url, socket_timeout=5)
 
 
@@ -306,7 +306,7 @@ def test_worker_health_probe_reads_the_registry(stack: Stack) -> None:
 # --- the reaper ------------------------------------------------------------------------------------------------
 
 
-def test_reaper_requeues_once_then_fails_worker_lost(redis_client: "redis.Redis[bytes]") -> None:
+def test_reaper_requeues_once_then_fails_worker_lost(redis_client: redis.Redis) -> None:
     r = redis_client
     gid = "gen_" + "L" * 22
     params = resolve(GenerationCreate(prompt="x", **SMALL), Settings(refiner_model=None), False).model_dump(mode="json")
@@ -337,7 +337,7 @@ def test_reaper_requeues_once_then_fails_worker_lost(redis_client: "redis.Redis[
     assert not r.sismember(keys.RUNNING, gid)
 
 
-def test_reaper_puts_back_a_job_dequeued_but_never_started(redis_client: "redis.Redis[bytes]") -> None:
+def test_reaper_puts_back_a_job_dequeued_but_never_started(redis_client: redis.Redis) -> None:
     r = redis_client
     inter = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
     stranded, started = "gen_" + "S" * 22, "gen_" + "R" * 22

@@ -34,7 +34,7 @@ def idle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield s
 
 
-def rds(s: Service) -> "redis.Redis[bytes]":
+def rds(s: Service) -> redis.Redis:
     return redis.Redis.from_url(s.redis_url, socket_timeout=5)
 
 
@@ -56,7 +56,7 @@ def run_cleanup(s: Service) -> list[dict[str, Any]]:
     return lines
 
 
-def assert_gone(r: "redis.Redis[bytes]", gen_id: str, owner: str) -> None:
+def assert_gone(r: redis.Redis, gen_id: str, owner: str) -> None:
     assert not r.exists(keys.generation(gen_id), keys.events(gen_id), keys.webhook_log(gen_id))
     assert r.zscore(keys.owner_index(owner), gen_id) is None
     assert r.zscore(keys.pending(owner), gen_id) is None

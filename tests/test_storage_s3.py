@@ -246,7 +246,7 @@ class S3Service:
         svc: Service,
         internal: Moto,
         public: Moto,
-        r: "redis.Redis[bytes]",
+        r: redis.Redis,
         api: str,
         presigned_api: str,
         short_ttl_api: str,
@@ -296,7 +296,7 @@ def create(api: str, body: dict[str, Any], wait: int | None = 30) -> dict[str, A
     return dict(res.json())
 
 
-def wait_final(r: "redis.Redis[bytes]", gen_id: str, timeout: float = 90) -> str:
+def wait_final(r: redis.Redis, gen_id: str, timeout: float = 90) -> str:
     """Reads the record's status straight from Redis (a short-TTL API may already answer 404)."""
 
     def final() -> str | None:

@@ -19,7 +19,7 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("worker")
 
 
-def redis_client(url: str, retry_seconds: float) -> "redis.Redis[bytes]":
+def redis_client(url: str, retry_seconds: float) -> redis.Redis:
     # ride out Redis restarts (stock rq quits with exit 0 and strands the job): cap 2 s per try
     retries = max(1, int(retry_seconds / 2))
     return redis.Redis.from_url(

@@ -43,7 +43,7 @@ def _str(value: Any) -> str:
 
 
 class Cleanup:
-    def __init__(self, r: "redis.Redis[bytes]", store: ObjectStore, settings: WorkerSettings) -> None:
+    def __init__(self, r: redis.Redis, store: ObjectStore, settings: WorkerSettings) -> None:
         self.r = r
         self.store = store
         self.settings = settings

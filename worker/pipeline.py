@@ -25,7 +25,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from app.contract.params import GenerationParams, LongPrompt, RefinerMode
+from app.contract.params import GenerationParams, LongPrompt, RefinerMode, RefinerParams
 from worker.prompts import long_prompt_embeds, needs_chunks
 from worker.settings import WorkerSettings
 
@@ -233,8 +233,9 @@ class Engine:
         base_steps = progress.step
 
         if mode != RefinerMode.none:
-            assert self.refiner is not None
-            self.refiner.scheduler = self.scheduler(self.refiner, params.scheduler)
+            refiner: Any = self.refiner  # diffusers' pipelines are untyped enough to confuse mypy
+            assert refiner is not None
+            refiner.scheduler = self.scheduler(refiner, params.scheduler)
             refiner_kwargs: dict[str, Any] = dict(
                 **refiner_common,
                 aesthetic_score=params.refiner.aesthetic_score,
@@ -255,7 +256,7 @@ class Engine:
                                       num_inference_steps=params.refiner.num_inference_steps
                                       or params.num_inference_steps)
             t1 = time.monotonic()
-            latents = self.refiner(**refiner_kwargs).images
+            latents = refiner(**refiner_kwargs).images
             times.refiner = time.monotonic() - t1
 
         progress.stage = "decoding"
@@ -346,7 +347,7 @@ class Engine:
         p = GenerationParams(prompt="warm-up", width=256 if self.settings.compile_mode is None else 1024,
                              height=256 if self.settings.compile_mode is None else 1024,
                              num_inference_steps=2, guidance_scale=5.0, seed=0,
-                             refiner={"mode": "ensemble" if self.refiner else "none"})
+                             refiner=RefinerParams(mode=RefinerMode.ensemble if self.refiner else RefinerMode.none))
         self.run(p, [ImageSpec("warm-up", None, None, None, 0)], lambda _p: None)
 
     def memory(self) -> dict[str, int]:

@@ -64,6 +64,7 @@ def long_prompt_embeds(pipe: Any, prompts: list[str], prompts_2: list[str], nega
             neg.append(nh)
             neg_pooled = np_
     prompt_embeds = torch.cat(pos, dim=-1).to(dtype)
+    assert pooled is not None  # the last encoder always runs
     if zero_negative:
         negative_embeds = torch.zeros_like(prompt_embeds)
         neg_pooled = torch.zeros_like(pooled)

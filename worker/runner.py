@@ -20,7 +20,7 @@ from app import logs
 from app.contract import keys, queueing
 from app.contract.events import TERMINAL_EVENT, EventType, emit
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
-from app.contract.records import TRANSITION, decode, encode
+from app.contract.records import TRANSITION, as_str, decode, encode
 from app.contract.status import ErrorType
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
@@ -47,7 +47,7 @@ class Member:
 
 
 class Runner:
-    def __init__(self, r: "redis.Redis[bytes]", engine: Engine, store: ObjectStore, settings: WorkerSettings,
+    def __init__(self, r: redis.Redis, engine: Engine, store: ObjectStore, settings: WorkerSettings,
                  worker_id: str) -> None:
         self.r = r
         self.engine = engine
@@ -139,9 +139,9 @@ class Runner:
             for raw in self.r.lrange(keys.RQ_QUEUE_KEY, 0, self.settings.batch_max * 4):
                 if budget >= self.settings.batch_max:
                     return claimed
-                job_id = raw.decode()
+                job_id = as_str(raw)
                 gen_id = job_id.rsplit("-", 1)[0]
-                if (self.r.hget(keys.generation(gen_id), "batch_key") or b"").decode() != want:
+                if as_str(self.r.hget(keys.generation(gen_id), "batch_key") or b"") != want:
                     continue
                 if self.r.lrem(keys.RQ_QUEUE_KEY, 1, job_id) != 1:
                     continue
@@ -196,7 +196,7 @@ class Runner:
     def execute(self, members: list[Member]) -> None:
         t_start = time.monotonic()
         params = members[0].payload.params
-        last_flush = [0.0, ""]
+        last_flush: list[Any] = [0.0, ""]
 
         def hook(progress: Progress) -> None:
             if self.shutdown_abort.is_set():
@@ -360,7 +360,7 @@ class Runner:
 
     def token_lost(self, m: Member) -> bool:
         token = self.r.hget(keys.generation(m.gen_id), "token")
-        return token is None or token.decode() != m.payload.token
+        return token is None or as_str(token) != m.payload.token
 
     def finish_canceled(self, m: Member) -> None:
         outcome = self.transition(m.gen_id, m.payload.token, "running",

@@ -27,7 +27,7 @@ log = logging.getLogger("worker")
 class Registry:
     """`sdxl:worker:<id>` hash + `sdxl:workers` zset of heartbeats: what /readyz and metrics read."""
 
-    def __init__(self, r: "redis.Redis[bytes]", worker_id: str, ttl: int) -> None:
+    def __init__(self, r: redis.Redis, worker_id: str, ttl: int) -> None:
         self.r = r
         self.worker_id = worker_id
         self.ttl = ttl
@@ -41,7 +41,8 @@ class Registry:
 
     def beat(self) -> None:
         pipe = self.r.pipeline(transaction=False)
-        pipe.hset(keys.worker(self.worker_id), mapping={**self.fields, "heartbeat": str(time.time())})
+        mapping: dict[Any, Any] = {**self.fields, "heartbeat": str(time.time())}
+        pipe.hset(keys.worker(self.worker_id), mapping=mapping)
         pipe.expire(keys.worker(self.worker_id), self.ttl)
         pipe.zadd(keys.WORKERS, {self.worker_id: time.time()})
         pipe.zremrangebyscore(keys.WORKERS, "-inf", time.time() - 3600)
@@ -112,7 +113,7 @@ class Heartbeat(threading.Thread):
 class CancelListener(threading.Thread):
     """Pub/sub: a cancel reaches the step callback within one step, not one heartbeat."""
 
-    def __init__(self, r: "redis.Redis[bytes]", runner: Runner) -> None:
+    def __init__(self, r: redis.Redis, runner: Runner) -> None:
         super().__init__(name="cancel-listener", daemon=True)
         self.r = r
         self.runner = runner
@@ -186,5 +187,5 @@ def describe(settings: WorkerSettings) -> str:
     return json.dumps({"base": settings.base_model, "refiner": settings.refiner_model, "device": settings.device})
 
 
-def make_queue(r: "redis.Redis[bytes]") -> Queue:
+def make_queue(r: redis.Redis) -> Queue:
     return Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)

@@ -33,7 +33,7 @@ STREAM_MAXLEN = 2000
 
 
 def emit(
-    r: "redis.Redis[bytes]",
+    r: redis.Redis,
     gen_id: str,
     event_type: EventType,
     image_url: ImageUrl,

@@ -35,6 +35,11 @@ def encode(fields: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def as_str(value: Any) -> str:
+    """redis-py answers bytes (or str with decode_responses): one spelling for both."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def decode(raw: Mapping[Any, Any]) -> dict[str, Any]:
     """Hash fields -> Python values; accepts bytes or str from either redis client."""
     rec: dict[str, Any] = {}
