@@ -251,7 +251,8 @@ class Engine:
             else:
                 progress.stage = "decoding"
                 hook(progress)
-                decoded = self.decode(latents)
+                # img2img takes images in [0, 1] (the VAE decodes to [-1, 1])
+                decoded = (self.decode(latents) / 2 + 0.5).clamp(0, 1)
                 refiner_kwargs.update(image=decoded, strength=params.refiner.strength,
                                       num_inference_steps=params.refiner.num_inference_steps
                                       or params.num_inference_steps)
