@@ -31,6 +31,9 @@ return 1
 """
 
 
+JOB_TIMEOUT_SECONDS = 3600  # rq timeout of requeued jobs; the API's SDXL_JOB_TIMEOUT_SECONDS default
+
+
 class Reaper:
     def __init__(self, r: redis.Redis, max_attempts: int, job_timeout: int, ttl: int,
                  stranded_after: float = 30.0) -> None:
@@ -54,8 +57,10 @@ class Reaper:
         return [gid for gid, alive in zip(ids, pipe.execute(), strict=True) if not alive]
 
     def requeue(self, gen_id: str, expected_token: str = "", reason: str = "lease expired",
-                kind: str = "lease_expired") -> str:
-        """Put a running generation back in line with a fresh ownership token (or fail it after max)."""
+                kind: str = "lease_expired", spare_attempt: bool = False) -> str:
+        """Put a running generation back in line with a fresh ownership token (or fail it after max).
+
+        `spare_attempt`: a graceful shutdown's requeue does not use up the lost-worker budget."""
         raw = self.r.hgetall(keys.generation(gen_id))
         if not raw:
             self.r.srem(keys.RUNNING, gen_id)
@@ -70,7 +75,8 @@ class Reaper:
                                     job_id=rq_job_id, timeout=self.job_timeout, result_ttl=600, ttl=self.ttl)
         job.save()
         res = self._requeue(keys=[keys.generation(gen_id), keys.ACTIVE_OWNERS],
-                            args=[expected_token, token, rq_job_id, keys.PREFIX, self.max_attempts, time.time()])
+                            args=[expected_token, token, rq_job_id, keys.PREFIX,
+                                  self.max_attempts + int(spare_attempt), time.time()])
         outcome = res.decode() if isinstance(res, bytes) else str(res)
         if outcome != "requeued":
             job.delete()

@@ -50,3 +50,12 @@ def service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             yield svc
     finally:
         server.stop()
+
+
+@pytest.fixture
+def r(svc: Service):  # type: ignore[no-untyped-def]
+    """The private Redis of a module's `svc` service, flushed before each test (no worker may be mid-job)."""
+    client = svc.redis_server.client()  # type: ignore[attr-defined]
+    client.flushdb()
+    yield client
+    client.close()

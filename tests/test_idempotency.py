@@ -30,13 +30,6 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield s
 
 
-@pytest.fixture
-def r(svc: Service) -> Iterator[redis.Redis]:
-    client = svc.redis_server.client()  # type: ignore[attr-defined]
-    client.flushdb()
-    yield client
-    client.close()
-
 
 def jobs(r: redis.Redis) -> tuple[int, int]:
     """(generation records, ids waiting in line): what a second submit would add to."""

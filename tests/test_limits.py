@@ -29,13 +29,6 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield s
 
 
-@pytest.fixture
-def r(svc: Service) -> Iterator[redis.Redis]:
-    client = svc.redis_server.client()  # type: ignore[attr-defined]
-    client.flushdb()  # this module's private Redis, and no worker is running
-    yield client
-    client.close()
-
 
 def stored(r: redis.Redis, key: Key) -> dict[str, int]:
     """What a submit writes: records, the owner's index, its pending line, the rq list."""

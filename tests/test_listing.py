@@ -23,13 +23,6 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield s
 
 
-@pytest.fixture
-def r(svc: Service) -> Iterator[redis.Redis]:
-    client = svc.redis_server.client()  # type: ignore[attr-defined]
-    client.flushdb()
-    yield client
-    client.close()
-
 
 def create(svc: Service, key: Key, n: int) -> list[str]:
     ids = []

@@ -28,7 +28,7 @@ from app.contract.events import EventType, emit
 from app.contract.records import TRANSITION, decode, encode
 from app.contract.status import ErrorType
 from app.logs import configure
-from app.reaper import Reaper
+from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
 from app.retention import purge
 from app.storage import ObjectStore, StorageUnavailable, build_store, image_url
 from worker.settings import WorkerSettings
@@ -47,7 +47,7 @@ class Cleanup:
         self.r = r
         self.store = store
         self.settings = settings
-        self.reaper = Reaper(r, settings.max_attempts, 3600, settings.generation_ttl_seconds)
+        self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._transition = r.register_script(TRANSITION)
         self._feed = r.register_script(queueing.FEED)

@@ -22,6 +22,7 @@ from app.contract.events import TERMINAL_EVENT, EventType, emit
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
 from app.contract.records import TRANSITION, as_str, decode, encode
 from app.contract.status import ErrorType
+from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
 from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
@@ -58,6 +59,9 @@ class Runner:
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._transition = r.register_script(TRANSITION)
         self._feed = r.register_script(queueing.FEED)
+        # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
+        self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
+                             stranded_after=settings.lease_seconds)
         self.lock = threading.Lock()
         self.current: dict[str, Member] = {}  # gen id -> member, read by the heartbeat thread
         self.cancel_requested: set[str] = set()
@@ -400,10 +404,8 @@ class Runner:
             log.info("generation %s was canceled while finishing; result dropped", m.gen_id)
 
     def requeue(self, m: Member, reason: str) -> None:
-        from app.reaper import Reaper
-
-        reaper = Reaper(self.r, self.settings.max_attempts + 1, 3600, self.settings.generation_ttl_seconds)
-        outcome = reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason, kind="shutdown")
+        outcome = self.reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason, kind="shutdown",
+                                      spare_attempt=True)
         self.r.delete(keys.lease(m.gen_id))
         if outcome == "failed":
             self.emit(m.gen_id, TERMINAL_EVENT["failed"])

@@ -148,8 +148,7 @@ class SDXLWorker(SimpleWorker):
         self.runner = runner
         self.registry = registry
         self.settings = settings
-        self.reaper = Reaper(self.connection, settings.max_attempts, 3600, settings.generation_ttl_seconds,
-                             stranded_after=settings.lease_seconds)
+        self.reaper = runner.reaper
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Warm shutdown: stop taking jobs; give the current one a grace period, then requeue it.
