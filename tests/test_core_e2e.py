@@ -73,8 +73,8 @@ def test_prefer_wait_on_get_long_polls(service: Service) -> None:
 
 
 def test_prefer_wait_times_out_with_202(service: Service) -> None:
-    # 1 s is far less than this generation needs: the answer is the in-progress resource
-    r = create(service, {"prompt": "a slow one", "width": 256, "height": 256, "num_inference_steps": 40},
+    # 1 s is far less than this generation needs (about 3 s on one idle core): the answer is the in-progress resource
+    r = create(service, {"prompt": "a slow one", "width": 512, "height": 512, "num_inference_steps": 50},
                prefer="wait=1")
     assert r.status_code == 202 and r.json()["status"] in ("queued", "running")
     assert poll_until_final(service, r.json()["id"])["status"] == "succeeded"

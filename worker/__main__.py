@@ -68,9 +68,11 @@ def main() -> int:
         registry.remove()
         return 2
     from worker import state
+    from worker.finisher import Finisher
     from worker.runner import Runner
 
-    runner = Runner(r, engine, build_store(settings), settings, worker_id)
+    finisher = Finisher() if settings.finish_in_background else None
+    runner = Runner(r, engine, build_store(settings), settings, worker_id, finisher)
     state.set_runner(runner)
     registry.update(state="warming", has_refiner=int(engine.refiner is not None), model_loads=engine.load_count,
                     load_seconds=round(engine.load_seconds, 3))
@@ -89,6 +91,8 @@ def main() -> int:
     except StopRequested:
         pass  # a second signal while rq was tearing down: the warm shutdown is already done
     finally:
+        if not runner.drain(settings.shutdown_grace_seconds):
+            log.warning("results still being stored at exit: their leases lapse and they run again")
         registry.remove()
     log.info("worker stopped", extra={"worker_id": worker_id})
     return 0

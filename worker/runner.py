@@ -5,6 +5,7 @@ worker that lost its job (lease expired during a Redis outage, job handed to ano
 nothing and finishes nothing.
 """
 
+import functools
 import logging
 import threading
 import time
@@ -25,6 +26,7 @@ from app.contract.status import ErrorType
 from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
+from worker.finisher import Finisher
 from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
 from worker.settings import WorkerSettings
 
@@ -38,7 +40,7 @@ class Member:
     payload: JobPayload
     rq_job_id: str
     record: dict[str, Any] = field(default_factory=dict)
-    outcome: str | None = None  # canceled / superseded / requeue once decided
+    outcome: str | None = None  # canceled / superseded / finishing once decided
     step: int = 0  # latest progress, kept in memory (Redis sees it throttled)
     total_steps: int = 0
 
@@ -49,8 +51,9 @@ class Member:
 
 class Runner:
     def __init__(self, r: redis.Redis, engine: Engine, store: ObjectStore, settings: WorkerSettings,
-                 worker_id: str) -> None:
+                 worker_id: str, finisher: Finisher | None = None) -> None:
         self.r = r
+        self.finisher = finisher  # None: encode/store/finish inline, before the job returns
         self.engine = engine
         self.store = store
         self.settings = settings
@@ -118,7 +121,9 @@ class Runner:
                 self.execute(started)
         finally:
             with self.lock:
-                self.current.clear()
+                for m in members:  # one still finishing keeps its lease (heartbeat) until after_final
+                    if m.outcome != "finishing":
+                        self.current.pop(m.gen_id, None)
             for m in members[1:]:
                 Job(m.rq_job_id, connection=self.r, serializer=JSONSerializer).delete()
             self.feed()
@@ -253,12 +258,47 @@ class Runner:
                 return
             pipeline_seconds = time.monotonic() - t_start
             self.busy_seconds += pipeline_seconds
+            manifest = self.manifest(params)  # here: the engine belongs to this thread
+            parts = []
             offset = 0
             for m in active:
                 n = m.payload.params.num_images_per_prompt
-                self.store_and_finish(m, images[offset:offset + n], pipeline_seconds, times, len(images))
+                parts.append((m, images[offset:offset + n]))
                 offset += n
+            if self.finisher is None:
+                for m, imgs in parts:
+                    self.store_and_finish(m, imgs, manifest, pipeline_seconds, times, len(images))
+                return
+            for m, _ in parts:
+                m.outcome = "finishing"
+            self.finisher.submit(functools.partial(self.finish_in_background, parts, manifest, pipeline_seconds,
+                                                   times, len(images)))
             return
+
+    def finish_in_background(self, parts: list[tuple[Member, list[Any]]], manifest: dict[str, Any],
+                             pipeline_seconds: float, times: Any, batch_images: int) -> None:
+        for m, imgs in parts:
+            with logs.bind(request_id=m.payload.request_id, generation_id=m.gen_id):
+                try:
+                    self.store_and_finish(m, imgs, manifest, pipeline_seconds, times, batch_images)
+                except Exception:
+                    # as when a job raises: the lease lapses and the reaper runs the generation again
+                    log.exception("finishing generation %s failed; its lease will lapse", m.gen_id)
+                finally:
+                    with self.lock:
+                        self.current.pop(m.gen_id, None)
+                        self.cancel_requested.discard(m.gen_id)
+
+    def drain(self, timeout: float) -> bool:
+        """Shutdown: let results already computed be stored and finished."""
+        return self.finisher is None or self.finisher.close(timeout)
+
+    def manifest(self, params: GenerationParams) -> dict[str, Any]:
+        return {
+            "params": params.model_dump(mode="json"),
+            "scheduler_config": self.engine.scheduler_config(params.scheduler),
+            **self.engine.model_info(),
+        }
 
     def run_with_oom_fallback(self, params: GenerationParams, specs: list[ImageSpec],
                               hook: Any) -> tuple[list[Any], Any]:
@@ -281,21 +321,16 @@ class Runner:
                  "eta_seconds": progress.eta()}
         try:
             for m in members:
-                if m.outcome is None:
+                if m.outcome in (None, "finishing"):
                     self.transition(m.gen_id, m.payload.token, "running", {"progress": value})
                     self.emit(m.gen_id, EventType.progress)
         except redis.RedisError:
             log.warning("progress update failed", exc_info=True)
 
     # --- endings ----------------------------------------------------------------------------------
-    def store_and_finish(self, m: Member, images: list[Any], pipeline_seconds: float, times: Any,
-                         batch_images: int = 1) -> None:
+    def store_and_finish(self, m: Member, images: list[Any], manifest: dict[str, Any], pipeline_seconds: float,
+                         times: Any, batch_images: int = 1) -> None:
         params = m.payload.params
-        manifest = {
-            "params": params.model_dump(mode="json"),
-            "scheduler_config": self.engine.scheduler_config(params.scheduler),
-            **self.engine.model_info(),
-        }
         self.publish_progress([m], Progress(step=m.step, total_steps=m.total_steps, stage="encoding"))
         t0 = time.monotonic()
         encoded = []

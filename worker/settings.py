@@ -36,6 +36,9 @@ class WorkerSettings(StorageSettings):
 
 
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size
+    # encode/store/finish on a background thread while the next job's pipeline runs (the GPU never waits on
+    # the CPU); off: each job is finished before the worker takes the next
+    finish_in_background: bool = True
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0
