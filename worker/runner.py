@@ -19,9 +19,9 @@ from rq.serializers import JSONSerializer
 
 from app import logs
 from app.contract import keys, queueing
-from app.contract.events import TERMINAL_EVENT, EventType, emit
+from app.contract.events import TERMINAL_EVENT, EventType, emit, emit_record
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
-from app.contract.records import TRANSITION, as_str, decode, encode
+from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, encode, read_answer
 from app.contract.status import ErrorType
 from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
@@ -60,7 +60,10 @@ class Runner:
         self.worker_id = worker_id
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
+        # called directly, never inside a pipeline: redis-py then sends EVALSHA alone, not SCRIPT EXISTS first
         self._transition = r.register_script(TRANSITION)
+        self._transition_read = r.register_script(TRANSITION_READ)
+        self._start = r.register_script(START)
         self._feed = r.register_script(queueing.FEED)
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
         self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
@@ -85,12 +88,37 @@ class Runner:
         except redis.RedisError:
             log.exception("could not emit %s for %s", event, gen_id)  # events never fail a job
 
+    def emit_record(self, rec: dict[str, Any], event: EventType, also: Any = None) -> None:
+        try:
+            emit_record(self.r, rec, event, self.image_url, self.settings.generation_ttl_seconds, self.webhook_queue,
+                        self.settings.webhook_progress_interval_seconds, also=also)
+        except redis.RedisError:
+            log.exception("could not emit %s for %s", event, rec.get("id"))  # events never fail a job
+
     def transition(self, gen_id: str, token: str, allowed: str, fields: dict[str, Any]) -> str:
-        flat: list[str] = []
-        for k, v in encode(fields).items():
-            flat += [k, v]
-        res = self._transition(keys=[keys.generation(gen_id)], args=[token, allowed, *flat])
-        return res.decode() if isinstance(res, bytes) else str(res)
+        res = self._transition(keys=[keys.generation(gen_id)], args=[token, allowed, *flatten(fields)])
+        return as_str(res)
+
+    def transition_emit(self, gen_id: str, token: str, fields: dict[str, Any], event: EventType,
+                        release: bool = False) -> str:
+        """Change a running generation and append its event: two round trips (the script answers the record).
+
+        `release`: a final change, so the RUNNING entry and the lease go too (not when another worker now owns
+        the generation: those are its entries)."""
+        outcome, rec = read_answer(self._transition_read(keys=[keys.generation(gen_id)],
+                                                         args=[token, "running", *flatten(fields)]))
+
+        also = functools.partial(drop_entries, gen_id) if release and not outcome.startswith("stale") else None
+        if rec is not None:
+            self.emit_record(rec, event, also)
+        elif also is not None:
+            self.release(gen_id)
+        return outcome
+
+    def release(self, gen_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        drop_entries(gen_id, pipe)
+        pipe.execute()
 
     def feed(self) -> None:
         self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS], args=[self.settings.queue_feed_depth, keys.PREFIX])
@@ -163,36 +191,25 @@ class Runner:
             time.sleep(0.005)
 
     def start(self, m: Member) -> bool:
+        """queued -> running, lease and RUNNING entry in one script; then the `started` event."""
         now = time.time()
-        raw = self.r.hgetall(keys.generation(m.gen_id))
-        if not raw:
-            return False
-        m.record = decode(raw)
-        deadline_at = m.record.get("deadline_at")
-        if deadline_at and float(deadline_at) < now:
+        outcome, rec = read_answer(self._start(
+            keys=[keys.generation(m.gen_id), keys.lease(m.gen_id), keys.RUNNING],
+            args=[m.payload.token, self.worker_id, self.settings.lease_seconds, now, *flatten({
+                "status": "running", "started_at": now, "worker_id": self.worker_id,
+                "progress": {"step": 0, "total_steps": 0, "stage": "base", "eta_seconds": None},
+            })],
+        ))
+        if outcome == "deadline":
             self.fail_record(m.gen_id, m.payload.token, ErrorType.deadline_exceeded,
                              "the generation could not start before its deadline", allowed="queued")
             return False
-        pipe = self.r.pipeline(transaction=True)
-        self._transition(
-            keys=[keys.generation(m.gen_id)],
-            args=[m.payload.token, "queued", *sum(([k, v] for k, v in encode({
-                "status": "running", "started_at": now, "worker_id": self.worker_id,
-                "progress": {"step": 0, "total_steps": 0, "stage": "base", "eta_seconds": None},
-            }).items()), [])],
-            client=pipe,
-        )
-        pipe.set(keys.lease(m.gen_id), self.worker_id, ex=self.settings.lease_seconds)
-        pipe.sadd(keys.RUNNING, m.gen_id)
-        result = pipe.execute()[0]
-        if (result.decode() if isinstance(result, bytes) else result) != "OK":
-            self.r.delete(keys.lease(m.gen_id))
-            self.r.srem(keys.RUNNING, m.gen_id)
+        if rec is None:
             return False
-        m.record["started_at"] = str(now)
+        m.record = rec
         with self.lock:
             self.current[m.gen_id] = m
-        self.emit(m.gen_id, EventType.started)
+        self.emit_record(rec, EventType.started)
         p = m.payload.params
         # the formatter drops `prompt` unless SDXL_LOG_PROMPTS is on
         log.info("generation started", extra={
@@ -317,13 +334,11 @@ class Runner:
             return images, times
 
     def publish_progress(self, members: list[Member], progress: Progress) -> None:
-        value = {"step": progress.step, "total_steps": progress.total_steps, "stage": progress.stage,
-                 "eta_seconds": progress.eta()}
         try:
             for m in members:
                 if m.outcome in (None, "finishing"):
-                    self.transition(m.gen_id, m.payload.token, "running", {"progress": value})
-                    self.emit(m.gen_id, EventType.progress)
+                    self.transition_emit(m.gen_id, m.payload.token, {"progress": progress_value(progress)},
+                                         EventType.progress)
         except redis.RedisError:
             log.warning("progress update failed", exc_info=True)
 
@@ -340,11 +355,18 @@ class Runner:
                                           self.settings.png_compress_level)
             encoded.append((i, data, ctype, img.width, img.height))
         encoding_seconds = time.monotonic() - t0
-        # ownership check before writing: a superseded worker must not store a second result
-        if self.token_lost(m):
+        # the `uploading` change is also the ownership check before writing: a superseded worker must not
+        # store a second result, and one deleted or failed meanwhile (deadline sweep) stores nothing
+        uploading = Progress(step=m.step, total_steps=m.total_steps, stage="uploading")
+        outcome = self.transition_emit(m.gen_id, m.payload.token, {"progress": progress_value(uploading)},
+                                       EventType.progress)
+        if outcome.startswith("stale"):
             log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id)
             return
-        self.publish_progress([m], Progress(step=m.step, total_steps=m.total_steps, stage="uploading"))
+        if outcome != "OK":
+            self.release(m.gen_id)
+            self.after_final(m, outcome, EventType.succeeded)
+            return
         t1 = time.monotonic()
         records = []
         try:
@@ -373,11 +395,11 @@ class Runner:
             "batch_images": batch_images,  # images computed in the same pipeline call
         }
         total = m.total_steps
-        outcome = self.transition(m.gen_id, m.payload.token, "running", {
+        outcome = self.transition_emit(m.gen_id, m.payload.token, {
             "status": "succeeded", "finished_at": now, "images": records, "timings": timings,
             "manifest": manifest,
             "progress": {"step": total, "total_steps": total, "stage": "done", "eta_seconds": 0},
-        })
+        }, EventType.succeeded, release=True)
         self.after_final(m, outcome, EventType.succeeded)
         if outcome == "OK":
             self.jobs_done += 1
@@ -397,20 +419,16 @@ class Runner:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def token_lost(self, m: Member) -> bool:
-        token = self.r.hget(keys.generation(m.gen_id), "token")
-        return token is None or as_str(token) != m.payload.token
-
     def finish_canceled(self, m: Member) -> None:
-        outcome = self.transition(m.gen_id, m.payload.token, "running",
-                                  {"status": "canceled", "finished_at": time.time()})
+        outcome = self.transition_emit(m.gen_id, m.payload.token, {"status": "canceled", "finished_at": time.time()},
+                                       EventType.canceled, release=True)
         self.after_final(m, outcome, EventType.canceled)
 
     def fail_all(self, members: list[Member], etype: ErrorType, message: str) -> None:
         for m in members:
-            outcome = self.transition(m.gen_id, m.payload.token, "running", {
+            outcome = self.transition_emit(m.gen_id, m.payload.token, {
                 "status": "failed", "finished_at": time.time(), "error": {"type": etype.value, "message": message},
-            })
+            }, EventType.failed, release=True)
             self.after_final(m, outcome, EventType.failed)
 
     def fail_record(self, gen_id: str, token: str, etype: ErrorType, message: str, allowed: str = "queued,running"
@@ -424,15 +442,11 @@ class Runner:
             self.emit(gen_id, EventType.failed)
 
     def after_final(self, m: Member, outcome: str, event: EventType) -> None:
-        pipe = self.r.pipeline(transaction=False)
-        pipe.srem(keys.RUNNING, m.gen_id)
-        pipe.delete(keys.lease(m.gen_id))
-        pipe.execute()
+        """Local bookkeeping once `transition_emit(..., release=True)` has ended the generation."""
         with self.lock:
             self.cancel_requested.discard(m.gen_id)
             self.current.pop(m.gen_id, None)
         if outcome == "OK":
-            self.emit(m.gen_id, event)
             log.info("generation %s", event.value.rpartition(".")[2], extra={
                 "generation_id": m.gen_id, "request_id": m.payload.request_id, "attempt": m.payload.attempt})
         elif outcome.startswith("canceled") and event != EventType.canceled:
@@ -444,3 +458,19 @@ class Runner:
         self.r.delete(keys.lease(m.gen_id))
         if outcome == "failed":
             self.emit(m.gen_id, TERMINAL_EVENT["failed"])
+
+
+def flatten(fields: dict[str, Any]) -> list[str]:
+    """Record fields -> the field/value list a script's ARGV takes."""
+    return [part for pair in encode(fields).items() for part in pair]
+
+
+def progress_value(progress: Progress) -> dict[str, Any]:
+    return {"step": progress.step, "total_steps": progress.total_steps, "stage": progress.stage,
+            "eta_seconds": progress.eta()}
+
+
+def drop_entries(gen_id: str, pipe: Any) -> None:
+    """A generation this worker no longer runs: its RUNNING entry and lease go."""
+    pipe.srem(keys.RUNNING, gen_id)
+    pipe.delete(keys.lease(gen_id))

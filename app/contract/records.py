@@ -69,3 +69,35 @@ if not ok then return status end
 if #ARGV > 2 then redis.call('HSET', KEYS[1], unpack(ARGV, 3)) end
 return 'OK'
 """
+
+# TRANSITION that also answers the record it wrote: {"OK", {field, value, ...}} or {refusing status}. The
+# worker renders the event from it instead of reading the hash again (one round trip per state change).
+TRANSITION_READ = TRANSITION.replace("return 'OK'", "return {'OK', redis.call('HGETALL', KEYS[1])}").replace(
+    "return ''", "return {''}").replace("return 'stale:' .. status", "return {'stale:' .. status}").replace(
+    "if not ok then return status end", "if not ok then return {status} end")
+
+# The worker's start, atomically: queued -> running with this attempt's token, the lease and the RUNNING entry
+# (so the reaper can always find a running generation), unless its deadline has passed. KEYS: generation hash,
+# lease key, RUNNING set. ARGV: token, worker id, lease seconds, now, field/value pairs. Answers as
+# TRANSITION_READ, or {"deadline"}.
+START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {''} end
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return {'stale:' .. status} end
+if status ~= 'queued' then return {status} end
+local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_at') or '')
+if deadline and deadline < tonumber(ARGV[4]) then return {'deadline'} end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('SADD', KEYS[3], string.match(KEYS[1], '[^:]+$'))
+return {'OK', redis.call('HGETALL', KEYS[1])}
+"""
+
+
+def read_answer(res: Any) -> tuple[str, dict[str, Any] | None]:
+    """(outcome, decoded record or None) from TRANSITION_READ / START."""
+    outcome = as_str(res[0])
+    if outcome != "OK":
+        return outcome, None
+    flat = res[1]
+    return outcome, decode(dict(zip(flat[::2], flat[1::2], strict=True)))
