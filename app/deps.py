@@ -9,11 +9,12 @@ from app.generations import GenerationService
 from app.settings import Settings
 
 
-def get_service(request: Request) -> GenerationService:
+# async: FastAPI runs a plain `def` dependency in the thread pool, a hop per request for an attribute read
+async def get_service(request: Request) -> GenerationService:
     return request.app.state.service  # type: ignore[no-any-return]
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 

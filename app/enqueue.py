@@ -1,23 +1,30 @@
 """A validated request -> a generation record, an rq job, and a place in the fair-share line."""
 
+import json
 import secrets
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.utils import get_call_string, now, utcformat
 
 from app.contract import keys, queueing
 from app.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
 from app.contract.records import encode
 from app.errors import Problem, field_error
+from app.limits import ADMIT
 from app.retention import RECORD_GRACE_SECONDS
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
 
+RQ_FUNCTION = "worker.tasks.run_generation"  # by dotted path: the API never imports worker code
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
 
@@ -92,23 +99,99 @@ def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> di
 class Submission:
     gen_id: str
     record: dict[str, Any]
+    admitted: int = 0  # admission code: 0 written, 1 owner at its cap, 2 queue full (nothing written then)
+    count: int = 0  # the owner's unfinished generations when admitted, else the refusing count or depth
+    position: int | None = None  # jobs ahead of it once fed; None when not waiting
+
+
+def _lua_function(name: str, body: str) -> str:
+    """A script's text as a local function: KEYS and ARGV become its parameters, so the text runs unchanged."""
+    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+
+
+# One round trip for the whole submit: admission (app/limits.py ADMIT), the rq job hash, the generation
+# record and its indexes, the owner's fair-share line (SUBMIT), FEED and POSITION, all as they are used
+# elsewhere (the same texts, called as functions), and atomic, so a refused submit writes nothing.
+# KEYS: 1 gen hash, 2 rq job hash, 3 owner's active zset, 4 rq queue list, 5 owners zset, 6 owner's pending
+# zset, 7 owner's index zset, 8 expiry zset, 9 rq queues set.
+# ARGV: 1 gen id, 2 now, 3 admit ('1' checks the limits), 4 max unfinished, 5 max queue depth, 6 prefix,
+# 7 ttl seconds, 8 record ttl seconds, 9 pending score, 10 owner, 11 expires_at, 12 feed depth,
+# 13 rq queue key, 14 the rq job's fixed fields (JSON object of strings), 15-17 its created_at, data,
+# description, 18 the record's fields (JSON object of strings). Two JSON strings instead of ~50 arguments:
+# redis-py packs each argument in Python, cjson unpacks them in C.
+# Returns {0, unfinished, position} written, or ADMIT's refusal {1 | 2, count, -1} with nothing written.
+CREATE = (
+    _lua_function("admit", ADMIT) + _lua_function("submit", queueing.SUBMIT) + _lua_function("feed", queueing.FEED)
+    + _lua_function("position", queueing.POSITION) + """
+local count = 0
+if ARGV[3] == '1' then
+  local res = admit({KEYS[3], KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
+  if res[1] ~= 0 then return {res[1], res[2], -1} end
+  count = res[2]
+end
+local function hset(key, fields, extra)
+  for name, value in pairs(cjson.decode(fields)) do
+    extra[#extra + 1] = name
+    extra[#extra + 1] = value
+  end
+  redis.call('HSET', key, unpack(extra))
+end
+hset(KEYS[2], ARGV[14], {'created_at', ARGV[15], 'data', ARGV[16], 'description', ARGV[17]})
+hset(KEYS[1], ARGV[18], {})
+redis.call('EXPIRE', KEYS[1], ARGV[8])
+redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[8], ARGV[11], ARGV[1])
+redis.call('SADD', KEYS[9], ARGV[13])
+submit({KEYS[6], KEYS[5]}, {ARGV[1], ARGV[9], ARGV[6], ARGV[10]})
+feed({KEYS[4], KEYS[5]}, {ARGV[12], ARGV[6]})
+return {0, count, position({KEYS[1], KEYS[4]}, {ARGV[6]})}
+"""
+)
+
+
+class RqJobFields:
+    """The rq job hash of one generation attempt, as `Queue.create_job(...).save()` writes it.
+
+    rq builds the fields that never change between our jobs once, here; each submit fills in only
+    created_at, data and description with rq's own helpers (a fraction of building a Job per submit).
+    tests/test_enqueue.py checks the result against rq's own."""
+
+    def __init__(self, queue: Queue, timeout: int, result_ttl: int, failure_ttl: int, ttl: int) -> None:
+        job = queue.create_job(RQ_FUNCTION, args=[{}], job_id="template", timeout=timeout,
+                               result_ttl=result_ttl, failure_ttl=failure_ttl, ttl=ttl)
+        enc = queue.connection.get_encoder()  # the bytes redis-py would send for each value, as text
+        self.fixed = json.dumps({name: enc.encode(value).decode() for name, value in job.to_dict().items()
+                                 if name not in self.VARYING}, separators=(",", ":"))
+
+    VARYING = ("created_at", "data", "description")
+
+    @staticmethod
+    def varying(payload: dict[str, Any]) -> tuple[str, bytes, str]:
+        """created_at, data, description: what rq's Job.to_dict computes per job."""
+        call = [payload]
+        # data: zlib of the JSON of (function, instance, args, kwargs)
+        return (utcformat(now()), zlib.compress(JSONSerializer.dumps((RQ_FUNCTION, None, call, {}))),
+                get_call_string(RQ_FUNCTION, call, {}, max_length=75) or "")
 
 
 class Enqueuer:
-    """Writes everything one submission needs in one round trip, then feeds the rq queue."""
+    """Writes everything one submission needs in one round trip (CREATE): record, rq job, fair-share line."""
 
-    def __init__(self, r: redis.Redis, settings: Settings) -> None:
+    def __init__(self, r: redis.Redis, settings: Settings, ar: aredis.Redis | None = None) -> None:
         self.r = r
         self.settings = settings
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
-        self._submit = r.register_script(queueing.SUBMIT)
+        ttl = settings.generation_ttl_seconds
+        self.job_fields = RqJobFields(self.queue, settings.job_timeout_seconds, 600, ttl, ttl)
+        self._create = r.register_script(CREATE)
+        self._acreate = ar.register_script(CREATE) if ar is not None else None
         self.feed_script = r.register_script(queueing.FEED)
 
     def feed(self) -> int:
         return int(self.feed_script(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
                                     args=[self.settings.queue_feed_depth, keys.PREFIX]))
 
-    def submit(
+    def prepare(
         self,
         params: GenerationParams,
         owner: str,
@@ -118,56 +201,66 @@ class Enqueuer:
         token_counts: dict[str, int] | None = None,
         request_id: str | None = None,
         extra: dict[str, Any] | None = None,
-        gen_id: str | None = None,  # chosen earlier when an admission check or Idempotency-Key reserved it
-    ) -> Submission:
+        gen_id: str | None = None,
+        limits: tuple[int, int] | None = None,  # (max unfinished for the owner, max queue depth): admit first
+    ) -> tuple[dict[str, Any], list[str], list[Any]]:
+        """(record fields, CREATE keys, CREATE args) for one submission."""
         gen_id = gen_id or new_generation_id()
         token = secrets.token_hex(8)
         rq_job_id = f"{gen_id}-1"
-        now = time.time()
+        now_s = time.time()
         ttl = self.settings.generation_ttl_seconds
-        payload = JobPayload(generation_id=gen_id, token=token, attempt=1, params=params, request_id=request_id)
-        job = self.queue.create_job(
-            "worker.tasks.run_generation",
-            args=[payload.model_dump(mode="json")],
-            job_id=rq_job_id,
-            timeout=self.settings.job_timeout_seconds,
-            result_ttl=600,
-            failure_ttl=ttl,
-            ttl=ttl,
-        )
+        payload = JobPayload(generation_id=gen_id, token=token, attempt=1, params=params,
+                             request_id=request_id).model_dump(mode="json")
+        params_json = payload["params"]
         fields = {
             "id": gen_id,
             "owner": owner,
             "status": "queued",
-            "params": params.model_dump(mode="json"),
+            "params": params_json,
             "progress": {"step": 0, "total_steps": 0, "stage": "queued", "eta_seconds": None},
             "images": [],
             "timings": {},
             "token": token,
             "attempt": 1,
             "rq_job_id": rq_job_id,
-            "created_at": now,
-            "expires_at": now + ttl,
-            "deadline_at": now + deadline if deadline else None,
+            "created_at": now_s,
+            "expires_at": now_s + ttl,
+            "deadline_at": now_s + deadline if deadline else None,
             "batch_key": params.batch_key(),
             "webhook": webhook,
             "token_counts": token_counts,
             "request_id": request_id,
             **(extra or {}),
         }
-        record: dict[Any, Any] = encode(fields)
-        pipe = self.r.pipeline(transaction=True)
-        job.save(pipeline=pipe)
-        pipe.hset(keys.generation(gen_id), mapping=record)
-        pipe.expire(keys.generation(gen_id), ttl + RECORD_GRACE_SECONDS)  # see app.retention
-        pipe.zadd(keys.owner_index(owner), {gen_id: now})
-        pipe.zadd(keys.EXPIRY, {gen_id: now + ttl})
-        pipe.sadd(keys.RQ_QUEUES_SET, keys.RQ_QUEUE_KEY)
-        self._submit(
-            keys=[keys.pending(owner), keys.ACTIVE_OWNERS],
-            args=[gen_id, queueing.pending_score(priority, int(now * 1000)), keys.PREFIX, owner],
-            client=pipe,
-        )
-        pipe.execute()
-        self.feed()
-        return Submission(gen_id=gen_id, record=fields)
+        record = json.dumps(encode(fields), separators=(",", ":"), ensure_ascii=False)
+        cap, depth = limits or (0, 0)
+        create_keys = [keys.generation(gen_id), Job.key_for(rq_job_id), keys.active(owner),
+                       keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS, keys.pending(owner), keys.owner_index(owner),
+                       keys.EXPIRY, keys.RQ_QUEUES_SET]
+        args = [gen_id, repr(now_s), "1" if limits else "0", cap, depth, keys.PREFIX, ttl, ttl + RECORD_GRACE_SECONDS,
+                queueing.pending_score(priority, int(now_s * 1000)), owner, repr(now_s + ttl),
+                self.settings.queue_feed_depth, keys.RQ_QUEUE_KEY, self.job_fields.fixed,
+                *self.job_fields.varying(payload), record]
+        return fields, create_keys, args
+
+    @staticmethod
+    def _submission(fields: dict[str, Any], res: list[Any]) -> Submission:
+        code, count, pos = (int(x) for x in res)
+        return Submission(gen_id=fields["id"], record=fields, admitted=code, count=count,
+                          position=pos if code == 0 and pos >= 0 else None)
+
+    def submit(self, params: GenerationParams, owner: str, priority: int = 0, deadline: float | None = None,
+               webhook: dict[str, Any] | None = None, token_counts: dict[str, int] | None = None,
+               request_id: str | None = None, extra: dict[str, Any] | None = None,
+               gen_id: str | None = None) -> Submission:
+        """Blocking submit without admission limits (tools and tests)."""
+        fields, create_keys, args = self.prepare(params, owner, priority, deadline, webhook, token_counts,
+                                                 request_id, extra, gen_id)
+        return self._submission(fields, self._create(keys=create_keys, args=args))
+
+    async def submit_async(self, fields: dict[str, Any], create_keys: list[str], args: list[Any]) -> Submission:
+        """The API's submit: `prepare(..., limits=...)` then this, on the event loop (no thread hop)."""
+        if self._acreate is None:
+            raise RuntimeError("Enqueuer was built without an async Redis client")
+        return self._submission(fields, await self._acreate(keys=create_keys, args=args))

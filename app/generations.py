@@ -18,7 +18,7 @@ from app.contract import keys, queueing
 from app.contract.events import EventType, emit
 from app.contract.records import as_str, decode
 from app.contract.resource import render
-from app.enqueue import Enqueuer, new_generation_id, resolve, token_counts
+from app.enqueue import Enqueuer, resolve, token_counts
 from app.errors import Problem, field_error
 from app.idempotency import IdempotencyStore
 from app.limits import Limiter
@@ -45,7 +45,7 @@ class GenerationService:
         self.ar = ar
         self.settings = settings
         self.store = store
-        self.enqueuer = Enqueuer(r, settings)
+        self.enqueuer = Enqueuer(r, settings, ar)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._position = ar.register_script(queueing.POSITION)
         self._cancel = r.register_script(queueing.CANCEL)
@@ -87,20 +87,16 @@ class GenerationService:
         if webhook:  # pin the approved address: delivery connects there, never to a fresh DNS answer
             webhook["address"] = await run_in_threadpool(
                 ssrf.approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
-        gen_id = gen_id or new_generation_id()
-        await self.limiter.admit(principal, gen_id)  # 429 / 503 before anything is written
-        try:
-            sub = await run_in_threadpool(
-                self.enqueuer.submit, params, principal.owner, req.priority, req.deadline, webhook, counts,
-                request_id, gen_id=gen_id,
-            )
-        except Exception:
-            await self.limiter.release(principal, gen_id)  # nothing was queued: give the place back
-            raise
-        rec = {k: v for k, v in sub.record.items()}
+        # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
+        fields, create_keys, args = self.enqueuer.prepare(
+            params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, gen_id=gen_id,
+            limits=(principal.limits.max_queued, self.settings.max_queue_depth))
+        sub = await self.enqueuer.submit_async(fields, create_keys, args)
+        await self.limiter.refuse(principal, sub.admitted, sub.count)  # 429 / 503: nothing was written
+        rec = dict(sub.record)
         for k in ("created_at", "expires_at"):
             rec[k] = str(rec[k])
-        return render(rec, self.image_url, await self._queue_position(sub.gen_id))
+        return render(rec, self.image_url, sub.position)
 
     # --- read -------------------------------------------------------------------------------------
     async def record(self, gen_id: str, principal: Principal) -> dict[str, Any]:

@@ -6,6 +6,7 @@
 - Unfinished generations per owner: `sdxl:active:<owner>` holds the ids of its queued or running generations;
   ADMIT prunes the final ones lazily (nobody has to remember to decrement a counter on every path to a final
   state), checks the cap and reserves the new id in the same script, so concurrent submits cannot overshoot.
+  It runs inside app/enqueue.py's CREATE, the submit's one round trip, which writes nothing when it refuses.
 - Global queue depth: ADMIT counts what waits (rq list + every owner's pending zset). Over it: 503 with a
   Retry-After from the measured drain rate (see `drain_rate`).
 """
@@ -102,7 +103,6 @@ class Limiter:
         self.ar = ar
         self.settings = settings
         self._bucket = ar.register_script(TOKEN_BUCKET)
-        self._admit = ar.register_script(ADMIT)
 
     async def hit(self, request: Request, principal: Principal) -> None:
         """Charge one request to the principal's bucket (one round trip); 429 when it is empty."""
@@ -127,43 +127,28 @@ class Limiter:
                 headers={"Retry-After": str(wait)},
             )
 
-    async def admit(self, principal: Principal, gen_id: str) -> None:
-        """Reserve a place for `gen_id` or refuse: 429 over the key's cap, 503 when the whole queue is full."""
-        code, count = await self._admit(
-            keys=[keys.active(principal.owner), keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
-            args=[
-                gen_id,
-                time.time(),
-                principal.limits.max_queued,
-                self.settings.max_queue_depth,
-                keys.PREFIX,
-                self.settings.generation_ttl_seconds,
-            ],
-        )
-        if int(code) == 0:
+    async def refuse(self, principal: Principal, code: int, count: int) -> None:
+        """ADMIT's answer -> nothing (0, admitted), 429 (1, the key's cap) or 503 (2, the queue is full)."""
+        if code == 0:
             return
         live, per_second = await self.drain_rate()
-        if int(code) == 1:
+        if code == 1:
             wait = retry_after(1, live, per_second)
             raise Problem(
                 429,
-                f"API key {principal.name!r} already has {int(count)} unfinished generations, its limit; "
+                f"API key {principal.name!r} already has {count} unfinished generations, its limit; "
                 "wait for one to finish or cancel one",
                 kind="too-many-unfinished",
                 headers={"Retry-After": str(wait)},
             )
         limit = self.settings.max_queue_depth
-        wait = retry_after(int(count) - limit + 1, live, per_second)
+        wait = retry_after(count - limit + 1, live, per_second)
         raise Problem(
             503,
-            f"the queue is full ({int(count)} generations waiting, limit {limit}); retry in {wait} s",
+            f"the queue is full ({count} generations waiting, limit {limit}); retry in {wait} s",
             kind="queue-full",
             headers={"Retry-After": str(wait)},
         )
-
-    async def release(self, principal: Principal, gen_id: str) -> None:
-        """Give back a reservation whose submit did not happen."""
-        await self.ar.zrem(keys.active(principal.owner), gen_id)
 
     async def drain_rate(self) -> tuple[int, float]:
         """(live workers, generations per second they finish while busy), from counters every worker already
