@@ -16,6 +16,7 @@ from rq.utils import get_call_string, now, utcformat
 
 from app.contract import keys, queueing
 from app.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
+from app.contract.queueing import lua_function
 from app.contract.records import encode
 from app.errors import Problem, field_error
 from app.limits import ADMIT
@@ -104,11 +105,6 @@ class Submission:
     position: int | None = None  # jobs ahead of it once fed; None when not waiting
 
 
-def _lua_function(name: str, body: str) -> str:
-    """A script's text as a local function: KEYS and ARGV become its parameters, so the text runs unchanged."""
-    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
-
-
 # One round trip for the whole submit: admission (app/limits.py ADMIT), the rq job hash, the generation
 # record and its indexes, the owner's fair-share line (SUBMIT), FEED and POSITION, all as they are used
 # elsewhere (the same texts, called as functions), and atomic, so a refused submit writes nothing.
@@ -121,8 +117,8 @@ def _lua_function(name: str, body: str) -> str:
 # redis-py packs each argument in Python, cjson unpacks them in C.
 # Returns {0, unfinished, position} written, or ADMIT's refusal {1 | 2, count, -1} with nothing written.
 CREATE = (
-    _lua_function("admit", ADMIT) + _lua_function("submit", queueing.SUBMIT) + _lua_function("feed", queueing.FEED)
-    + _lua_function("position", queueing.POSITION) + """
+    lua_function("admit", ADMIT) + lua_function("submit", queueing.SUBMIT) + lua_function("feed", queueing.FEED)
+    + lua_function("position", queueing.POSITION) + """
 local count = 0
 if ARGV[3] == '1' then
   local res = admit({KEYS[3], KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})

@@ -32,6 +32,14 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.runner")
 
+# The start and the FEED that refills the rq queue behind the job just taken: one round trip.
+# KEYS: START's three, then FEED's two. ARGV: FEED's two (depth, prefix), then START's.
+START_AND_FEED = queueing.lua_function("start", START) + queueing.lua_function("feed", queueing.FEED) + """
+local res = start({KEYS[1], KEYS[2], KEYS[3]}, {unpack(ARGV, 3)})
+feed({KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2]})
+return res
+"""
+
 
 @dataclass
 class Member:
@@ -63,7 +71,7 @@ class Runner:
         # called directly, never inside a pipeline: redis-py then sends EVALSHA alone, not SCRIPT EXISTS first
         self._transition = r.register_script(TRANSITION)
         self._transition_read = r.register_script(TRANSITION_READ)
-        self._start = r.register_script(START)
+        self._start = r.register_script(START_AND_FEED)
         self._feed = r.register_script(queueing.FEED)
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
         self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
@@ -142,9 +150,8 @@ class Runner:
         members = [Member(payload, rq_job_id)]
         if self.settings.batch_max > 1:
             members += self.claim_compatible(payload.params)
-        started = [m for m in members if self.start(m)]
+        started = [m for m in members if self.start(m)]  # each start also refills the rq queue (FEED)
         try:
-            self.feed()
             if started:
                 self.execute(started)
         finally:
@@ -154,7 +161,8 @@ class Runner:
                         self.current.pop(m.gen_id, None)
             for m in members[1:]:
                 Job(m.rq_job_id, connection=self.r, serializer=JSONSerializer).delete()
-            self.feed()
+            if len(members) > 1:
+                self.feed()  # the batch took more than one job off the rq queue
         return {"generations": [m.gen_id for m in members]}
 
     def rq_exception_handler(self, job: Job, exc_type: type, exc_value: BaseException, tb: Any) -> bool:
@@ -191,11 +199,13 @@ class Runner:
             time.sleep(0.005)
 
     def start(self, m: Member) -> bool:
-        """queued -> running, lease and RUNNING entry in one script; then the `started` event."""
+        """queued -> running, lease and RUNNING entry (and a FEED) in one script; then the `started` event."""
         now = time.time()
         outcome, rec = read_answer(self._start(
-            keys=[keys.generation(m.gen_id), keys.lease(m.gen_id), keys.RUNNING],
-            args=[m.payload.token, self.worker_id, self.settings.lease_seconds, now, *flatten({
+            keys=[keys.generation(m.gen_id), keys.lease(m.gen_id), keys.RUNNING, keys.RQ_QUEUE_KEY,
+                  keys.ACTIVE_OWNERS],
+            args=[self.settings.queue_feed_depth, keys.PREFIX,
+                  m.payload.token, self.worker_id, self.settings.lease_seconds, now, *flatten({
                 "status": "running", "started_at": now, "worker_id": self.worker_id,
                 "progress": {"step": 0, "total_steps": 0, "stage": "base", "eta_seconds": None},
             })],

@@ -171,6 +171,15 @@ class SDXLWorker(SimpleWorker):
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
 
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        """rq's heartbeat (HSET + 2 EXPIREs) in one round trip: rq beats several times around every job."""
+        if pipeline is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        pipe = self.connection.pipeline(transaction=False)
+        super().heartbeat(timeout, pipe)
+        pipe.execute()
+
     def execute_job(self, job: Any, queue: Queue) -> None:
         payload = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
         # rq's own lines about this job carry the ids too, not just ours

@@ -13,6 +13,12 @@ from app.contract import keys
 PRIORITY_SPAN = 10**13  # score = -priority * span + arrival ms: higher priority first, FIFO within
 
 
+def lua_function(name: str, body: str) -> str:
+    """A script's text as a local function: KEYS and ARGV become its parameters, so the text runs unchanged
+    inside a larger script (several steps, one round trip)."""
+    return f"local function {name}(KEYS, ARGV)\n{body}\nend\n"
+
+
 def pending_score(priority: int, arrival_ms: int) -> int:
     return -priority * PRIORITY_SPAN + arrival_ms
 
