@@ -9,11 +9,13 @@ import functools
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from rq import Queue
+from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -32,13 +34,32 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.runner")
 
-# The start and the FEED that refills the rq queue behind the job just taken: one round trip.
-# KEYS: START's three, then FEED's two. ARGV: FEED's two (depth, prefix), then START's.
+# The start and the FEED that refills the rq queue behind the job just taken: one round trip. A job this
+# worker claimed itself (CLAIM_NEXT, ARGV[3] = '1') also leaves rq's intermediate list and its rq job hash
+# goes: from here on the generation record, its lease and RUNNING entry are what the reaper watches.
+# KEYS: START's three, FEED's two, the intermediate list, the rq job hash. ARGV: FEED's two (depth, prefix),
+# the claimed flag, the rq job id, then START's.
 START_AND_FEED = queueing.lua_function("start", START) + queueing.lua_function("feed", queueing.FEED) + """
-local res = start({KEYS[1], KEYS[2], KEYS[3]}, {unpack(ARGV, 3)})
+local res = start({KEYS[1], KEYS[2], KEYS[3]}, {unpack(ARGV, 5)})
+if ARGV[3] == '1' then
+  redis.call('LREM', KEYS[6], 1, ARGV[4])
+  redis.call('DEL', KEYS[7])
+end
 feed({KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2]})
 return res
 """
+
+# The next job straight off the rq queue, without rq's per-job bookkeeping (about a dozen round trips): moved
+# into rq's intermediate list as rq's own dequeue does, so a worker killed before its start leaves it where
+# the reaper's rescue finds it. KEYS: rq queue, intermediate list. ARGV: rq job key prefix.
+# Returns {job id, job data} or nil.
+CLAIM_NEXT = """
+local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
+if not id then return nil end
+return {id, redis.call('HGET', ARGV[1] .. id, 'data')}
+"""
+RQ_FUNCTION = "worker.tasks.run_generation"
+INTERMEDIATE_KEY = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
 
 
 @dataclass
@@ -47,6 +68,7 @@ class Member:
 
     payload: JobPayload
     rq_job_id: str
+    claimed: bool = False  # taken off the rq queue by this worker (CLAIM_NEXT), not dequeued by rq
     record: dict[str, Any] = field(default_factory=dict)
     outcome: str | None = None  # canceled / superseded / finishing once decided
     step: int = 0  # latest progress, kept in memory (Redis sees it throttled)
@@ -72,6 +94,8 @@ class Runner:
         self._transition = r.register_script(TRANSITION)
         self._transition_read = r.register_script(TRANSITION_READ)
         self._start = r.register_script(START_AND_FEED)
+        self._claim_next = r.register_script(CLAIM_NEXT)
+        self.stopping = threading.Event()  # set on SIGTERM: no more chained jobs
         self._feed = r.register_script(queueing.FEED)
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
         self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
@@ -133,11 +157,47 @@ class Runner:
 
     # --- entry point (rq calls this through worker.tasks.run_generation) -------------------------
     def run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
+        """The rq job, then (`SDXL_CHAIN_SECONDS`) the jobs queued behind it, taken straight off the rq queue
+        so the model does not wait on rq's bookkeeping between two generations."""
+        result = self.run_bound(raw_payload, rq_job_id, claimed=False)
+        until = time.monotonic() + self.settings.chain_seconds
+        while time.monotonic() < until and not self.stopping.is_set():
+            claimed = self.claim_next()
+            if claimed is None:
+                break
+            payload, job_id = claimed
+            try:
+                self.run_bound(payload, job_id, claimed=True)
+            except Exception as exc:
+                # not rq's job: rq would fail the first generation for it. This one fails, typed; the chain ends.
+                log.exception("claimed job %s failed", job_id)
+                self.fail_record(str(payload.get("generation_id", "")), str(payload.get("token", "")),
+                                 ErrorType.pipeline_error, f"{type(exc).__name__} in the worker")
+                break
+        return result
+
+    def claim_next(self) -> tuple[dict[str, Any], str] | None:
+        res = self._claim_next(keys=[keys.RQ_QUEUE_KEY, INTERMEDIATE_KEY], args=[Job.redis_job_namespace_prefix])
+        if not res:
+            return None
+        job_id, data = as_str(res[0]), res[1]
+        try:
+            func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(data))
+            if func != RQ_FUNCTION or not args or not isinstance(args[0], dict):
+                raise ValueError(f"not a generation job: {func}")
+        except Exception:
+            # not ours to run: back to the head of the queue for rq, which fails it through its own handler
+            log.warning("job %s cannot be claimed; left to rq", job_id)
+            self.r.lmove(INTERMEDIATE_KEY, keys.RQ_QUEUE_KEY, "RIGHT", "LEFT")
+            return None
+        return args[0], job_id
+
+    def run_bound(self, raw_payload: dict[str, Any], rq_job_id: str, claimed: bool) -> dict[str, Any]:
         # every line logged for this job carries its ids (app/logs.py), so it can be followed from the API
         with logs.bind(request_id=raw_payload.get("request_id"), generation_id=raw_payload.get("generation_id")):
-            return self._run_job(raw_payload, rq_job_id)
+            return self._run_job(raw_payload, rq_job_id, claimed)
 
-    def _run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
+    def _run_job(self, raw_payload: dict[str, Any], rq_job_id: str, claimed: bool = False) -> dict[str, Any]:
         version = int(raw_payload.get("v", 0))
         gen_id = str(raw_payload.get("generation_id", ""))
         if version > PAYLOAD_VERSION or not gen_id:
@@ -147,7 +207,7 @@ class Runner:
                              f"payload version {version} is newer than this worker understands")
             return {"status": "failed"}
         payload = JobPayload.model_validate(raw_payload)
-        members = [Member(payload, rq_job_id)]
+        members = [Member(payload, rq_job_id, claimed)]
         if self.settings.batch_max > 1:
             members += self.claim_compatible(payload.params)
         started = [m for m in members if self.start(m)]  # each start also refills the rq queue (FEED)
@@ -203,8 +263,8 @@ class Runner:
         now = time.time()
         outcome, rec = read_answer(self._start(
             keys=[keys.generation(m.gen_id), keys.lease(m.gen_id), keys.RUNNING, keys.RQ_QUEUE_KEY,
-                  keys.ACTIVE_OWNERS],
-            args=[self.settings.queue_feed_depth, keys.PREFIX,
+                  keys.ACTIVE_OWNERS, INTERMEDIATE_KEY, Job.key_for(m.rq_job_id)],
+            args=[self.settings.queue_feed_depth, keys.PREFIX, int(m.claimed), m.rq_job_id,
                   m.payload.token, self.worker_id, self.settings.lease_seconds, now, *flatten({
                 "status": "running", "started_at": now, "worker_id": self.worker_id,
                 "progress": {"step": 0, "total_steps": 0, "stage": "base", "eta_seconds": None},

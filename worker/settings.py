@@ -39,6 +39,10 @@ class WorkerSettings(StorageSettings):
     # encode/store/finish on a background thread while the next job's pipeline runs (the GPU never waits on
     # the CPU); off: each job is finished before the worker takes the next
     finish_in_background: bool = True
+    # after its rq job, the worker takes the jobs queued behind it straight off the rq queue for this long
+    # (rq's ~12 round trips of bookkeeping per job skipped); 0: one job per rq dequeue. Keep it well below the
+    # API's SDXL_JOB_TIMEOUT_SECONDS, which bounds the first job's execution and so the whole chain.
+    chain_seconds: float = Field(default=30.0, ge=0)
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0

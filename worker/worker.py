@@ -164,6 +164,7 @@ class SDXLWorker(SimpleWorker):
         # no Redis round trip inside a signal handler (the interrupted code may hold the pool's lock): the
         # heartbeat thread publishes the new state within a beat
         self.registry.fields["state"] = "stopping"
+        self.runner.stopping.set()  # the job in hand is the last: no more are taken off the queue
         try:
             super().request_stop(signum, frame)
         finally:

@@ -1,0 +1,106 @@
+"""Chaining (worker/runner.py `run_job`): after its rq job the worker takes the jobs queued behind it straight
+off the rq queue, skipping rq's per-job bookkeeping, without losing one to a crash, a cancel or a stop.
+
+Stand-in engine (no GPU here); Redis, rq's job hashes and lists, the local store, the state machine and the
+reaper are real.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from app.contract import keys
+from app.contract.params import GenerationParams
+from app.enqueue import Enqueuer
+from app.settings import Settings
+from app.storage import LocalStore
+from tests.test_runner_oom import OOMEngine, record
+from worker.runner import INTERMEDIATE_KEY, Runner
+from worker.settings import WorkerSettings
+
+
+def queue_jobs(r: Any, n: int) -> list[str]:
+    """n generations fed into the rq queue (feed depth raised so all of them are there), oldest first."""
+    enq = Enqueuer(r, Settings(queue_feed_depth=n + 1))
+    params = GenerationParams(prompt="p", width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=1)
+    return [enq.submit(params, owner="open").gen_id for _ in range(n)]
+
+
+def dequeue(r: Any) -> tuple[dict[str, Any], str]:
+    """What rq's dequeue hands the worker: the head job, moved to the intermediate list."""
+    job_id = r.lmove(keys.RQ_QUEUE_KEY, INTERMEDIATE_KEY, "LEFT", "RIGHT").decode()
+    return Job.fetch(job_id, connection=r, serializer=JSONSerializer).args[0], job_id
+
+
+def make_runner(r: Any, tmp_path: Path, engine: OOMEngine | None = None, **settings: Any) -> Runner:
+    return Runner(r, engine or OOMEngine(fits=4), LocalStore(tmp_path),  # type: ignore[arg-type]
+                  WorkerSettings(**settings), "test-worker")
+
+
+def test_one_rq_job_runs_the_jobs_queued_behind_it(redis_client: Any, tmp_path: Path) -> None:
+    ids = queue_jobs(redis_client, 3)
+    engine = OOMEngine(fits=4)
+    runner = make_runner(redis_client, tmp_path, engine)
+    payload, job_id = dequeue(redis_client)
+    result = runner.run_job(payload, job_id)
+    assert result["generations"] == [ids[0]]  # rq's result is its own job's
+    assert engine.calls == [1, 1, 1]
+    assert [record(redis_client, g)["status"] for g in ids] == ["succeeded"] * 3
+    # the claimed jobs left no trace in rq: queue and intermediate list empty, their job hashes gone
+    assert redis_client.llen(keys.RQ_QUEUE_KEY) == 0
+    redis_client.lrem(INTERMEDIATE_KEY, 1, job_id)  # rq's own prepare does this for the dequeued job
+    assert redis_client.llen(INTERMEDIATE_KEY) == 0
+    assert [redis_client.exists(Job.key_for(f"{g}-1")) for g in ids[1:]] == [0, 0]
+    assert redis_client.exists(Job.key_for(job_id)) == 1  # rq still owns (and finishes) its own job
+    assert redis_client.scard(keys.RUNNING) == 0
+
+
+def test_chaining_off_or_stopping_runs_only_the_rq_job(redis_client: Any, tmp_path: Path) -> None:
+    ids = queue_jobs(redis_client, 3)
+    off = make_runner(redis_client, tmp_path, chain_seconds=0)
+    off.run_job(*dequeue(redis_client))
+    stopping = make_runner(redis_client, tmp_path)
+    stopping.stopping.set()  # SIGTERM: the job in hand is the last
+    stopping.run_job(*dequeue(redis_client))
+    assert [record(redis_client, g)["status"] for g in ids] == ["succeeded", "succeeded", "queued"]
+    assert redis_client.llen(keys.RQ_QUEUE_KEY) == 1
+
+
+def test_a_worker_killed_between_claim_and_start_loses_nothing(redis_client: Any, tmp_path: Path) -> None:
+    (gen,) = queue_jobs(redis_client, 1)
+    dead = make_runner(redis_client, tmp_path)
+    claimed = dead.claim_next()  # ... and the worker dies here, before its start
+    assert claimed is not None and redis_client.llen(keys.RQ_QUEUE_KEY) == 0
+    assert record(redis_client, gen)["status"] == "queued"
+    reaper = make_runner(redis_client, tmp_path).reaper
+    reaper.stranded_after = 0
+    assert reaper.rescue_stranded() == []  # first sighting
+    assert reaper.rescue_stranded() == [gen]  # still unstarted on the next sweep: back in line
+    survivor = make_runner(redis_client, tmp_path)
+    survivor.run_job(*dequeue(redis_client))
+    assert record(redis_client, gen)["status"] == "succeeded"
+
+
+def test_a_claimed_job_canceled_before_its_start_never_runs(redis_client: Any, tmp_path: Path) -> None:
+    (gen,) = queue_jobs(redis_client, 1)
+    engine = OOMEngine(fits=4)
+    runner = make_runner(redis_client, tmp_path, engine)
+    claimed = runner.claim_next()
+    assert claimed is not None
+    # the API's cancel of a queued generation (CANCEL script) lands between claim and start
+    redis_client.hset(keys.generation(gen), mapping={"status": "canceled", "cancel": "1"})
+    runner.run_bound(*claimed, claimed=True)
+    assert engine.calls == [] and record(redis_client, gen)["status"] == "canceled"
+    assert redis_client.llen(INTERMEDIATE_KEY) == 0 and not redis_client.exists(Job.key_for(claimed[1]))
+
+
+def test_a_job_that_is_not_a_generation_is_left_to_rq(redis_client: Any, tmp_path: Path) -> None:
+    (gen,) = queue_jobs(redis_client, 1)
+    job_id = f"{gen}-1"
+    redis_client.hset(Job.key_for(job_id), "data", b"not zlib")
+    runner = make_runner(redis_client, tmp_path)
+    assert runner.claim_next() is None
+    assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [job_id.encode()]  # back at the head
+    assert redis_client.llen(INTERMEDIATE_KEY) == 0
