@@ -6,12 +6,21 @@ Nothing run-specific (ids, timestamps) goes into the file, so the same parameter
 import hashlib
 import io
 import json
+import struct
+import zlib
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from app.contract.params import CONTENT_TYPES, OutputFormat
+
+cv2: Any
+try:  # installed with the worker (invisible-watermark needs it); Pillow encodes PNGs where it is missing
+    import cv2
+except ImportError:  # pragma: no cover - the worker extra always has it
+    cv2 = None
 
 MANIFEST_KEY = "sdxl-manifest"
 EXIF_IMAGE_DESCRIPTION = 0x010E
@@ -21,10 +30,11 @@ def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[s
            png_level: int = 1) -> tuple[bytes, str]:
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     buf = io.BytesIO()
+    if fmt == OutputFormat.png and cv2 is not None and image.mode == "RGB":
+        return png_with_text(image, MANIFEST_KEY, text, png_level), CONTENT_TYPES[fmt]
     if fmt == OutputFormat.png:
         info = PngInfo()
         info.add_text(MANIFEST_KEY, text)
-        # zlib level 1: ~5x faster than 6 on the worker's critical path, files ~15-25% larger
         image.save(buf, format="PNG", pnginfo=info, compress_level=png_level)
     else:
         exif = Image.Exif()
@@ -32,6 +42,24 @@ def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[s
         pil_format = "JPEG" if fmt == OutputFormat.jpeg else "WEBP"
         image.convert("RGB").save(buf, format=pil_format, quality=quality, exif=exif.tobytes())
     return buf.getvalue(), CONTENT_TYPES[fmt]
+
+
+def png_with_text(image: Image.Image, key: str, text: str, level: int) -> bytes:
+    """PNG through libpng (OpenCV) with the Sub row filter, plus one tEXt chunk.
+
+    Pillow always tries every row filter (adaptive), which dominates its time at low zlib levels: at level 1,
+    Sub alone is 1.8x faster on a 256 px noise image and 2.6x on a smooth 1024 px one, with files within a few
+    percent (BENCHMARKS.md). `text` must be Latin-1 (the manifest is ASCII JSON)."""
+    bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
+    ok, out = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, level,
+                                         cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    png = out.tobytes()
+    body = b"tEXt" + key.encode("latin-1") + b"\0" + text.encode("latin-1")
+    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, its 13 bytes, its CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
 
 
 def read_manifest(data: bytes) -> dict[str, Any]:
