@@ -104,3 +104,11 @@ def test_a_job_that_is_not_a_generation_is_left_to_rq(redis_client: Any, tmp_pat
     assert runner.claim_next() is None
     assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [job_id.encode()]  # back at the head
     assert redis_client.llen(INTERMEDIATE_KEY) == 0
+
+
+def test_no_job_is_claimed_past_a_quarter_of_the_rq_timeout(redis_client: Any, tmp_path: Path) -> None:
+    """rq's timeout covers the whole call: a short one (here 0: already spent) leaves the rest to rq."""
+    ids = queue_jobs(redis_client, 2)
+    runner = make_runner(redis_client, tmp_path)
+    runner.run_job(*dequeue(redis_client), rq_timeout=0.0001)
+    assert [record(redis_client, g)["status"] for g in ids] == ["succeeded", "queued"]

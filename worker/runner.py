@@ -156,11 +156,19 @@ class Runner:
         self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS], args=[self.settings.queue_feed_depth, keys.PREFIX])
 
     # --- entry point (rq calls this through worker.tasks.run_generation) -------------------------
-    def run_job(self, raw_payload: dict[str, Any], rq_job_id: str) -> dict[str, Any]:
+    def run_job(self, raw_payload: dict[str, Any], rq_job_id: str, rq_timeout: float | None = None
+                ) -> dict[str, Any]:
         """The rq job, then (`SDXL_CHAIN_SECONDS`) the jobs queued behind it, taken straight off the rq queue
-        so the model does not wait on rq's bookkeeping between two generations."""
+        so the model does not wait on rq's bookkeeping between two generations.
+
+        rq's timeout for the first job bounds the whole call, so no job is claimed past a quarter of it: the
+        last one claimed still has three quarters, more than one generation is allowed."""
+        t0 = time.monotonic()
         result = self.run_bound(raw_payload, rq_job_id, claimed=False)
-        until = time.monotonic() + self.settings.chain_seconds
+        budget = self.settings.chain_seconds
+        if rq_timeout is not None and rq_timeout > 0:
+            budget = min(budget, rq_timeout / 4)
+        until = t0 + budget
         while time.monotonic() < until and not self.stopping.is_set():
             claimed = self.claim_next()
             if claimed is None:

@@ -40,8 +40,8 @@ class WorkerSettings(StorageSettings):
     # the CPU); off: each job is finished before the worker takes the next
     finish_in_background: bool = True
     # after its rq job, the worker takes the jobs queued behind it straight off the rq queue for this long
-    # (rq's ~12 round trips of bookkeeping per job skipped); 0: one job per rq dequeue. Keep it well below the
-    # API's SDXL_JOB_TIMEOUT_SECONDS, which bounds the first job's execution and so the whole chain.
+    # (rq's ~12 round trips of bookkeeping per job skipped); 0: one job per rq dequeue. At most a quarter of
+    # the rq job's timeout (the API's SDXL_JOB_TIMEOUT_SECONDS), which bounds the whole chain.
     chain_seconds: float = Field(default=30.0, ge=0)
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     queue_feed_depth: int = 4
