@@ -112,3 +112,18 @@ def test_no_job_is_claimed_past_a_quarter_of_the_rq_timeout(redis_client: Any, t
     runner = make_runner(redis_client, tmp_path)
     runner.run_job(*dequeue(redis_client), rq_timeout=0.0001)
     assert [record(redis_client, g)["status"] for g in ids] == ["succeeded", "queued"]
+
+
+def test_a_claimed_job_from_a_newer_api_fails_typed_and_leaves_no_claim(redis_client: Any, tmp_path: Path) -> None:
+    ids = queue_jobs(redis_client, 2)
+    runner = make_runner(redis_client, tmp_path)
+    first = dequeue(redis_client)
+    job_id = f"{ids[1]}-1"
+    newer = Job.fetch(job_id, connection=redis_client, serializer=JSONSerializer)
+    newer.args = [{**newer.args[0], "v": 99}]  # a payload version this worker does not know
+    newer.save()
+    runner.run_job(*first)
+    rec = record(redis_client, ids[1])
+    assert rec["status"] == "failed" and rec["error"]["type"] == "invalid_payload"
+    assert redis_client.lrange(INTERMEDIATE_KEY, 0, -1) == [first[1].encode()]  # only rq's own dequeued job
+    assert not redis_client.exists(Job.key_for(job_id))

@@ -181,6 +181,7 @@ class Runner:
                 log.exception("claimed job %s failed", job_id)
                 self.fail_record(str(payload.get("generation_id", "")), str(payload.get("token", "")),
                                  ErrorType.pipeline_error, f"{type(exc).__name__} in the worker")
+                self.drop_claim(job_id)
                 break
         return result
 
@@ -200,6 +201,13 @@ class Runner:
             return None
         return args[0], job_id
 
+    def drop_claim(self, job_id: str) -> None:
+        """A claimed job that never reached its start (which drops the claim itself)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.lrem(INTERMEDIATE_KEY, 1, job_id)
+        pipe.delete(Job.key_for(job_id))
+        pipe.execute()
+
     def run_bound(self, raw_payload: dict[str, Any], rq_job_id: str, claimed: bool) -> dict[str, Any]:
         # every line logged for this job carries its ids (app/logs.py), so it can be followed from the API
         with logs.bind(request_id=raw_payload.get("request_id"), generation_id=raw_payload.get("generation_id")):
@@ -213,6 +221,8 @@ class Runner:
             log.error("payload version %s not supported (max %s)", version, PAYLOAD_VERSION)
             self.fail_record(gen_id, raw_payload.get("token", ""), ErrorType.invalid_payload,
                              f"payload version {version} is newer than this worker understands")
+            if claimed:
+                self.drop_claim(rq_job_id)
             return {"status": "failed"}
         payload = JobPayload.model_validate(raw_payload)
         members = [Member(payload, rq_job_id, claimed)]
@@ -383,6 +393,7 @@ class Runner:
                     with self.lock:
                         self.current.pop(m.gen_id, None)
                         self.cancel_requested.discard(m.gen_id)
+                        self.superseded.discard(m.gen_id)
 
     def drain(self, timeout: float) -> bool:
         """Shutdown: let results already computed be stored and finished."""
@@ -523,6 +534,7 @@ class Runner:
         """Local bookkeeping once `transition_emit(..., release=True)` has ended the generation."""
         with self.lock:
             self.cancel_requested.discard(m.gen_id)
+            self.superseded.discard(m.gen_id)
             self.current.pop(m.gen_id, None)
         if outcome == "OK":
             log.info("generation %s", event.value.rpartition(".")[2], extra={
