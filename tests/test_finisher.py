@@ -14,7 +14,8 @@ import pytest
 
 from app.contract import keys
 from app.storage import LocalStore
-from tests.test_runner_oom import OOMEngine, record, submit
+from tests.test_chain import dequeue, queue_jobs
+from tests.test_runner_oom import OOMEngine, record
 from worker.finisher import Finisher
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -68,23 +69,22 @@ def test_drain_times_out_while_a_task_is_stuck() -> None:
 
 
 def test_next_pipeline_call_overlaps_the_previous_upload(redis_client: Any, tmp_path: Path) -> None:
-    engine = OOMEngine(fits=4)
     store = GatedStore(tmp_path)
+    stored_when_second_began: list[int] = []
+
+    class Engine(OOMEngine):
+        def run(self, params: Any, specs: list[Any], hook: Any) -> Any:
+            if len(self.calls) == 1:  # the second pipeline call begins while the first upload is held
+                stored_when_second_began.append(store.puts)
+                store.gate.set()
+            return super().run(params, specs, hook)
+
+    engine = Engine(fits=4)
     runner = Runner(redis_client, engine, store, WorkerSettings(), "test-worker", Finisher())  # type: ignore[arg-type]
-    job1, p1 = submit(redis_client, n_images=1)
-    gen1 = p1.pop("_gen")
-    job2, p2 = submit(redis_client, n_images=1)
-    gen2 = p2.pop("_gen")
-
-    runner.run_job(p1, job1)  # returns with gen1's upload still blocked
-    assert record(redis_client, gen1)["status"] == "running"
-    assert gen1 in runner.current  # the heartbeat keeps renewing its lease meanwhile
-    runner.run_job(p2, job2)  # the pipeline ran for gen2 while gen1 was still uploading
-    assert engine.calls == [1, 1]
-    assert record(redis_client, gen2)["status"] == "running"
-
-    store.gate.set()
+    gen1, gen2 = queue_jobs(redis_client, 2)
+    runner.run_job(*dequeue(redis_client))  # gen1 from rq, gen2 chained behind it
     assert runner.drain(10)
+    assert engine.calls == [1, 1] and stored_when_second_began == [0]
     r1, r2 = record(redis_client, gen1), record(redis_client, gen2)
     assert r1["status"] == r2["status"] == "succeeded"
     assert store.puts == 2 and len(r1["images"]) == len(r2["images"]) == 1
@@ -92,6 +92,19 @@ def test_next_pipeline_call_overlaps_the_previous_upload(redis_client: Any, tmp_
     assert redis_client.scard(keys.RUNNING) == 0 and not redis_client.exists(keys.lease(gen1))
     # gen2's pipeline started before gen1 was finished: the model did not wait for the upload
     assert float(r2["started_at"]) < float(r1["finished_at"])
+
+
+def test_with_nothing_waiting_the_result_is_finished_before_the_job_returns(redis_client: Any,
+                                                                            tmp_path: Path) -> None:
+    store = GatedStore(tmp_path)
+    store.gate.set()
+    finisher = Finisher()
+    runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(), "test-worker",  # type: ignore[arg-type]
+                    finisher)
+    (gen,) = queue_jobs(redis_client, 1)
+    runner.run_job(*dequeue(redis_client))
+    assert record(redis_client, gen)["status"] == "succeeded"  # no hand-off: nothing to overlap with
+    assert finisher.drain(0)
 
 
 @pytest.mark.parametrize("error", [RuntimeError("disk on fire"), OSError(28, "No space left on device")])
@@ -103,9 +116,8 @@ def test_a_failure_while_finishing_lets_the_lease_lapse(redis_client: Any, tmp_p
     store.gate.set()
     runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(), "test-worker",  # type: ignore[arg-type]
                     Finisher())
-    job, payload = submit(redis_client, n_images=1)
-    gen = payload.pop("_gen")
-    runner.run_job(payload, job)
+    gen, _waiting = queue_jobs(redis_client, 2)  # a second job waits, so the first is finished in the background
+    runner.run_job(*dequeue(redis_client), rq_timeout=0.0001)  # (and it is not chained)
     assert runner.drain(10)
     assert gen not in runner.current  # no more lease renewals for it
     rec = record(redis_client, gen)

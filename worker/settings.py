@@ -36,8 +36,8 @@ class WorkerSettings(StorageSettings):
 
 
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size
-    # encode/store/finish on a background thread while the next job's pipeline runs (the GPU never waits on
-    # the CPU); off: each job is finished before the worker takes the next
+    # when another job waits, encode/store/finish on a background thread while the next job's pipeline runs
+    # (the GPU never waits on the CPU); off: each job is finished before the worker takes the next
     finish_in_background: bool = True
     # after its rq job, the worker takes the jobs queued behind it straight off the rq queue for this long
     # (rq's ~12 round trips of bookkeeping per job skipped); 0: one job per rq dequeue. At most a quarter of
