@@ -101,9 +101,17 @@ def test_a_job_that_is_not_a_generation_is_left_to_rq(redis_client: Any, tmp_pat
     job_id = f"{gen}-1"
     redis_client.hset(Job.key_for(job_id), "data", b"not zlib")
     runner = make_runner(redis_client, tmp_path)
+    claim = runner._claim_next
+
+    def claim_then_another_worker_dequeues(**kw: Any) -> Any:
+        res = claim(**kw)
+        redis_client.rpush(INTERMEDIATE_KEY, "other-job")  # rq's dequeue in another worker, meanwhile
+        return res
+
+    runner._claim_next = claim_then_another_worker_dequeues  # type: ignore[assignment]
     assert runner.claim_next() is None
     assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [job_id.encode()]  # back at the head
-    assert redis_client.llen(INTERMEDIATE_KEY) == 0
+    assert redis_client.lrange(INTERMEDIATE_KEY, 0, -1) == [b"other-job"]  # the other worker's stays put
 
 
 def test_no_job_is_claimed_past_a_quarter_of_the_rq_timeout(redis_client: Any, tmp_path: Path) -> None:

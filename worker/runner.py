@@ -197,7 +197,10 @@ class Runner:
         except Exception:
             # not ours to run: back to the head of the queue for rq, which fails it through its own handler
             log.warning("job %s cannot be claimed; left to rq", job_id)
-            self.r.lmove(INTERMEDIATE_KEY, keys.RQ_QUEUE_KEY, "RIGHT", "LEFT")
+            pipe = self.r.pipeline(transaction=True)  # this id, not whatever another worker moved in meanwhile
+            pipe.lrem(INTERMEDIATE_KEY, 1, job_id)
+            pipe.lpush(keys.RQ_QUEUE_KEY, job_id)
+            pipe.execute()
             return None
         return args[0], job_id
 
