@@ -151,7 +151,7 @@ class GenerationService:
     # --- cancel -----------------------------------------------------------------------------------
     def _cancel_sync(self, gen_id: str) -> str:
         raw = self._cancel(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY], args=[keys.PREFIX, time.time()])
-        result = raw.decode() if isinstance(raw, bytes) else str(raw)
+        result = as_str(raw)
         if result == "canceled:new":
             emit(self.r, gen_id, EventType.canceled, self.image_url, self.settings.generation_ttl_seconds,
                  self.webhook_queue)

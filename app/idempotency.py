@@ -18,6 +18,7 @@ import redis.asyncio as aredis
 
 from app.auth import Principal
 from app.contract import keys
+from app.contract.records import as_str
 from app.enqueue import new_generation_id
 from app.errors import Problem
 from app.schemas import GenerationCreate
@@ -66,7 +67,7 @@ class IdempotencyStore:
         )
         if held is None:
             return None
-        held_fp, held_id, claimed = (held.decode() if isinstance(held, bytes) else str(held)).split(" ")
+        held_fp, held_id, claimed = as_str(held).split(" ")
         return held_fp, held_id, float(claimed)
 
     async def release(self, owner: str, key: str, gen_id: str) -> None:

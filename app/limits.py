@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Principal
 from app.contract import keys
+from app.contract.records import as_str
 from app.errors import Problem
 from app.settings import Settings
 
@@ -159,7 +160,7 @@ class Limiter:
             return 0, 0.0
         pipe = self.ar.pipeline(transaction=False)
         for wid in ids:
-            name = wid.decode() if isinstance(wid, bytes) else str(wid)
+            name = as_str(wid)
             pipe.hmget(keys.worker(name), ["jobs_done", "busy_seconds"])
         live, per_second = 0, 0.0
         for jobs, busy in await pipe.execute():

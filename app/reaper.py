@@ -14,7 +14,7 @@ from rq.serializers import JSONSerializer
 
 from app.contract import keys, queueing, stats
 from app.contract.params import JobPayload
-from app.contract.records import decode
+from app.contract.records import as_str, decode
 
 log = logging.getLogger("app.reaper")
 
@@ -77,7 +77,7 @@ class Reaper:
         res = self._requeue(keys=[keys.generation(gen_id), keys.ACTIVE_OWNERS],
                             args=[expected_token, token, rq_job_id, keys.PREFIX,
                                   self.max_attempts + int(spare_attempt), time.time()])
-        outcome = res.decode() if isinstance(res, bytes) else str(res)
+        outcome = as_str(res)
         if outcome != "requeued":
             job.delete()
         else:

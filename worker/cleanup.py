@@ -25,7 +25,7 @@ from rq.serializers import JSONSerializer
 
 from app.contract import keys, queueing
 from app.contract.events import EventType, emit
-from app.contract.records import TRANSITION, decode, encode
+from app.contract.records import TRANSITION, as_str, decode, flatten
 from app.contract.status import ErrorType
 from app.logs import configure
 from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
@@ -36,10 +36,6 @@ from worker.settings import WorkerSettings
 log = logging.getLogger("worker.cleanup")
 
 BATCH = 200  # expired ids handled per Redis round trip
-
-
-def _str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Cleanup:
@@ -61,7 +57,7 @@ class Cleanup:
         while the store is down, so no record is dropped with its images still stored."""
         done = 0
         while True:
-            due = [_str(m) for m in self.r.zrangebyscore(keys.EXPIRY, "-inf", now, start=0, num=BATCH)]
+            due = [as_str(m) for m in self.r.zrangebyscore(keys.EXPIRY, "-inf", now, start=0, num=BATCH)]
             for gen_id in due:
                 raw = self.r.hgetall(keys.generation(gen_id))
                 rec = decode(raw) if raw else None
@@ -84,8 +80,8 @@ class Cleanup:
         """Ids still waiting: in some owner's pending zset or already fed to the rq list."""
         ids: set[str] = set()
         for owner in self.r.zrange(keys.ACTIVE_OWNERS, 0, -1):
-            ids.update(_str(m) for m in self.r.zrange(keys.pending(_str(owner)), 0, -1))
-        ids.update(_str(j).rsplit("-", 1)[0] for j in self.r.lrange(keys.RQ_QUEUE_KEY, 0, -1))
+            ids.update(as_str(m) for m in self.r.zrange(keys.pending(as_str(owner)), 0, -1))
+        ids.update(as_str(j).rsplit("-", 1)[0] for j in self.r.lrange(keys.RQ_QUEUE_KEY, 0, -1))
         return ids
 
     def fail_past_deadline(self, now: float) -> list[str]:
@@ -97,7 +93,7 @@ class Cleanup:
         for gen_id, (status, deadline_at, owner, rq_job_id) in zip(ids, pipe.execute(), strict=True):
             if status != b"queued" or not deadline_at or float(deadline_at) >= now:
                 continue
-            fields = encode(
+            flat = flatten(
                 {
                     "status": "failed",
                     "finished_at": now,
@@ -107,13 +103,12 @@ class Cleanup:
                     },
                 }
             )
-            flat = [x for kv in fields.items() for x in kv]
             # compare-and-set: a worker that started it meanwhile wins, and the job runs
             res = self._transition(keys=[keys.generation(gen_id)], args=["", "queued", *flat])
-            if _str(res) != "OK":
+            if as_str(res) != "OK":
                 continue
             pipe2 = self.r.pipeline(transaction=False)
-            pipe2.zrem(keys.pending(_str(owner)), gen_id)
+            pipe2.zrem(keys.pending(as_str(owner)), gen_id)
             pipe2.lrem(keys.RQ_QUEUE_KEY, 0, rq_job_id)
             pipe2.execute()
             emit(

@@ -23,7 +23,7 @@ from app import logs
 from app.contract import keys, queueing
 from app.contract.events import TERMINAL_EVENT, EventType, emit, emit_record
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
-from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, encode, read_answer
+from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, flatten, read_answer
 from app.contract.status import ErrorType
 from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
@@ -553,11 +553,6 @@ class Runner:
         self.r.delete(keys.lease(m.gen_id))
         if outcome == "failed":
             self.emit(m.gen_id, TERMINAL_EVENT["failed"])
-
-
-def flatten(fields: dict[str, Any]) -> list[str]:
-    """Record fields -> the field/value list a script's ARGV takes."""
-    return [part for pair in encode(fields).items() for part in pair]
 
 
 def progress_value(progress: Progress) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import redis
 
 from app.contract import keys, stats
-from app.contract.records import decode
+from app.contract.records import as_str, decode
 from app.contract.resource import ImageUrl, render
 
 
@@ -72,14 +72,13 @@ def emit_record(
     pipe.xadd(keys.events(gen_id), {"type": event_type.value, "data": body}, maxlen=STREAM_MAXLEN, approximate=True)
     pipe.expire(keys.events(gen_id), ttl_seconds)
     stats.record_event(pipe, event_type.value, rec)  # metrics ride the same round trip
-    event_id = pipe.execute()[xadd_at]
-    event_id = event_id.decode() if isinstance(event_id, bytes) else event_id
+    event_id = as_str(pipe.execute()[xadd_at])
     hook = rec.get("webhook")
     if webhook_queue is not None and hook and event_type.value in hook.get("events", []):
         if event_type == EventType.progress and progress_interval > 0:
             gate = r.set(keys.webhook_progress_gate(gen_id), b"1", nx=True, px=max(1, int(progress_interval * 1000)))
             if not gate:  # the stream (SSE) still has every step; webhooks get at most one per interval
-                return str(event_id)
+                return event_id
         webhook_queue.enqueue(
             "worker.webhooks.deliver",
             {
@@ -97,4 +96,4 @@ def emit_record(
             result_ttl=300,
             failure_ttl=86400,
         )
-    return str(event_id)
+    return event_id

@@ -35,6 +35,11 @@ def encode(fields: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def flatten(fields: Mapping[str, Any]) -> list[str]:
+    """Python values -> the field/value list a script's ARGV (or HSET) takes."""
+    return [part for pair in encode(fields).items() for part in pair]
+
+
 def as_str(value: Any) -> str:
     """redis-py answers bytes (or str with decode_responses): one spelling for both."""
     return value.decode() if isinstance(value, bytes) else str(value)

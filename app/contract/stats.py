@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.contract.keys import METRICS
+from app.contract.records import as_str
 
 # seconds; upper bounds of the histogram buckets (a last, implicit +Inf bucket follows)
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -95,8 +96,8 @@ def parse(raw: Mapping[Any, Any]) -> tuple[dict[str, float], dict[str, Histogram
     counters: dict[str, float] = {}
     hists: dict[str, Histogram] = {}
     for k, v in raw.items():
-        field = k.decode() if isinstance(k, bytes) else str(k)
-        value = float(v.decode() if isinstance(v, bytes) else v)
+        field = as_str(k)
+        value = float(as_str(v))
         if not field.startswith("h|"):
             counters[field] = value
             continue

@@ -14,7 +14,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from app.contract import keys
 from app.contract.events import EventType
-from app.contract.records import decode
+from app.contract.records import as_str, decode
 from app.deps import PrincipalDep, ServiceDep
 from app.errors import field_error
 from app.generations import TERMINAL, GenerationService, resource_json
@@ -47,15 +47,11 @@ SSE_EVENT: dict[str, Any] = {
 }
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _entry(raw_id: Any, fields: Any) -> tuple[str, str, str]:
     """(id, type, data) of one stream entry; the API's Redis clients return bytes."""
     event = fields.get(b"type") or fields.get("type") or b""
     data = fields.get(b"data") or fields.get("data") or b"{}"
-    return _text(raw_id), _text(event), _text(data)
+    return as_str(raw_id), as_str(event), as_str(data)
 
 
 def sse(event: str, data: str, event_id: str | None = None) -> str:
@@ -82,7 +78,7 @@ async def event_stream(service: GenerationService, gen_id: str, last_id: str) ->
         status = await service.ar.hget(keys.generation(gen_id), "status")  # type: ignore[misc]
         if status is None:
             return  # expired or deleted: nothing more will come
-        if _text(status) in TERMINAL:
+        if as_str(status) in TERMINAL:
             res = await service.ar.xread({key: last_id}, block=SETTLE_MS, count=100)
             if res:
                 continue  # handled by the loop above on the next pass
