@@ -25,7 +25,6 @@ from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
 
-RQ_FUNCTION = "worker.tasks.run_generation"  # by dotted path: the API never imports worker code
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
 
@@ -153,7 +152,7 @@ class RqJobFields:
     tests/test_enqueue.py checks the result against rq's own."""
 
     def __init__(self, queue: Queue, timeout: int, result_ttl: int, failure_ttl: int, ttl: int) -> None:
-        job = queue.create_job(RQ_FUNCTION, args=[{}], job_id="template", timeout=timeout,
+        job = queue.create_job(keys.RQ_FUNCTION, args=[{}], job_id="template", timeout=timeout,
                                result_ttl=result_ttl, failure_ttl=failure_ttl, ttl=ttl)
         enc = queue.connection.get_encoder()  # the bytes redis-py would send for each value, as text
         self.fixed = json.dumps({name: enc.encode(value).decode() for name, value in job.to_dict().items()
@@ -166,8 +165,8 @@ class RqJobFields:
         """created_at, data, description: what rq's Job.to_dict computes per job."""
         call = [payload]
         # data: zlib of the JSON of (function, instance, args, kwargs)
-        return (utcformat(now()), zlib.compress(JSONSerializer.dumps((RQ_FUNCTION, None, call, {}))),
-                get_call_string(RQ_FUNCTION, call, {}, max_length=75) or "")
+        return (utcformat(now()), zlib.compress(JSONSerializer.dumps((keys.RQ_FUNCTION, None, call, {}))),
+                get_call_string(keys.RQ_FUNCTION, call, {}, max_length=75) or "")
 
 
 class Enqueuer:

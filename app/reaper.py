@@ -32,6 +32,8 @@ return 1
 
 
 JOB_TIMEOUT_SECONDS = 3600  # rq timeout of requeued jobs; the API's SDXL_JOB_TIMEOUT_SECONDS default
+# where rq's dequeue (and a worker's own claim) parks a job until it starts
+INTERMEDIATE_KEY = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
 
 
 class Reaper:
@@ -43,7 +45,6 @@ class Reaper:
         self.ttl = ttl
         self.stranded_after = stranded_after  # seconds a dequeued job may go unstarted before it is put back
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
-        self.intermediate_key = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
         self._requeue = r.register_script(queueing.REQUEUE)
         self._rescue = r.register_script(RESCUE)
 
@@ -71,7 +72,7 @@ class Reaper:
         rq_job_id = f"{gen_id}-{attempt}"
         payload = JobPayload(generation_id=gen_id, token=token, attempt=attempt, params=rec["params"],
                              request_id=rec.get("request_id") or None)
-        job = self.queue.create_job("worker.tasks.run_generation", args=[payload.model_dump(mode="json")],
+        job = self.queue.create_job(keys.RQ_FUNCTION, args=[payload.model_dump(mode="json")],
                                     job_id=rq_job_id, timeout=self.job_timeout, result_ttl=600, ttl=self.ttl)
         job.save()
         res = self._requeue(keys=[keys.generation(gen_id), keys.ACTIVE_OWNERS],
@@ -88,7 +89,7 @@ class Reaper:
 
     def rescue_stranded(self) -> list[str]:
         """Jobs seen in rq's intermediate list on two sweeps `stranded_after` apart, still unstarted."""
-        ids = [j.decode() for j in self.r.lrange(self.intermediate_key, 0, -1)]  # type: ignore[union-attr]
+        ids = [j.decode() for j in self.r.lrange(INTERMEDIATE_KEY, 0, -1)]  # type: ignore[union-attr]
         seen = {k.decode(): float(v) for k, v in self.r.hgetall(keys.STRANDED).items()}  # type: ignore[union-attr]
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
@@ -104,7 +105,7 @@ class Reaper:
             if now - first < self.stranded_after:
                 continue
             gen_id = job_id.rsplit("-", 1)[0]
-            if self._rescue(keys=[self.intermediate_key, keys.RQ_QUEUE_KEY, keys.generation(gen_id)], args=[job_id]):
+            if self._rescue(keys=[INTERMEDIATE_KEY, keys.RQ_QUEUE_KEY, keys.generation(gen_id)], args=[job_id]):
                 rescued.append(gen_id)
                 log.warning("generation %s was dequeued but never started: put back in line", gen_id,
                             extra={"generation_id": gen_id, "rq_job_id": job_id})

@@ -14,10 +14,11 @@ from rq.serializers import JSONSerializer
 from app.contract import keys
 from app.contract.params import GenerationParams
 from app.enqueue import Enqueuer
+from app.reaper import INTERMEDIATE_KEY
 from app.settings import Settings
 from app.storage import LocalStore
 from tests.test_runner_oom import OOMEngine, record
-from worker.runner import INTERMEDIATE_KEY, Runner
+from worker.runner import Runner
 from worker.settings import WorkerSettings
 
 

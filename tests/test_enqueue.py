@@ -12,9 +12,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from app.contract import keys, queueing
+from app.contract.keys import RQ_FUNCTION
 from app.contract.params import GenerationParams, JobPayload
 from app.contract.records import decode
-from app.enqueue import RQ_FUNCTION, Enqueuer
+from app.enqueue import Enqueuer
 from app.settings import Settings
 
 PARAMS = GenerationParams(prompt="a lighthouse \u2014 \u706f\u53f0 \U0001f30a \\ \"quoted\"\n", width=64,

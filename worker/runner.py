@@ -15,7 +15,6 @@ from typing import Any
 
 import redis
 from rq import Queue
-from rq.intermediate_queue import IntermediateQueue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -25,7 +24,7 @@ from app.contract.events import TERMINAL_EVENT, EventType, emit, emit_record
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
 from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, flatten, read_answer
 from app.contract.status import ErrorType
-from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
+from app.reaper import INTERMEDIATE_KEY, JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
 from worker.finisher import Finisher
@@ -58,8 +57,6 @@ local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not id then return nil end
 return {id, redis.call('HGET', ARGV[1] .. id, 'data')}
 """
-RQ_FUNCTION = "worker.tasks.run_generation"
-INTERMEDIATE_KEY = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
 
 
 @dataclass
@@ -192,7 +189,7 @@ class Runner:
         job_id, data = as_str(res[0]), res[1]
         try:
             func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(data))
-            if func != RQ_FUNCTION or not args or not isinstance(args[0], dict):
+            if func != keys.RQ_FUNCTION or not args or not isinstance(args[0], dict):
                 raise ValueError(f"not a generation job: {func}")
         except Exception:
             # not ours to run: back to the head of the queue for rq, which fails it through its own handler

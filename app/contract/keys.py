@@ -5,6 +5,7 @@ GENERATION_QUEUE = "sdxl-generations"  # the rq queue the GPU workers listen on
 WEBHOOK_QUEUE = "sdxl-webhooks"  # the rq queue of the webhook dispatcher
 RQ_QUEUE_KEY = f"rq:queue:{GENERATION_QUEUE}"
 RQ_QUEUES_SET = "rq:queues"
+RQ_FUNCTION = "worker.tasks.run_generation"  # what rq runs, by dotted path: the API never imports worker code
 
 WORKERS = f"{PREFIX}:workers"  # zset: worker id -> last heartbeat (unix seconds)
 RUNNING = f"{PREFIX}:running"  # set of generation ids currently running somewhere
