@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from app.contract.queueing import lua_function
+
 JSON_FIELDS = ("params", "progress", "images", "error", "timings", "webhook", "token_counts", "manifest")
 
 
@@ -77,19 +79,19 @@ return 'OK'
 
 # TRANSITION that also answers the record it wrote: {"OK", {field, value, ...}} or {refusing status}. The
 # worker renders the event from it instead of reading the hash again (one round trip per state change).
-TRANSITION_READ = TRANSITION.replace("return 'OK'", "return {'OK', redis.call('HGETALL', KEYS[1])}").replace(
-    "return ''", "return {''}").replace("return 'stale:' .. status", "return {'stale:' .. status}").replace(
-    "if not ok then return status end", "if not ok then return {status} end")
+TRANSITION_READ = lua_function("transition", TRANSITION) + """
+local res = transition(KEYS, ARGV)
+if res ~= 'OK' then return {res} end
+return {'OK', redis.call('HGETALL', KEYS[1])}
+"""
 
 # The worker's start, atomically: queued -> running with this attempt's token, the lease and the RUNNING entry
 # (so the reaper can always find a running generation), unless its deadline has passed. KEYS: generation hash,
 # lease key, RUNNING set. ARGV: token, worker id, lease seconds, now, field/value pairs. Answers as
 # TRANSITION_READ, or {"deadline"}.
-START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {''} end
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return {'stale:' .. status} end
-if status ~= 'queued' then return {status} end
+START = lua_function("transition", TRANSITION) + """
+local check = transition({KEYS[1]}, {ARGV[1], 'queued'})  -- no fields: checks token and status, writes nothing
+if check ~= 'OK' then return {check} end
 local deadline = tonumber(redis.call('HGET', KEYS[1], 'deadline_at') or '')
 if deadline and deadline < tonumber(ARGV[4]) then return {'deadline'} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
