@@ -392,10 +392,7 @@ class Runner:
                     # as when a job raises: the lease lapses and the reaper runs the generation again
                     log.exception("finishing generation %s failed; its lease will lapse", m.gen_id)
                 finally:
-                    with self.lock:
-                        self.current.pop(m.gen_id, None)
-                        self.cancel_requested.discard(m.gen_id)
-                        self.superseded.discard(m.gen_id)
+                    self.forget(m.gen_id)
 
     def drain(self, timeout: float) -> bool:
         """Shutdown: let results already computed be stored and finished."""
@@ -534,15 +531,19 @@ class Runner:
 
     def after_final(self, m: Member, outcome: str, event: EventType) -> None:
         """Local bookkeeping once `transition_emit(..., release=True)` has ended the generation."""
-        with self.lock:
-            self.cancel_requested.discard(m.gen_id)
-            self.superseded.discard(m.gen_id)
-            self.current.pop(m.gen_id, None)
+        self.forget(m.gen_id)
         if outcome == "OK":
             log.info("generation %s", event.value.rpartition(".")[2], extra={
                 "generation_id": m.gen_id, "request_id": m.payload.request_id, "attempt": m.payload.attempt})
         elif outcome.startswith("canceled") and event != EventType.canceled:
             log.info("generation %s was canceled while finishing; result dropped", m.gen_id)
+
+    def forget(self, gen_id: str) -> None:
+        """This worker is done with the generation: no lease renewal, no cancel or ownership flags."""
+        with self.lock:
+            self.current.pop(gen_id, None)
+            self.cancel_requested.discard(gen_id)
+            self.superseded.discard(gen_id)
 
     def requeue(self, m: Member, reason: str) -> None:
         outcome = self.reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason, kind="shutdown",
