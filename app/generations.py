@@ -138,14 +138,13 @@ class GenerationService:
                                       count=100)
             if not res:
                 continue
-            final = False
             streams: list[Any] = res  # type: ignore[assignment]
             for _stream, entries in streams:
                 for eid, fields in entries:
                     last = as_str(eid)
-                    final = final or as_str(fields.get(b"type", b"")) in TERMINAL_EVENTS
-            if final:  # progress events do not need a re-read: only the terminal one ends the wait
-                rec = await self.record(gen_id, principal)
+                    if as_str(fields.get(b"type", b"")) in TERMINAL_EVENTS and fields.get(b"data"):
+                        # the terminal event carries the final resource, as SSE clients receive it: no re-read
+                        return json.loads(fields[b"data"])  # type: ignore[no-any-return]
         return await self.resource(rec)
 
     # --- cancel -----------------------------------------------------------------------------------

@@ -238,15 +238,62 @@ def inprocess(params: dict[str, Any], n: int, env: dict[str, str], warmup: int =
     return [float(x) for x in json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]]
 
 
-def _inprocess_child() -> None:
+class ResidentInProcess:
+    """The same baseline as `inprocess`, in a child that stays up: `call(n)` times n more `Engine.run` calls.
+
+    A benchmark alternates these with the service's own generations, so a change in machine load (this box is
+    shared) hits both sides of a ratio alike instead of whichever half ran during it."""
+
+    MARK = "@@bench "  # our lines on the child's stdout, whatever a library prints there
+
+    def __init__(self, params: dict[str, Any], env: dict[str, str], warmup: int = 2, batch: int = 1) -> None:
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [PY, str(Path(__file__).resolve()), "inprocess-serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self.log, text=True, env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        )
+        self._send({"params": params, "warmup": warmup, "batch": batch})
+        self._answer()  # loaded and warm
+
+    def _send(self, msg: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def _answer(self) -> Any:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(self.MARK):
+                return json.loads(line[len(self.MARK):])
+        self.log.seek(0)
+        raise RuntimeError(f"in-process baseline died:\n{self.log.read().decode(errors='replace')[-3000:]}")
+
+    def call(self, n: int = 1) -> list[float]:
+        self._send(n)
+        return [float(x) for x in self._answer()["seconds"]]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(30)
+        self.log.close()
+
+    def __enter__(self) -> "ResidentInProcess":
+        return self
+
+    def __exit__(self, *_exc: Any) -> None:
+        self.close()
+
+
+def _baseline_engine(req: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    """The worker's Engine, loaded and warmed as the worker does before taking jobs, with the request's specs."""
     from app.contract.params import GenerationParams
     from worker.pipeline import Engine, ImageSpec
     from worker.settings import WorkerSettings
 
-    req = json.loads(sys.stdin.read())
     params = GenerationParams.model_validate(req["params"])
     engine = Engine(WorkerSettings())
-    engine.warmup()  # as the worker does before taking jobs
+    engine.warmup()
     specs = [
         ImageSpec(
             params.prompt, params.prompt_2, params.negative_prompt, params.negative_prompt_2, params.image_seed(i)
@@ -255,12 +302,31 @@ def _inprocess_child() -> None:
     ]
     for _ in range(req["warmup"]):
         engine.run(params, specs, lambda _p: None)
+    return engine, params, specs
+
+
+def _timed_calls(engine: Any, params: Any, specs: list[Any], n: int) -> list[float]:
     seconds = []
-    for _ in range(req["n"]):
+    for _ in range(n):
         t0 = time.perf_counter()
         engine.run(params, specs, lambda _p: None)
         seconds.append(time.perf_counter() - t0)
-    print(json.dumps({"seconds": seconds}), flush=True)
+    return seconds
+
+
+def _inprocess_child() -> None:
+    req = json.loads(sys.stdin.read())
+    engine, params, specs = _baseline_engine(req)
+    print(json.dumps({"seconds": _timed_calls(engine, params, specs, req["n"])}), flush=True)
+
+
+def _inprocess_serve() -> None:
+    """ResidentInProcess's child: a config line, then one line per `call(n)` with n."""
+    engine, params, specs = _baseline_engine(json.loads(sys.stdin.readline()))
+    print(ResidentInProcess.MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        seconds = _timed_calls(engine, params, specs, int(line))
+        print(ResidentInProcess.MARK + json.dumps({"seconds": seconds}), flush=True)
 
 
 def proc_cpu_seconds(pid: int) -> float:
@@ -270,13 +336,16 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 class RedisCounter:
-    """Commands and CPU the private redis-server spent between start() and stop(): round trips per request
-    cost the same on a loaded or an idle machine, so they explain overhead that wall time only blurs."""
+    """Commands and CPU the private redis-server spent while counting (resume/pause around each timed request):
+    round trips per request cost the same on a loaded or an idle machine, so they explain
+    overhead that wall time only blurs."""
 
     def __init__(self, r: redis.Redis) -> None:
         self.r = r
         self.before: dict[str, int] = {}
         self.cpu0 = 0.0
+        self.calls: dict[str, int] = {}
+        self.cpu = 0.0
 
     def _snapshot(self) -> tuple[dict[str, int], float]:
         stats = self.r.info("commandstats")
@@ -284,18 +353,23 @@ class RedisCounter:
         calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
         return calls, float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
-    def start(self) -> None:
+    def resume(self) -> None:
         self.before, self.cpu0 = self._snapshot()
 
-    def stop(self, per: int) -> dict[str, Any]:
+    def pause(self) -> None:
         after, cpu1 = self._snapshot()
-        diff = {k: v - self.before.get(k, 0) for k, v in after.items() if v - self.before.get(k, 0) > 0}
+        for k, v in after.items():
+            self.calls[k] = self.calls.get(k, 0) + v - self.before.get(k, 0)
+        self.cpu += cpu1 - self.cpu0
+
+    def totals(self, per: int) -> dict[str, Any]:
+        diff = {k: v for k, v in self.calls.items() if v > 0}
         diff.pop("info", None)  # our own snapshots
         total = sum(diff.values())
         top = sorted(diff.items(), key=lambda kv: -kv[1])[:12]
         return {
             "redis_commands_per_generation": round(total / per, 2),
-            "redis_cpu_ms_per_generation": round((cpu1 - self.cpu0) * 1000 / per, 3),
+            "redis_cpu_ms_per_generation": round(self.cpu * 1000 / per, 3),
             "by_command_per_generation": {k: round(v / per, 2) for k, v in top},
         }
 
@@ -346,5 +420,7 @@ def goal(value: float, target: float, higher_is_better: bool) -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:] == ["inprocess"]:
         _inprocess_child()
+    elif sys.argv[1:] == ["inprocess-serve"]:
+        _inprocess_serve()
     else:
         sys.exit(__doc__)

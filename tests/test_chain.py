@@ -5,9 +5,12 @@ Stand-in engine (no GPU here); Redis, rq's job hashes and lists, the local store
 reaper are real.
 """
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -36,6 +39,7 @@ def dequeue(r: Any) -> tuple[dict[str, Any], str]:
 
 
 def make_runner(r: Any, tmp_path: Path, engine: OOMEngine | None = None, **settings: Any) -> Runner:
+    settings.setdefault("chain_idle_seconds", 0)  # the idle wait has its own tests below
     return Runner(r, engine or OOMEngine(fits=4), LocalStore(tmp_path),  # type: ignore[arg-type]
                   WorkerSettings(**settings), "test-worker")
 
@@ -136,3 +140,51 @@ def test_a_claimed_job_from_a_newer_api_fails_typed_and_leaves_no_claim(redis_cl
     assert rec["status"] == "failed" and rec["error"]["type"] == "invalid_payload"
     assert redis_client.lrange(INTERMEDIATE_KEY, 0, -1) == [first[1].encode()]  # only rq's own dequeued job
     assert not redis_client.exists(Job.key_for(job_id))
+
+
+def test_an_idle_chain_runs_the_job_that_arrives_while_it_waits(redis_client: Any, tmp_path: Path) -> None:
+    """Steady traffic: the next request comes just after the last one finished, and skips rq's bookkeeping."""
+    (first,) = queue_jobs(redis_client, 1)
+    engine = OOMEngine(fits=4)
+    runner = make_runner(redis_client, tmp_path, engine, chain_idle_seconds=1.0)
+    states: list[str] = []
+    runner.on_state = states.append
+    later: list[str] = []
+    arrival = threading.Timer(0.3, lambda: later.extend(queue_jobs(redis_client, 1)))
+    arrival.start()
+    t0 = time.monotonic()
+    runner.run_job(*dequeue(redis_client))
+    elapsed = time.monotonic() - t0
+    arrival.join()
+    assert engine.calls == [1, 1]
+    assert [record(redis_client, g)["status"] for g in (first, *later)] == ["succeeded", "succeeded"]
+    assert not redis_client.exists(Job.key_for(f"{later[0]}-1"))  # taken by the chain, not dequeued by rq
+    assert redis_client.llen(keys.RQ_QUEUE_KEY) == 0 and redis_client.llen(INTERMEDIATE_KEY) == 1  # rq's own
+    assert "ready" in states and states[-1] == "busy"  # idle while waiting, busy again when it returns to rq
+    assert elapsed >= 1.0 + 0.3  # after the second job it waited the whole idle window again, then gave up
+
+
+def test_a_stop_ends_the_idle_wait_and_a_later_job_is_left_to_rq(redis_client: Any, tmp_path: Path) -> None:
+    queue_jobs(redis_client, 1)
+    runner = make_runner(redis_client, tmp_path, chain_idle_seconds=60)
+    threading.Timer(0.2, runner.stopping.set).start()
+    t0 = time.monotonic()
+    runner.run_job(*dequeue(redis_client))
+    assert time.monotonic() - t0 < 10  # a wait slice is 0.5 s; far from the 60 s window
+    (late,) = queue_jobs(redis_client, 1)
+    assert record(redis_client, late)["status"] == "queued"
+    assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [f"{late}-1".encode()]
+
+
+def test_a_redis_error_while_waiting_ends_the_chain_not_the_job(redis_client: Any, tmp_path: Path) -> None:
+    (gen,) = queue_jobs(redis_client, 1)
+    runner = make_runner(redis_client, tmp_path, chain_idle_seconds=30)
+
+    def down(*_a: Any, **_kw: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Redis is restarting")
+
+    runner.r.blmove = down  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    result = runner.run_job(*dequeue(redis_client))
+    assert result["generations"] == [gen] and record(redis_client, gen)["status"] == "succeeded"
+    assert time.monotonic() - t0 < 10  # ended at the first failure, did not retry through the 30 s window

@@ -62,6 +62,8 @@ def test_prefer_wait_on_post_returns_201_with_final_resource(service: Service) -
     body = r.json()
     assert body["status"] == "succeeded" and len(body["images"]) == 1
     assert 0 <= body["params"]["seed"] <= 2**53 - 1  # a random seed, reported
+    # answered from the terminal event (no re-read): the same resource a plain GET renders from the record
+    assert httpx.get(f"{service.url}/v1/generations/{body['id']}").json() == body
 
 
 def test_prefer_wait_on_get_long_polls(service: Service) -> None:

@@ -1,4 +1,4 @@
-"""worker/encode.py: PNG through libpng with the Sub filter plus our manifest chunk, decoded by independent
+"""worker/encode.py: PNG through libpng with the Up filter and Z_RLE plus our manifest chunk, decoded by independent
 readers (Pillow, libpng via OpenCV, a chunk-by-chunk CRC walk); the Pillow fallback; JPEG/WebP manifests."""
 
 import io
@@ -50,11 +50,12 @@ def test_png_is_lossless_valid_and_carries_the_manifest() -> None:
     assert encode.encode(img, OutputFormat.png, 90, MANIFEST, 1)[0] == data  # same input, same bytes
 
 
-def test_png_uses_the_sub_filter_on_every_row() -> None:
+def test_png_uses_the_up_filter_on_every_row() -> None:
     data, _ = encode.encode(image(), OutputFormat.png, 90, MANIFEST, 1)
     raw = zlib.decompress(b"".join(d for k, d in chunks(data) if k == b"IDAT"))
     stride = 1 + 64 * 3
-    assert {raw[i] for i in range(0, len(raw), stride)} == {1}
+    filters = [raw[i] for i in range(0, len(raw), stride)]
+    assert len(filters) == 64 and set(filters[1:]) == {2}, filters  # the first row has no row above it
 
 
 def test_pillow_fallback_without_opencv(monkeypatch: Any) -> None:

@@ -6,10 +6,12 @@ nothing and finishes nothing.
 """
 
 import functools
+import json
 import logging
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +22,18 @@ from rq.serializers import JSONSerializer
 
 from app import logs
 from app.contract import keys, queueing
-from app.contract.events import TERMINAL_EVENT, EventType, emit, emit_record
+from app.contract.events import (
+    STREAM_MAXLEN,
+    TERMINAL_EVENT,
+    TRANSITION_EMIT,
+    EventType,
+    emit,
+    emit_record,
+    enqueue_webhook,
+)
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
 from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, flatten, read_answer
+from app.contract.resource import render
 from app.contract.status import ErrorType
 from app.reaper import INTERMEDIATE_KEY, JOB_TIMEOUT_SECONDS, Reaper
 from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
@@ -52,6 +63,7 @@ return res
 # into rq's intermediate list as rq's own dequeue does, so a worker killed before its start leaves it where
 # the reaper's rescue finds it. KEYS: rq queue, intermediate list. ARGV: rq job key prefix.
 # Returns {job id, job data} or nil.
+IDLE_SLICE_SECONDS = 0.5  # one blocking wait for the next job: a stop request is seen within this
 CLAIM_NEXT = """
 local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not id then return nil end
@@ -90,9 +102,11 @@ class Runner:
         # called directly, never inside a pipeline: redis-py then sends EVALSHA alone, not SCRIPT EXISTS first
         self._transition = r.register_script(TRANSITION)
         self._transition_read = r.register_script(TRANSITION_READ)
+        self._transition_emit = r.register_script(TRANSITION_EMIT)
         self._start = r.register_script(START_AND_FEED)
         self._claim_next = r.register_script(CLAIM_NEXT)
         self.stopping = threading.Event()  # set on SIGTERM: no more chained jobs
+        self.on_state: Callable[[str], None] = lambda _state: None  # the worker's registry state (worker.py)
         self._feed = r.register_script(queueing.FEED)
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
         self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
@@ -144,6 +158,27 @@ class Runner:
             self.release(gen_id)
         return outcome
 
+    def progress_emit(self, m: Member, progress: Progress) -> str:
+        """New progress for a running generation and its event in one round trip (TRANSITION_EMIT): the resource
+        is rendered from the record START answered plus this change, as no one else writes a running record
+        but its owner (a cancel or a requeue fails the compare-and-set, and then no event is appended)."""
+        value = progress_value(progress)
+        rec = {**m.record, "progress": value}
+        resource = render(rec, self.image_url)
+        res = self._transition_emit(
+            keys=[keys.generation(m.gen_id), keys.events(m.gen_id)],
+            args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds,
+                  EventType.progress.value, json.dumps(resource, separators=(",", ":")), *flatten({"progress": value})])
+        outcome = as_str(res[0])
+        if outcome == "OK":
+            m.record = rec
+            try:
+                enqueue_webhook(self.r, rec, EventType.progress, as_str(res[1]), resource, self.webhook_queue,
+                                self.settings.webhook_progress_interval_seconds)
+            except redis.RedisError:
+                log.exception("could not enqueue the progress webhook for %s", m.gen_id)  # never fails a job
+        return outcome
+
     def release(self, gen_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
         drop_entries(gen_id, pipe)
@@ -156,7 +191,9 @@ class Runner:
     def run_job(self, raw_payload: dict[str, Any], rq_job_id: str, rq_timeout: float | None = None
                 ) -> dict[str, Any]:
         """The rq job, then (`SDXL_CHAIN_SECONDS`) the jobs queued behind it, taken straight off the rq queue
-        so the model does not wait on rq's bookkeeping between two generations.
+        so the model does not wait on rq's bookkeeping between two generations. With the queue empty, the
+        chain waits up to `SDXL_CHAIN_IDLE_SECONDS` for the next job (a blocking move, as rq's own dequeue
+        does), so steady traffic skips rq's bookkeeping too, not only a backlog.
 
         rq's timeout for the first job bounds the whole call, so no job is claimed past a quarter of it: the
         last one claimed still has three quarters, more than one generation is allowed."""
@@ -166,9 +203,20 @@ class Runner:
         if rq_timeout is not None and rq_timeout > 0:
             budget = min(budget, rq_timeout / 4)
         until = t0 + budget
-        while time.monotonic() < until and not self.stopping.is_set():
-            claimed = self.claim_next()
+        idle_until = time.monotonic() + self.settings.chain_idle_seconds
+        while not self.stopping.is_set():
+            now = time.monotonic()
+            if now >= until:
+                break
+            wait = min(idle_until, until) - now
+            try:
+                claimed = self.claim_next(wait=min(wait, IDLE_SLICE_SECONDS) if wait > 0 else 0.0)
+            except redis.exceptions.RedisError as exc:  # e.g. Redis restarting: rq's own loop copes with that
+                log.warning("taking the next job failed (%s); the chain ends", type(exc).__name__)
+                break
             if claimed is None:
+                if wait > 0:
+                    continue  # nothing yet: wait on while the idle window lasts (the loop sees a stop)
                 break
             payload, job_id = claimed
             try:
@@ -180,14 +228,27 @@ class Runner:
                                  ErrorType.pipeline_error, f"{type(exc).__name__} in the worker")
                 self.drop_claim(job_id)
                 break
+            idle_until = time.monotonic() + self.settings.chain_idle_seconds
         return result
 
-    def claim_next(self) -> tuple[dict[str, Any], str] | None:
+    def claim_next(self, wait: float = 0.0) -> tuple[dict[str, Any], str] | None:
+        """The next generation job off the rq queue, or None; `wait` > 0 blocks that long for one."""
         res = self._claim_next(keys=[keys.RQ_QUEUE_KEY, INTERMEDIATE_KEY], args=[Job.redis_job_namespace_prefix])
+        if not res and wait > 0:
+            self.on_state("ready")  # idle while it waits: the registry and /metrics say so
+            try:
+                moved = self.r.blmove(keys.RQ_QUEUE_KEY, INTERMEDIATE_KEY, wait,  # type: ignore[arg-type]
+                                     "LEFT", "RIGHT")  # seconds as a decimal: Redis 6+
+            finally:
+                self.on_state("busy")
+            if moved is not None:
+                res = [moved, self.r.hget(Job.key_for(as_str(moved)), "data")]
         if not res:
             return None
         job_id, data = as_str(res[0]), res[1]
         try:
+            if data is None:
+                raise ValueError("no rq job hash")
             func, _instance, args, _kwargs = JSONSerializer.loads(zlib.decompress(data))
             if func != keys.RQ_FUNCTION or not args or not isinstance(args[0], dict):
                 raise ValueError(f"not a generation job: {func}")
@@ -425,8 +486,7 @@ class Runner:
         try:
             for m in members:
                 if m.outcome in (None, "finishing"):
-                    self.transition_emit(m.gen_id, m.payload.token, {"progress": progress_value(progress)},
-                                         EventType.progress)
+                    self.progress_emit(m, progress)
         except redis.RedisError:
             log.warning("progress update failed", exc_info=True)
 
@@ -446,8 +506,7 @@ class Runner:
         # the `uploading` change is also the ownership check before writing: a superseded worker must not
         # store a second result, and one deleted or failed meanwhile (deadline sweep) stores nothing
         uploading = Progress(step=m.step, total_steps=m.total_steps, stage="uploading")
-        outcome = self.transition_emit(m.gen_id, m.payload.token, {"progress": progress_value(uploading)},
-                                       EventType.progress)
+        outcome = self.progress_emit(m, uploading)
         if outcome.startswith("stale"):
             log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id)
             return

@@ -149,6 +149,11 @@ class SDXLWorker(SimpleWorker):
         self.registry = registry
         self.settings = settings
         self.reaper = runner.reaper
+        runner.on_state = self.publish_state
+
+    def publish_state(self, state: str) -> None:
+        """Busy or idle inside a job (a chain waiting for the next one is idle); a stop request sticks."""
+        self.registry.fields["state"] = "stopping" if self._stop_requested else state
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         """Warm shutdown: stop taking jobs; give the current one a grace period, then requeue it.
@@ -186,11 +191,11 @@ class SDXLWorker(SimpleWorker):
         # rq's own lines about this job carry the ids too, not just ours
         with logs.bind(request_id=payload.get("request_id"), generation_id=payload.get("generation_id")):
             # in memory only: the heartbeat thread publishes it (two round trips fewer between two jobs)
-            self.registry.fields["state"] = "busy"
+            self.publish_state("busy")
             try:
                 super().execute_job(job, queue)
             finally:
-                self.registry.fields["state"] = "stopping" if self._stop_requested else "ready"
+                self.publish_state("ready")
 
 
 def describe(settings: WorkerSettings) -> str:

@@ -12,7 +12,8 @@ from typing import Any
 import redis
 
 from app.contract import keys, stats
-from app.contract.records import as_str, decode
+from app.contract.queueing import lua_function
+from app.contract.records import TRANSITION, as_str, decode
 from app.contract.resource import ImageUrl, render
 
 
@@ -31,6 +32,19 @@ class EventType(StrEnum):
 
 TERMINAL_EVENT = {"succeeded": EventType.succeeded, "failed": EventType.failed, "canceled": EventType.canceled}
 STREAM_MAXLEN = 2000
+
+# A state change and its event in one round trip, for a writer that already knows the record after the change
+# (the worker keeps the record START answered and renders the resource itself): the event is appended only
+# when the compare-and-set succeeds. KEYS: generation hash, its event stream. ARGV: token, allowed statuses,
+# stream maxlen, stream ttl, event type, event body (the resource JSON), then field/value pairs.
+# Returns {'OK', event id} or {TRANSITION's refusal}.
+TRANSITION_EMIT = lua_function("transition", TRANSITION) + """
+local res = transition({KEYS[1]}, {ARGV[1], ARGV[2], unpack(ARGV, 7)})
+if res ~= 'OK' then return {res} end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[5], 'data', ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {'OK', id}
+"""
 
 
 def emit(
@@ -73,12 +87,27 @@ def emit_record(
     pipe.expire(keys.events(gen_id), ttl_seconds)
     stats.record_event(pipe, event_type.value, rec)  # metrics ride the same round trip
     event_id = as_str(pipe.execute()[xadd_at])
+    enqueue_webhook(r, rec, event_type, event_id, resource, webhook_queue, progress_interval)
+    return event_id
+
+
+def enqueue_webhook(
+    r: redis.Redis,
+    rec: dict[str, Any],
+    event_type: EventType,
+    event_id: str,
+    resource: dict[str, Any],
+    webhook_queue: Any,
+    progress_interval: float,
+) -> None:
+    """A delivery job for an event the generation's webhook subscribes to (progress: at most one per interval)."""
+    gen_id = rec["id"]
     hook = rec.get("webhook")
     if webhook_queue is not None and hook and event_type.value in hook.get("events", []):
         if event_type == EventType.progress and progress_interval > 0:
             gate = r.set(keys.webhook_progress_gate(gen_id), b"1", nx=True, px=max(1, int(progress_interval * 1000)))
             if not gate:  # the stream (SSE) still has every step; webhooks get at most one per interval
-                return event_id
+                return
         webhook_queue.enqueue(
             "worker.webhooks.deliver",
             {
@@ -96,4 +125,3 @@ def emit_record(
             result_ttl=300,
             failure_ttl=86400,
         )
-    return event_id
