@@ -335,6 +335,25 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin_model_core(model_pids: Sequence[int], other_pids: Sequence[int]) -> dict[str, list[int]] | None:
+    """The processes that run the model (the worker, the in-process baseline) on one core, everything else
+    (API, Redis, this client) on the others, every thread of each. The two sides of a ratio then run on the
+    same core: on this shared VM one core was up to 10 % slower than the other for minutes at a time, which
+    a ratio would otherwise read as the service's cost. None (nothing pinned) with fewer than two cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    model, rest = {cores[-1]}, set(cores[:-1])
+    for pids, mask in ((model_pids, model), (other_pids, rest)):
+        for pid in pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    os.sched_setaffinity(int(tid), mask)
+                except ProcessLookupError:  # a thread that just ended
+                    pass
+    return {"model_cores": sorted(model), "other_cores": sorted(rest)}
+
+
 class RedisCounter:
     """Commands and CPU the private redis-server spent while counting (resume/pause around each timed request):
     round trips per request cost the same on a loaded or an idle machine, so they explain

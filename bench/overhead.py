@@ -11,6 +11,7 @@ Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
 """
 
 import argparse
+import os
 import re
 import statistics
 import subprocess
@@ -33,6 +34,7 @@ from common import (  # noqa: E402
     goal,
     pcts,
     percentile,
+    pin_model_core,
     proc_cpu_seconds,
     stack,
     start_line,
@@ -154,6 +156,8 @@ def main() -> int:
     ap.add_argument("--refiner", default="ensemble", choices=["none", "ensemble", "img2img"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the worker and the baseline")
     ap.add_argument("--progress-interval", type=float, default=60.0, help="SDXL_PROGRESS_INTERVAL_SECONDS")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="leave core placement to the scheduler (default: worker and baseline share one core)")
     ap.add_argument("--trace", metavar="FILE", help="also MONITOR one more generation: every Redis command, by process")
     args = ap.parse_args()
     start_line(
@@ -180,6 +184,10 @@ def main() -> int:
         api_pid, worker_pid = st.svc.apis[0].proc.pid, st.svc.workers[0].proc.pid
         api_cpu, worker_cpu = 0.0, 0.0
         with ResidentInProcess(params, st.svc.env(), warmup=max(1, args.warmup)) as baseline:
+            assert st.redis_server.proc is not None
+            pinned = None if args.no_pin else pin_model_core(
+                [worker_pid, baseline.proc.pid], [api_pid, st.redis_server.proc.pid, os.getpid()])
+            emit({"figure": "cpu_pinning", "pinned": pinned})
             for _ in range(args.n):
                 api_cpu0, worker_cpu0 = proc_cpu_seconds(api_pid), proc_cpu_seconds(worker_pid)
                 counter.resume()
