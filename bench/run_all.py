@@ -1,7 +1,8 @@
 """`make bench`: the CPU benchmarks one after another, every JSON line passed through, then one summary line.
 
 Runs overhead, throughput, submit and batching (each starts and stops its own Redis, API and workers), then
-the pipeline table on the tiny model (`bench/pipeline.py --model tiny --skip-compile --runs 1`). The load run
+the pipeline table on the tiny model (`bench/pipeline.py --model tiny --skip-compile --runs 1`) and the PNG
+encoders (`bench/encode.py`). The load run
 is separate (`make load`, or `--with-load` here). The GPU table is not run here: see BENCHMARKS.md.
 
     python bench/run_all.py                  # full counts (about 15-30 minutes on 2 cores)
@@ -25,6 +26,7 @@ FULL: dict[str, list[str]] = {
     "submit": [],
     "batching": [],
     "pipeline": ["--model", "tiny", "--skip-compile", "--runs", "1"],
+    "encode": [],
     "load": [],
 }
 QUICK: dict[str, list[str]] = {
@@ -33,9 +35,10 @@ QUICK: dict[str, list[str]] = {
     "submit": ["--duration", "2", "--warmup", "0.5"],
     "batching": ["--requests", "8", "--size", "128", "--steps", "4", "--rounds", "1"],
     "pipeline": ["--model", "tiny", "--skip-compile", "--runs", "1", "--size", "128", "--steps", "4"],
+    "encode": ["--sizes", "256", "--runs", "2"],
     "load": ["--requests", "100", "--clients", "16"],
 }
-DEFAULT = ["overhead", "throughput", "submit", "batching", "pipeline"]
+DEFAULT = ["overhead", "throughput", "submit", "batching", "pipeline", "encode"]
 
 
 def run(name: str, extra: list[str]) -> tuple[int, dict[str, object] | None, float]:

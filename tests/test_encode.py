@@ -1,5 +1,5 @@
-"""worker/encode.py: PNG through libpng with the Up filter and Z_RLE plus our manifest chunk, decoded by independent
-readers (Pillow, libpng via OpenCV, a chunk-by-chunk CRC walk); the Pillow fallback; JPEG/WebP manifests."""
+"""worker/encode.py: PNG with the Up filter, deflated by zlib-ng (Z_RLE), plus our manifest chunk, decoded by
+independent readers (Pillow, libpng via OpenCV, a chunk-by-chunk CRC walk); the Pillow fallback; JPEG/WebP."""
 
 import io
 import struct
@@ -59,7 +59,7 @@ def test_png_uses_the_up_filter_on_every_row() -> None:
 
 
 def test_pillow_fallback_without_opencv(monkeypatch: Any) -> None:
-    monkeypatch.setattr(encode, "cv2", None)
+    monkeypatch.setattr(encode, "zlib_ng", None)
     img = image(seed=1)
     data, _ = encode.encode(img, OutputFormat.png, 90, MANIFEST, 1)
     assert encode.read_manifest(data) == MANIFEST
@@ -70,3 +70,14 @@ def test_pillow_fallback_without_opencv(monkeypatch: Any) -> None:
 def test_lossy_formats_carry_the_manifest_in_exif(fmt: OutputFormat) -> None:
     data, ctype = encode.encode(image(), fmt, 80, MANIFEST, 1)
     assert ctype == f"image/{fmt.value}" and encode.read_manifest(data) == MANIFEST
+
+
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_png_of_any_shape_and_level_decodes_to_the_same_pixels(level: int) -> None:
+    rng = np.random.default_rng(level)
+    pixels = (rng.random((53, 37, 3)) * 255).astype("uint8")  # width != height: rows are not columns
+    pixels[10:30] = pixels[10]  # runs of identical rows: what the Up filter and Z_RLE make small
+    data, _ = encode.encode(Image.fromarray(pixels), OutputFormat.png, 90, MANIFEST, level)
+    assert [k for k, _ in chunks(data)] == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), pixels)
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1], pixels)

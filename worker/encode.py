@@ -7,7 +7,6 @@ import hashlib
 import io
 import json
 import struct
-import zlib
 from typing import Any
 
 import numpy as np
@@ -16,11 +15,13 @@ from PIL.PngImagePlugin import PngInfo
 
 from app.contract.params import CONTENT_TYPES, OutputFormat
 
-cv2: Any
-try:  # installed with the worker (invisible-watermark needs it); Pillow encodes PNGs where it is missing
-    import cv2
+zlib_ng: Any
+try:  # installed with the worker; Pillow encodes PNGs where it is missing
+    from zlib_ng import zlib_ng
 except ImportError:  # pragma: no cover - the worker extra always has it
-    cv2 = None
+    zlib_ng = None
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 MANIFEST_KEY = "sdxl-manifest"
 EXIF_IMAGE_DESCRIPTION = 0x010E
@@ -30,7 +31,7 @@ def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[s
            png_level: int = 1) -> tuple[bytes, str]:
     text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
     buf = io.BytesIO()
-    if fmt == OutputFormat.png and cv2 is not None and image.mode == "RGB":
+    if fmt == OutputFormat.png and zlib_ng is not None and image.mode == "RGB":
         return png_with_text(image, MANIFEST_KEY, text, png_level), CONTENT_TYPES[fmt]
     if fmt == OutputFormat.png:
         info = PngInfo()
@@ -45,24 +46,32 @@ def encode(image: Image.Image, fmt: OutputFormat, quality: int, manifest: dict[s
 
 
 def png_with_text(image: Image.Image, key: str, text: str, level: int) -> bytes:
-    """PNG through libpng (OpenCV) with the Up row filter and zlib's run-length strategy, plus one tEXt chunk.
+    """An 8-bit RGB PNG: every row Up-filtered (numpy), deflated by zlib-ng with the run-length strategy, and
+    one tEXt chunk after IHDR.
 
-    Pillow always tries every row filter (adaptive), which dominates its time at low zlib levels. One fixed
-    filter plus Z_RLE (matches of distance 1 only, then Huffman: the idea behind fpng) was both faster and
-    smaller than Pillow or Sub with zlib's default strategy on noise, a photograph and UI screenshots; only
-    artificial repeating patterns compress worse (numbers in BENCHMARKS.md). `text` must be Latin-1 (the
-    manifest is ASCII JSON)."""
-    bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
-    ok, out = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, level,
-                                         cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP,
-                                         cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE])
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    png = out.tobytes()
-    body = b"tEXt" + key.encode("latin-1") + b"\0" + text.encode("latin-1")
-    chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
-    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, its 13 bytes, its CRC
-    return png[:ihdr_end] + chunk + png[ihdr_end:]
+    Pillow tries all five row filters on every row, which dominates its time at low zlib levels. One fixed
+    filter plus Z_RLE (matches at distance 1, then Huffman: the idea behind fpng) was faster and smaller than
+    Pillow, or libpng with the Sub filter and zlib's default strategy, on noise, a photograph and UI
+    screenshots; only artificial repeating patterns compress worse. zlib-ng runs that 1.7x faster than zlib
+    (numbers in BENCHMARKS.md). `text` must be Latin-1 (the manifest is ASCII JSON)."""
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 2  # Up: each byte minus the one above it, modulo 256 (uint8 arithmetic wraps)
+    filtered[0, 0] = 0  # None: the first row has none above it
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    deflate = zlib_ng.compressobj(level, zlib_ng.DEFLATED, 15, 8, zlib_ng.Z_RLE)
+    idat = deflate.compress(filtered) + deflate.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, truecolor, deflate, adaptive, no interlace
+    return b"".join((PNG_SIGNATURE, _chunk(b"IHDR", ihdr),
+                     _chunk(b"tEXt", key.encode("latin-1") + b"\0" + text.encode("latin-1")),
+                     _chunk(b"IDAT", idat), _chunk(b"IEND", b"")))
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib_ng.crc32(data, zlib_ng.crc32(kind)))
 
 
 def read_manifest(data: bytes) -> dict[str, Any]:
