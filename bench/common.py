@@ -84,7 +84,8 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(),
             **{
                 d: _version(d)
-                for d in ("torch", "diffusers", "fastapi", "uvicorn", "starlette", "pydantic", "rq", "redis", "httpx")
+                for d in ("torch", "diffusers", "fastapi", "uvicorn", "starlette", "pydantic", "rq", "redis",
+                          "hiredis", "httpx", "zlib-ng")
             },
             "redis-server": redis_server,
         },
