@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -21,7 +22,7 @@ from app.reaper import INTERMEDIATE_KEY
 from app.settings import Settings
 from app.storage import LocalStore
 from tests.test_runner_oom import OOMEngine, record
-from worker.runner import Runner
+from worker.runner import NotClaimable, Runner
 from worker.settings import WorkerSettings
 
 
@@ -114,7 +115,8 @@ def test_a_job_that_is_not_a_generation_is_left_to_rq(redis_client: Any, tmp_pat
         return res
 
     runner._claim_next = claim_then_another_worker_dequeues  # type: ignore[assignment]
-    assert runner.claim_next() is None
+    with pytest.raises(NotClaimable):
+        runner.claim_next()
     assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [job_id.encode()]  # back at the head
     assert redis_client.lrange(INTERMEDIATE_KEY, 0, -1) == [b"other-job"]  # the other worker's stays put
 
@@ -188,3 +190,18 @@ def test_a_redis_error_while_waiting_ends_the_chain_not_the_job(redis_client: An
     result = runner.run_job(*dequeue(redis_client))
     assert result["generations"] == [gen] and record(redis_client, gen)["status"] == "succeeded"
     assert time.monotonic() - t0 < 10  # ended at the first failure, did not retry through the 30 s window
+
+
+def test_an_idle_chain_ends_at_a_job_it_must_leave_to_rq(redis_client: Any, tmp_path: Path) -> None:
+    """Not a bounce loop for the whole idle window: the job goes back once and the chain hands over to rq."""
+    first, bad = queue_jobs(redis_client, 2)
+    redis_client.delete(Job.key_for(f"{bad}-1"))  # its rq job hash is gone: rq's dequeue drops such an id
+    runner = make_runner(redis_client, tmp_path, chain_idle_seconds=30)
+    moves: list[Any] = []
+    claim = runner._claim_next
+    runner._claim_next = lambda **kw: moves.append(1) or claim(**kw)  # type: ignore[assignment]
+    t0 = time.monotonic()
+    runner.run_job(*dequeue(redis_client))
+    assert time.monotonic() - t0 < 10 and len(moves) == 1
+    assert record(redis_client, first)["status"] == "succeeded"
+    assert redis_client.lrange(keys.RQ_QUEUE_KEY, 0, -1) == [f"{bad}-1".encode()]

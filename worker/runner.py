@@ -59,16 +59,21 @@ feed({KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2]})
 return res
 """
 
+IDLE_SLICE_SECONDS = 0.5  # one blocking wait for the next job in a chain: a stop request is seen within this
+
 # The next job straight off the rq queue, without rq's per-job bookkeeping (about a dozen round trips): moved
 # into rq's intermediate list as rq's own dequeue does, so a worker killed before its start leaves it where
 # the reaper's rescue finds it. KEYS: rq queue, intermediate list. ARGV: rq job key prefix.
 # Returns {job id, job data} or nil.
-IDLE_SLICE_SECONDS = 0.5  # one blocking wait for the next job: a stop request is seen within this
 CLAIM_NEXT = """
 local id = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
 if not id then return nil end
 return {id, redis.call('HGET', ARGV[1] .. id, 'data')}
 """
+
+
+class NotClaimable(Exception):
+    """The queue's head is a job rq must handle itself (claim_next put it back)."""
 
 
 @dataclass
@@ -214,6 +219,8 @@ class Runner:
             except redis.exceptions.RedisError as exc:  # e.g. Redis restarting: rq's own loop copes with that
                 log.warning("taking the next job failed (%s); the chain ends", type(exc).__name__)
                 break
+            except NotClaimable:
+                break  # back at the head of the queue for rq's own dequeue, which fails or drops it
             if claimed is None:
                 if wait > 0:
                     continue  # nothing yet: wait on while the idle window lasts (the loop sees a stop)
@@ -232,7 +239,9 @@ class Runner:
         return result
 
     def claim_next(self, wait: float = 0.0) -> tuple[dict[str, Any], str] | None:
-        """The next generation job off the rq queue, or None; `wait` > 0 blocks that long for one."""
+        """The next generation job off the rq queue, or None; `wait` > 0 blocks that long for one. A job this
+        worker must not run (not a generation, or its rq hash gone) goes back to the head for rq, and
+        NotClaimable says so: taking it again would only bounce it."""
         res = self._claim_next(keys=[keys.RQ_QUEUE_KEY, INTERMEDIATE_KEY], args=[Job.redis_job_namespace_prefix])
         if not res and wait > 0:
             self.on_state("ready")  # idle while it waits: the registry and /metrics say so
@@ -259,7 +268,7 @@ class Runner:
             pipe.lrem(INTERMEDIATE_KEY, 1, job_id)
             pipe.lpush(keys.RQ_QUEUE_KEY, job_id)
             pipe.execute()
-            return None
+            raise NotClaimable(job_id) from None
         return args[0], job_id
 
     def drop_claim(self, job_id: str) -> None:
