@@ -67,14 +67,29 @@ class GenerationService:
 
     # --- create -----------------------------------------------------------------------------------
     async def refiner_available(self) -> bool:
+        """Whether the live workers can run a refiner (none registered yet: yes, and the request queues).
+
+        `watch_workers` keeps the answer at most about a second old, so a request does not wait for the
+        registry; without it (or if it stalled) the request reads the registry itself."""
         if not self.settings.refiner_configured:
             return False
-        now = time.monotonic()
-        if now - self._refiner_checked[0] > 1.0:  # the registry changes slowly: one read per second per replica
-            workers = await self.live_workers()
-            # none registered yet: accept and let it queue
-            self._refiner_checked = (now, not workers or any(w.get("has_refiner") == "1" for w in workers))
+        if time.monotonic() - self._refiner_checked[0] > 2.0:
+            await self._read_refiner()
         return self._refiner_checked[1]
+
+    async def _read_refiner(self) -> None:
+        now = time.monotonic()
+        workers = await self.live_workers()
+        self._refiner_checked = (now, not workers or any(w.get("has_refiner") == "1" for w in workers))
+
+    async def watch_workers(self) -> None:
+        """Re-read the worker registry once a second for `refiner_available` (run by the app's lifespan)."""
+        while self.settings.refiner_configured:
+            try:
+                await self._read_refiner()
+            except redis.RedisError:
+                pass  # Redis is down: requests fail on their own round trips meanwhile
+            await asyncio.sleep(1.0)
 
     async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None,
                      gen_id: str | None = None) -> dict[str, Any]:

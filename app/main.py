@@ -1,5 +1,6 @@
 """create_app(): settings, Redis clients, storage, routers, error handlers."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -35,9 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.service = GenerationService(r, ar, settings, store)
         stop_watching = shutdown.watch(app.state.service.stopping)  # SIGTERM: long-polls answer at once
+        registry_watch = asyncio.create_task(app.state.service.watch_workers())
         try:
             yield
         finally:
+            registry_watch.cancel()
             stop_watching()
             await ar.aclose()
             r.close()

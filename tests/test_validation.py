@@ -120,7 +120,7 @@ def test_refiner_refused_when_registered_workers_have_none(api: tuple[Service, R
 
     r.hset("sdxl:worker:fake", mapping={"id": "fake", "state": "ready", "has_refiner": "0"})
     r.zadd("sdxl:workers", {"fake": time.time()})
-    time.sleep(1.2)  # each API replica re-reads the worker registry at most once a second
+    time.sleep(1.5)  # each API replica re-reads the worker registry once a second, in the background
     try:
         res = httpx.post(f"{svc.url}/v1/generations", json={**OK, "refiner": {"mode": "ensemble"}})
         assert res.status_code == 422 and res.json()["errors"][0]["field"] == "refiner.mode"
