@@ -25,7 +25,7 @@ def started(r: Any, tmp_path: Path) -> tuple[Runner, Member]:
 
 def test_progress_and_its_event_go_in_one_round_trip(redis_client: Any, tmp_path: Path) -> None:
     runner, m = started(redis_client, tmp_path)
-    assert runner.progress_emit(m, Progress(step=1, total_steps=20, stage="base")) == "OK"  # loads the script
+    assert runner.progress_emit(m, Progress(step=1, total_steps=20, stage="base")) == ("OK", -1)  # loads the script
     sent: list[Any] = []
     execute = runner.r.execute_command
 
@@ -34,7 +34,7 @@ def test_progress_and_its_event_go_in_one_round_trip(redis_client: Any, tmp_path
         return execute(*args, **kw)
 
     runner.r.execute_command = counting  # type: ignore[method-assign]
-    assert runner.progress_emit(m, Progress(step=3, total_steps=20, stage="base")) == "OK"
+    assert runner.progress_emit(m, Progress(step=3, total_steps=20, stage="base")) == ("OK", -1)
     assert sent == ["EVALSHA"]
     runner.r.execute_command = execute  # type: ignore[method-assign]
     rec = record(redis_client, m.gen_id)
@@ -50,8 +50,17 @@ def test_no_event_once_the_generation_is_not_this_workers(redis_client: Any, tmp
     runner, m = started(redis_client, tmp_path)
     events = redis_client.xlen(keys.events(m.gen_id))
     redis_client.hset(keys.generation(m.gen_id), "token", "another-attempt")  # requeued and taken by another
-    assert runner.progress_emit(m, Progress(step=5, total_steps=20)).startswith("stale")
+    assert runner.progress_emit(m, Progress(step=5, total_steps=20))[0].startswith("stale")
     redis_client.hset(keys.generation(m.gen_id), mapping={"token": m.payload.token, "status": "canceled"})
-    assert runner.progress_emit(m, Progress(step=6, total_steps=20)) == "canceled"
+    assert runner.progress_emit(m, Progress(step=6, total_steps=20)) == ("canceled", -1)
     assert redis_client.xlen(keys.events(m.gen_id)) == events
     assert record(redis_client, m.gen_id)["progress"]["step"] == 0
+
+
+def test_the_encoding_stage_also_answers_how_many_jobs_wait(redis_client: Any, tmp_path: Path) -> None:
+    """What decides between finishing inline and in the background, without a round trip of its own."""
+    runner, m = started(redis_client, tmp_path)
+    assert runner.progress_emit(m, Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == ("OK", 0)
+    redis_client.rpush(keys.RQ_QUEUE_KEY, "another-job")
+    assert runner.progress_emit(m, Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == ("OK", 1)
+    assert runner.publish_progress([m], Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == 1

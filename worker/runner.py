@@ -163,15 +163,17 @@ class Runner:
             self.release(gen_id)
         return outcome
 
-    def progress_emit(self, m: Member, progress: Progress) -> str:
+    def progress_emit(self, m: Member, progress: Progress, queue_length: bool = False) -> tuple[str, int]:
         """New progress for a running generation and its event in one round trip (TRANSITION_EMIT): the resource
         is rendered from the record START answered plus this change, as no one else writes a running record
-        but its owner (a cancel or a requeue fails the compare-and-set, and then no event is appended)."""
+        but its owner (a cancel or a requeue fails the compare-and-set, and then no event is appended).
+
+        (outcome, jobs waiting in the rq queue when `queue_length`, else -1)."""
         value = progress_value(progress)
         rec = {**m.record, "progress": value}
         resource = render(rec, self.image_url)
         res = self._transition_emit(
-            keys=[keys.generation(m.gen_id), keys.events(m.gen_id)],
+            keys=[keys.generation(m.gen_id), keys.events(m.gen_id), *([keys.RQ_QUEUE_KEY] if queue_length else [])],
             args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds,
                   EventType.progress.value, json.dumps(resource, separators=(",", ":")), *flatten({"progress": value})])
         outcome = as_str(res[0])
@@ -182,7 +184,7 @@ class Runner:
                                 self.settings.webhook_progress_interval_seconds)
             except redis.RedisError:
                 log.exception("could not enqueue the progress webhook for %s", m.gen_id)  # never fails a job
-        return outcome
+        return outcome, int(res[2])
 
     def release(self, gen_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -440,9 +442,12 @@ class Runner:
                 n = m.payload.params.num_images_per_prompt
                 parts.append((m, images[offset:offset + n]))
                 offset += n
-            # in the background only when another job waits: with nothing to overlap, finishing here is quicker
-            # (no hand-off, and rq's bookkeeping does not compete with it for the GIL)
-            if self.finisher is None or not self.r.llen(keys.RQ_QUEUE_KEY):
+            # the `encoding` stage, which also says whether another job waits: only then does finishing go to
+            # the background; with nothing to overlap, finishing here is quicker (no hand-off, and rq's
+            # bookkeeping does not compete with it for the GIL)
+            waiting = self.publish_progress(active, Progress(step=active[0].step, total_steps=active[0].total_steps,
+                                                             stage="encoding"), queue_length=True)
+            if self.finisher is None or waiting <= 0:
                 for m, imgs in parts:
                     self.store_and_finish(m, imgs, manifest, pipeline_seconds, times, len(images))
                 return
@@ -491,19 +496,21 @@ class Runner:
                 images += imgs
             return images, times
 
-    def publish_progress(self, members: list[Member], progress: Progress) -> None:
+    def publish_progress(self, members: list[Member], progress: Progress, queue_length: bool = False) -> int:
+        """Progress events never fail a job. Answers the rq queue's length when asked (-1: unknown)."""
+        length = -1
         try:
             for m in members:
                 if m.outcome in (None, "finishing"):
-                    self.progress_emit(m, progress)
+                    length = max(length, self.progress_emit(m, progress, queue_length)[1])
         except redis.RedisError:
             log.warning("progress update failed", exc_info=True)
+        return length
 
     # --- endings ----------------------------------------------------------------------------------
     def store_and_finish(self, m: Member, images: list[Any], manifest: dict[str, Any], pipeline_seconds: float,
                          times: Any, batch_images: int = 1) -> None:
-        params = m.payload.params
-        self.publish_progress([m], Progress(step=m.step, total_steps=m.total_steps, stage="encoding"))
+        params = m.payload.params  # the caller published the `encoding` stage
         t0 = time.monotonic()
         encoded = []
         for i, img in enumerate(images):
@@ -515,7 +522,7 @@ class Runner:
         # the `uploading` change is also the ownership check before writing: a superseded worker must not
         # store a second result, and one deleted or failed meanwhile (deadline sweep) stores nothing
         uploading = Progress(step=m.step, total_steps=m.total_steps, stage="uploading")
-        outcome = self.progress_emit(m, uploading)
+        outcome, _ = self.progress_emit(m, uploading)
         if outcome.startswith("stale"):
             log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id)
             return
