@@ -4,7 +4,7 @@ Without it the model idles while the CPU encodes a PNG (tens of ms at 1024 px, a
 pipeline call on an H100) and uploads it. The runner hands work over only when another job is waiting;
 otherwise it finishes inline, which is quicker for a lone request. The queue is bounded: when finishing falls
 behind the pipeline, the main thread waits instead of piling decoded images up in memory. The PNG encoder
-(libpng) and the socket I/O release the GIL, so the two threads really overlap.
+(numpy and zlib-ng's deflate) and the socket I/O release the GIL, so the two threads really overlap.
 """
 
 import logging
