@@ -21,7 +21,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from app import logs
-from app.contract import keys, queueing
+from app.contract import keys, queueing, stats
 from app.contract.events import (
     STREAM_MAXLEN,
     TERMINAL_EVENT,
@@ -32,7 +32,7 @@ from app.contract.events import (
     enqueue_webhook,
 )
 from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
-from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, flatten, read_answer
+from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, decode, encode, flatten, read_answer
 from app.contract.resource import render
 from app.contract.status import ErrorType
 from app.reaper import INTERMEDIATE_KEY, JOB_TIMEOUT_SECONDS, Reaper
@@ -87,6 +87,8 @@ class Member:
     outcome: str | None = None  # canceled / superseded / finishing once decided
     step: int = 0  # latest progress, kept in memory (Redis sees it throttled)
     total_steps: int = 0
+    # False once a change's answer was lost (the script may have run): `record` may then be behind the hash
+    record_exact: bool = True
 
     @property
     def gen_id(self) -> str:
@@ -172,10 +174,16 @@ class Runner:
         value = progress_value(progress)
         rec = {**m.record, "progress": value}
         resource = render(rec, self.image_url)
-        res = self._transition_emit(
-            keys=[keys.generation(m.gen_id), keys.events(m.gen_id), *([keys.RQ_QUEUE_KEY] if queue_length else [])],
-            args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds,
-                  EventType.progress.value, json.dumps(resource, separators=(",", ":")), *flatten({"progress": value})])
+        try:
+            res = self._transition_emit(
+                keys=[keys.generation(m.gen_id), keys.events(m.gen_id),
+                      *([keys.RQ_QUEUE_KEY] if queue_length else [])],
+                args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds,
+                      EventType.progress.value, json.dumps(resource, separators=(",", ":")),
+                      *flatten({"progress": value})])
+        except redis.RedisError:
+            m.record_exact = False  # the change may have been written anyway: final_emit reads the hash instead
+            raise
         outcome = as_str(res[0])
         if outcome == "OK":
             m.record = rec
@@ -185,6 +193,47 @@ class Runner:
             except redis.RedisError:
                 log.exception("could not enqueue the progress webhook for %s", m.gen_id)  # never fails a job
         return outcome, int(res[2])
+
+    def final_emit(self, m: Member, fields: dict[str, Any], event: EventType) -> str:
+        """End a running generation and append its final event in one round trip (TRANSITION_EMIT), rendered as
+        progress_emit does from the record START answered plus this change; only then, off the caller's critical
+        path (the event already woke the waiting clients), drop the RUNNING entry and lease, count the metrics
+        and enqueue the webhook. A refusal: `stale*` (another worker's now) touches nothing, any other releases.
+
+        Falls back to `transition_emit` when `m.record` may be behind the hash (never started, or a change
+        whose answer was lost)."""
+        if not m.record or not m.record_exact:
+            return self.transition_emit(m.gen_id, m.payload.token, fields, event, release=True)
+        stored = encode(fields)
+        # the values as decoding the hash will give them (timestamps as strings, JSON round-tripped), so the
+        # event is exactly what rendering the stored record gives
+        rec = {**m.record, **decode(stored)}
+        resource = render(rec, self.image_url)
+        try:
+            res = self._transition_emit(
+                keys=[keys.generation(m.gen_id), keys.events(m.gen_id)],
+                args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds, event.value,
+                      json.dumps(resource, separators=(",", ":")), *[part for pair in stored.items() for part in pair]])
+        except redis.RedisError:
+            m.record_exact = False  # as in progress_emit: a caller's later final change must not trust m.record
+            raise
+        outcome = as_str(res[0])
+        if outcome != "OK":
+            if not outcome.startswith("stale"):
+                self.release(m.gen_id)
+            return outcome
+        m.record = rec
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            drop_entries(m.gen_id, pipe)
+            stats.record_event(pipe, event.value, rec)
+            pipe.execute()
+            enqueue_webhook(self.r, rec, event, as_str(res[1]), resource, self.webhook_queue,
+                            self.settings.webhook_progress_interval_seconds)
+        except redis.RedisError:
+            # as emit_record: never fails a job (entries left behind: the reaper's requeue drops them, not running)
+            log.exception("could not finish the bookkeeping of %s for %s", event, m.gen_id)
+        return outcome
 
     def release(self, gen_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -558,11 +607,11 @@ class Runner:
             "batch_images": batch_images,  # images computed in the same pipeline call
         }
         total = m.total_steps
-        outcome = self.transition_emit(m.gen_id, m.payload.token, {
+        outcome = self.final_emit(m, {
             "status": "succeeded", "finished_at": now, "images": records, "timings": timings,
             "manifest": manifest,
             "progress": {"step": total, "total_steps": total, "stage": "done", "eta_seconds": 0},
-        }, EventType.succeeded, release=True)
+        }, EventType.succeeded)
         self.after_final(m, outcome, EventType.succeeded)
         if outcome == "OK":
             self.jobs_done += 1
@@ -583,15 +632,14 @@ class Runner:
                 delay = min(delay * 2, 5.0)
 
     def finish_canceled(self, m: Member) -> None:
-        outcome = self.transition_emit(m.gen_id, m.payload.token, {"status": "canceled", "finished_at": time.time()},
-                                       EventType.canceled, release=True)
+        outcome = self.final_emit(m, {"status": "canceled", "finished_at": time.time()}, EventType.canceled)
         self.after_final(m, outcome, EventType.canceled)
 
     def fail_all(self, members: list[Member], etype: ErrorType, message: str) -> None:
         for m in members:
-            outcome = self.transition_emit(m.gen_id, m.payload.token, {
+            outcome = self.final_emit(m, {
                 "status": "failed", "finished_at": time.time(), "error": {"type": etype.value, "message": message},
-            }, EventType.failed, release=True)
+            }, EventType.failed)
             self.after_final(m, outcome, EventType.failed)
 
     def fail_record(self, gen_id: str, token: str, etype: ErrorType, message: str, allowed: str = "queued,running"
@@ -605,7 +653,7 @@ class Runner:
             self.emit(gen_id, EventType.failed)
 
     def after_final(self, m: Member, outcome: str, event: EventType) -> None:
-        """Local bookkeeping once `transition_emit(..., release=True)` has ended the generation."""
+        """Local bookkeeping once `final_emit` has ended the generation."""
         self.forget(m.gen_id)
         if outcome == "OK":
             log.info("generation %s", event.value.rpartition(".")[2], extra={
