@@ -25,12 +25,13 @@ from app.limits import Limiter
 from app.retention import purge
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url
+from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 from app.tokens import counter_for
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 TERMINAL = {"succeeded", "failed", "canceled"}
 TERMINAL_EVENTS = {"generation.succeeded", "generation.failed", "generation.canceled"}
+IMAGE_FIELDS = ("owner", "expires_at", "images")  # all an image download reads of the record
 
 
 def not_found(gen_id: str) -> Problem:
@@ -120,7 +121,20 @@ class GenerationService:
         raw = await self.ar.hgetall(keys.generation(gen_id))  # type: ignore[misc]
         if not raw:
             raise not_found(gen_id)
-        rec = decode(raw)
+        return self._visible(gen_id, decode(raw), principal)
+
+    async def _image_record(self, gen_id: str, principal: Principal) -> dict[str, Any]:
+        """`record` reduced to IMAGE_FIELDS (HMGET): the same 404s, without decoding the rest of the hash."""
+        if not ID_RE.match(gen_id):
+            raise not_found(gen_id[:64])
+        values = await self.ar.hmget(keys.generation(gen_id), IMAGE_FIELDS)  # type: ignore[misc]
+        raw = {name: value for name, value in zip(IMAGE_FIELDS, values, strict=True) if value is not None}
+        if not raw:
+            raise not_found(gen_id)
+        return self._visible(gen_id, decode(raw), principal)
+
+    @staticmethod
+    def _visible(gen_id: str, rec: dict[str, Any], principal: Principal) -> dict[str, Any]:
         if rec.get("owner") != principal.owner:
             raise not_found(gen_id)  # never reveal that another key's generation exists
         expires = rec.get("expires_at")
@@ -139,12 +153,22 @@ class GenerationService:
     async def get(self, gen_id: str, principal: Principal) -> dict[str, Any]:
         return await self.resource(await self.record(gen_id, principal))
 
-    async def wait(self, gen_id: str, principal: Principal, timeout: float) -> dict[str, Any]:
-        """Answer as soon as the generation is final or `timeout` passes; woken by its event stream."""
-        rec = await self.record(gen_id, principal)
+    async def wait(self, gen_id: str, principal: Principal, timeout: float,
+                   created: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Answer as soon as the generation is final or `timeout` passes; woken by its event stream.
+
+        `created`: the resource `create` (or an idempotent replay) has just answered for `principal`; the
+        record was written or read a moment ago, so the wait starts reading events at once instead of
+        reading it again. Events are read from the stream's start, so none emitted since is missed."""
+        rec: dict[str, Any] | None = None
+        if created is None:
+            rec = await self.record(gen_id, principal)
+            status = rec["status"]
+        else:
+            status = created["status"]
         deadline = time.monotonic() + timeout
         last = "0-0"
-        while rec["status"] not in TERMINAL and not self.stopping.is_set():
+        while status not in TERMINAL and not self.stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -160,6 +184,13 @@ class GenerationService:
                     if as_str(fields.get(b"type", b"")) in TERMINAL_EVENTS and fields.get(b"data"):
                         # the terminal event carries the final resource, as SSE clients receive it: no re-read
                         return json.loads(fields[b"data"])  # type: ignore[no-any-return]
+        if rec is None:  # not read at the start: the answer must be the state now, not the one at creation
+            try:
+                rec = await self.record(gen_id, principal)
+            except Problem as exc:
+                if exc.status != 404 or created is None:
+                    raise
+                return created  # deleted meanwhile: what this POST created, not a 404 to the POST itself
         return await self.resource(rec)
 
     # --- cancel -----------------------------------------------------------------------------------
@@ -205,7 +236,7 @@ class GenerationService:
 
     # --- images -----------------------------------------------------------------------------------
     async def image(self, gen_id: str, index: int, principal: Principal) -> tuple[bytes, str] | str:
-        rec = await self.record(gen_id, principal)
+        rec = await self._image_record(gen_id, principal)
         images = {img["index"]: img for img in rec.get("images") or []}
         if index not in images:
             raise Problem(404, f"generation `{gen_id}` has no image {index}", kind="image-not-found")
@@ -215,7 +246,11 @@ class GenerationService:
             if url:
                 return url
         try:
-            obj = await run_in_threadpool(self.store.get, img["key"])
+            # a local read of one image costs less than the hop to a worker thread and back; remote: the hop
+            if reads_inline(self.store):
+                obj = self.store.get(img["key"])
+            else:
+                obj = await run_in_threadpool(self.store.get, img["key"])
         except ObjectNotFound as exc:
             raise Problem(404, f"image {index} of `{gen_id}` is gone from storage", kind="image-not-found") from exc
         except StorageUnavailable as exc:

@@ -8,7 +8,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,52 +48,110 @@ class ObjectStore(Protocol):
         ...
 
 
+# The content type of a key the codebase writes (`image_key` ends in the output format's extension): no
+# sidecar file to create on put or to open on get.
+EXTENSION_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
+LEGACY_TYPE_SUFFIX = ".type"  # stores written before EXTENSION_TYPES keep a `<key>.type` file per image
+
+
+def extension_type(key: str) -> str | None:
+    """The content type a key's extension names, or None when the extension is not one of ours."""
+    _, dot, ext = key.rpartition(".")
+    return EXTENSION_TYPES.get(ext.lower()) if dot and "/" not in ext else None
+
+
+def reads_inline(store: object) -> bool:
+    """Whether `store.get` is a cheap local read an event loop may run itself (no thread hop); default no."""
+    return bool(getattr(store, "reads_inline", False))
+
+
 class LocalStore:
     """Files under a root directory; the embedded default for one machine."""
 
+    # a page-cache read of one image costs less than handing it to a thread (app.generations.image)
+    reads_inline: ClassVar[bool] = True
+
     def __init__(self, root: Path) -> None:
         self.root = root
+        # resolved once: every key is then checked by string logic, not an lstat per path component
+        self._root = os.path.realpath(root)
+        self._root_prefix = self._root if self._root.endswith(os.sep) else self._root + os.sep
 
-    def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if not path.is_relative_to(self.root.resolve()):
+    def _file(self, key: str) -> str:
+        """The file for `key`; ObjectNotFound when it would lie outside the root (`..`, absolute keys)."""
+        path = os.path.normpath(os.path.join(self._root, key))
+        if path != self._root and not path.startswith(self._root_prefix):
             raise ObjectNotFound(key)
         return path
 
+    def _path(self, key: str) -> Path:
+        return Path(self._file(key))
+
     def put(self, key: str, data: bytes, content_type: str, metadata: dict[str, str]) -> None:
-        path = self._path(key)
+        path = self._file(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
             # write-then-rename: a reader never sees half an image, a crash leaves no partial file
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-            path.with_name(path.name + ".type").write_text(content_type)
+            if extension_type(key) is None:  # image keys end in their format's extension: no sidecar
+                with open(path + LEGACY_TYPE_SUFFIX, "w") as f:
+                    f.write(content_type)
         except OSError as exc:  # full disk, read-only mount, permissions
             raise StorageUnavailable(f"local store write failed for {key}: {exc.strerror}") from exc
 
     def get(self, key: str) -> StoredObject:
-        path = self._path(key)
+        path = self._file(key)
         try:
-            data = path.read_bytes()
+            data = _read_file(path)
+            ctype = extension_type(key) or _legacy_type(path) or "application/octet-stream"
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
         except OSError as exc:
             raise StorageUnavailable(str(exc)) from exc
-        type_file = path.with_name(path.name + ".type")
-        ctype = type_file.read_text() if type_file.exists() else "application/octet-stream"
         return StoredObject(data=data, content_type=ctype)
 
     def delete_prefix(self, prefix: str) -> int:
         path = self._path(prefix.rstrip("/"))
         if not path.exists():
             return 0
-        count = sum(1 for p in path.rglob("*") if p.is_file() and not p.name.endswith(".type"))
+        count = sum(1 for p in path.rglob("*") if p.is_file() and not p.name.endswith(LEGACY_TYPE_SUFFIX))
         shutil.rmtree(path, ignore_errors=True)
         return count
 
     def presigned_url(self, key: str) -> str | None:
+        return None
+
+
+def _read_file(path: str) -> bytes:
+    """The whole file in open + fstat + read + close: no buffered-IO isatty probe or trailing EOF read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        size = os.fstat(fd).st_size
+        chunks: list[bytes] = []
+        got = 0
+        while True:
+            chunk = os.read(fd, max(size - got, 0) or 65536)  # a file grown since fstat reads on to its end
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+            if got == size:
+                break  # puts replace whole files, so one at its fstat size is complete
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _legacy_type(path: str) -> str | None:
+    """The `.type` sidecar an older LocalStore wrote next to the file, if there is one."""
+    try:
+        with open(path + LEGACY_TYPE_SUFFIX) as f:
+            return f.read() or None
+    except FileNotFoundError:
         return None
 
 

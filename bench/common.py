@@ -286,7 +286,7 @@ class ResidentInProcess:
         self.close()
 
 
-def _baseline_engine(req: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+def baseline_engine(req: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """The worker's Engine, loaded and warmed as the worker does before taking jobs, with the request's specs."""
     from app.contract.params import GenerationParams
     from worker.pipeline import Engine, ImageSpec
@@ -317,13 +317,13 @@ def _timed_calls(engine: Any, params: Any, specs: list[Any], n: int) -> list[flo
 
 def _inprocess_child() -> None:
     req = json.loads(sys.stdin.read())
-    engine, params, specs = _baseline_engine(req)
+    engine, params, specs = baseline_engine(req)
     print(json.dumps({"seconds": _timed_calls(engine, params, specs, req["n"])}), flush=True)
 
 
 def _inprocess_serve() -> None:
     """ResidentInProcess's child: a config line, then one line per `call(n)` with n."""
-    engine, params, specs = _baseline_engine(json.loads(sys.stdin.readline()))
+    engine, params, specs = baseline_engine(json.loads(sys.stdin.readline()))
     print(ResidentInProcess.MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         seconds = _timed_calls(engine, params, specs, int(line))

@@ -120,7 +120,7 @@ def check(st: Stack, tally: Tally) -> tuple[dict[str, bool], dict[str, Any]]:
         terminal = sum(types[f"generation.{s}"] for s in FINAL)
         events_ok += types["generation.started"] == attempt and terminal == 1
         attempts_ok += attempt == 1
-    image_files = sum(  # LocalStore keeps a `<key>.type` sidecar next to each image
+    image_files = sum(  # skips the `.type` sidecars older stores kept beside each image
         1
         for p in (st.data_dir / "images").rglob("*")
         if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".type")

@@ -6,11 +6,17 @@ params in a fresh process with the worker's environment (bench/common.py `Reside
 each service generation while the service sits idle, so both sides see the same machine.
 Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
 
+A second reference runs beside them: the same Engine behind a naive FastAPI route that answers the PNG bytes
+(bench/naive.py: no queue, no record, one request), one call after each baseline call, on the same core. Its
+overhead is what the cheapest wrapper costs on this machine, the same day: the 3 ms goal quotes such wrappers
+measured elsewhere at 1.5-3.6 ms.
+
     python bench/overhead.py                 # tiny model, 256x256, 20 steps, base+refiner ensemble, N=30
     python bench/overhead.py --n 5 --warmup 1   # smoke
 """
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -18,12 +24,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
+import naive  # noqa: E402
 import redis  # noqa: E402
 from common import (  # noqa: E402
     RedisCounter,
@@ -42,6 +51,9 @@ from common import (  # noqa: E402
 )
 
 from app.contract.records import decode  # noqa: E402
+from tests.procs import PY, Proc, free_port, wait_for  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def one(client: httpx.Client, body: dict[str, Any]) -> tuple[float, dict[str, Any], dict[str, float]]:
@@ -136,6 +148,25 @@ def trace_one(st: Stack, client: httpx.Client, body: dict[str, Any], path: str) 
     return row
 
 
+@contextmanager
+def naive_wrapper(st: Stack, params: dict[str, Any], enabled: bool) -> Iterator[tuple[int | None, Any]]:
+    """bench/naive.py served by uvicorn with the worker's environment: (its pid, an HTTP client), or (None, None)."""
+    if not enabled:
+        yield None, None
+        return
+    port = free_port()
+    env = {**st.svc.env(), "PYTHONPATH": str(ROOT), "BENCH_NAIVE_PARAMS": json.dumps(params)}
+    proc = Proc([PY, "-m", "uvicorn", "bench.naive:create_naive_app", "--factory", "--host", "127.0.0.1", "--port",
+                 str(port), "--no-access-log"], env, st.data_dir / "naive.log")
+    try:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/docs", timeout=1).status_code == 200, 120,
+                 "naive wrapper")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            yield proc.proc.pid, client
+    finally:
+        proc.stop()
+
+
 def _redis_client_pids(port: int) -> dict[int, int]:
     """Local port of each loopback connection to redis-server -> owning pid (from `ss -tnp`)."""
     out = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True).stdout
@@ -158,6 +189,7 @@ def main() -> int:
     ap.add_argument("--progress-interval", type=float, default=60.0, help="SDXL_PROGRESS_INTERVAL_SECONDS")
     ap.add_argument("--no-pin", action="store_true",
                     help="leave core placement to the scheduler (default: worker and baseline share one core)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive FastAPI wrapper reference")
     ap.add_argument("--trace", metavar="FILE", help="also MONITOR one more generation: every Redis command, by process")
     args = ap.parse_args()
     start_line(
@@ -179,14 +211,20 @@ def main() -> int:
         # the baseline: the same Engine.run in a resident child, one call after each service generation (the
         # service idle meanwhile), so a change in machine load hits both sides of the ratio alike
         e2e, pipe, overhead, no_encoding, parts, base = [], [], [], [], [], []
+        naive_overhead: list[float] = []
         r = st.r
         counter = RedisCounter(r)
         api_pid, worker_pid = st.svc.apis[0].proc.pid, st.svc.workers[0].proc.pid
         api_cpu, worker_cpu = 0.0, 0.0
-        with ResidentInProcess(params, st.svc.env(), warmup=max(1, args.warmup)) as baseline:
+        with ResidentInProcess(params, st.svc.env(), warmup=max(1, args.warmup)) as baseline, \
+                naive_wrapper(st, params, not args.no_naive) as (naive_pid, naive_client):
             assert st.redis_server.proc is not None
+            model_pids = [worker_pid, baseline.proc.pid, *([naive_pid] if naive_pid else [])]
             pinned = None if args.no_pin else pin_model_core(
-                [worker_pid, baseline.proc.pid], [api_pid, st.redis_server.proc.pid, os.getpid()])
+                model_pids, [api_pid, st.redis_server.proc.pid, os.getpid()])
+            if naive_client is not None:
+                for _ in range(max(1, args.warmup)):
+                    naive.call(naive_client, body)
             emit({"figure": "cpu_pinning", "pinned": pinned})
             for _ in range(args.n):
                 api_cpu0, worker_cpu0 = proc_cpu_seconds(api_pid), proc_cpu_seconds(worker_pid)
@@ -201,6 +239,9 @@ def main() -> int:
                 no_encoding.append(seconds - res["timings"]["pipeline"] - res["timings"]["encoding"])
                 parts.append(phases(res, marks, decode(r.hgetall(f"sdxl:gen:{res['id']}"))))
                 base += baseline.call(1)
+                if naive_client is not None:
+                    seconds, naive_pipe = naive.call(naive_client, body)
+                    naive_overhead.append(seconds - naive_pipe)
         redis_cost = counter.totals(args.n)
         api_cpu /= args.n
         worker_cpu /= args.n
@@ -240,6 +281,8 @@ def main() -> int:
             **redis_cost,
         }
     )
+    if naive_overhead:
+        emit({"figure": "naive_fastapi_overhead_ms", **pcts(naive_overhead, scale=1000, nd=2)})
     p50_base = statistics.median(base)
     emit(
         {
@@ -256,6 +299,9 @@ def main() -> int:
             # each generation over the baseline call right after it: a paired figure, robust to slow drift
             "end_to_end_over_next_inprocess_call_p50": round(
                 statistics.median(a / b for a, b in zip(e2e, base, strict=True)), 4),
+            **({"naive_fastapi_overhead_p50_ms": round(percentile(naive_overhead, 50) * 1000, 2),
+                "overhead_over_naive_fastapi_p50": round(percentile(overhead, 50) / percentile(naive_overhead, 50), 2)}
+               if naive_overhead else {}),
             "inprocess_second_half_over_first": round(
                 statistics.median(base[len(base) // 2:]) / statistics.median(base[: len(base) // 2]), 4),
         }

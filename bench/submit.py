@@ -7,6 +7,10 @@ hit by the same client: a minimal asyncio HTTP/1.1 keep-alive load generator (`-
 client is less likely to be what limits the bare endpoint. No worker runs: generations just queue, with the
 queue-depth and per-key limits raised (docs/access.md). Goal: service / bare >= 0.5.
 
+A third target calibrates the goal: the bare app plus one Redis round trip per request (an INCR on the same
+private redis-server, through the same redis-py asyncio client and hiredis). Any submit that stores anything
+durably pays at least that; `one_round_trip_over_bare` says how much of the goal's budget it alone takes here.
+
     python bench/submit.py                        # 16 connections, 10 s per target
     python bench/submit.py --duration 2           # smoke
 """
@@ -29,11 +33,18 @@ from app.schemas import GenerationCreate  # noqa: E402
 
 
 def create_bare_app() -> FastAPI:
-    """The floor: FastAPI + pydantic validation of the real request model, nothing else."""
+    """The floor: FastAPI + pydantic validation of the real request model, nothing else. With
+    BENCH_BARE_REDIS_URL set, also one Redis round trip per request (the floor of a durable submit)."""
+    import redis.asyncio as aredis
+
     app = FastAPI()
+    url = os.environ.get("BENCH_BARE_REDIS_URL")
+    r = aredis.Redis.from_url(url) if url else None
 
     @app.post("/v1/generations", status_code=202)
     async def create(body: GenerationCreate) -> Response:
+        if r is not None:
+            await r.incr("bench:bare:submits")
         return Response(b"{}", status_code=202, media_type="application/json")
 
     return app
@@ -118,52 +129,44 @@ def main() -> int:
         )
         if check.status_code != 202:
             raise RuntimeError(f"service answered {check.status_code}: {check.text[:300]}")
-        bare_port = free_port()
         root = Path(__file__).resolve().parent.parent
-        bare = Proc(
-            [
-                PY,
-                "-m",
-                "uvicorn",
-                "bench.submit:create_bare_app",
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(bare_port),
-                "--no-access-log",
-                "--timeout-graceful-shutdown",
-                "5",
-            ],
-            {**os.environ, "PYTHONPATH": str(root)},
-            st_.data_dir / "bare.log",
-        )
-        try:
+
+        def start_bare(name: str, **env: str) -> tuple[Proc, int]:
+            bare_port = free_port()
+            proc = Proc(
+                [PY, "-m", "uvicorn", "bench.submit:create_bare_app", "--factory", "--host", "127.0.0.1",
+                 "--port", str(bare_port), "--no-access-log", "--timeout-graceful-shutdown", "5"],
+                {**os.environ, "PYTHONPATH": str(root), **env},
+                st_.data_dir / f"{name}.log",
+            )
             wait_for(
-                lambda: (
-                    httpx.post(
-                        f"http://127.0.0.1:{bare_port}/v1/generations",
-                        content=body,
-                        headers={"Content-Type": "application/json"},
-                    ).status_code
-                    == 202
-                ),
+                lambda: httpx.post(f"http://127.0.0.1:{bare_port}/v1/generations", content=body,
+                                   headers={"Content-Type": "application/json"}).status_code == 202,
                 30,
-                "bare app",
+                name,
             )
-            # alternate so a change in machine load hits both alike
-            bare1 = measure("bare", bare_port, bare.proc.pid, body, args.connections, args.duration / 2, args.warmup)
-            svc1 = measure(
-                "service", port, st_.svc.apis[0].proc.pid, body, args.connections, args.duration / 2, args.warmup
-            )
-            svc2 = measure("service", port, st_.svc.apis[0].proc.pid, body, args.connections, args.duration / 2, 0)
-            bare2 = measure("bare", bare_port, bare.proc.pid, body, args.connections, args.duration / 2, 0)
+            return proc, bare_port
+
+        bare, bare_port = start_bare("bare")
+        floor, floor_port = start_bare("bare_one_round_trip", BENCH_BARE_REDIS_URL=st_.redis_server.url)
+        try:
+            # alternate so a change in machine load hits all alike
+            half = args.duration / 2
+            bare1 = measure("bare", bare_port, bare.proc.pid, body, args.connections, half, args.warmup)
+            svc1 = measure("service", port, st_.svc.apis[0].proc.pid, body, args.connections, half, args.warmup)
+            floor1 = measure("bare_one_round_trip", floor_port, floor.proc.pid, body, args.connections, half,
+                             args.warmup)
+            floor2 = measure("bare_one_round_trip", floor_port, floor.proc.pid, body, args.connections, half, 0)
+            svc2 = measure("service", port, st_.svc.apis[0].proc.pid, body, args.connections, half, 0)
+            bare2 = measure("bare", bare_port, bare.proc.pid, body, args.connections, half, 0)
         finally:
             bare.stop()
+            floor.stop()
         queued = sum(1 for _ in st_.r.scan_iter(match="sdxl:gen:*", count=1000))
         emit({"figure": "redis_ping_cost", **round_trip_cost(st_.redis_server.url)})
     bare_rps = (bare1["requests"] + bare2["requests"]) / (bare1["wall_s"] + bare2["wall_s"])
     svc_rps = (svc1["requests"] + svc2["requests"]) / (svc1["wall_s"] + svc2["wall_s"])
+    floor_rps = (floor1["requests"] + floor2["requests"]) / (floor1["wall_s"] + floor2["wall_s"])
     bad = {c: n for row in (svc1, svc2) for c, n in row["status_codes"].items() if c != 202}
     emit(
         {
@@ -172,12 +175,18 @@ def main() -> int:
             "connections": args.connections,
             "service_requests_per_second": round(svc_rps, 1),
             "bare_requests_per_second": round(bare_rps, 1),
+            "bare_one_round_trip_requests_per_second": round(floor_rps, 1),
             "service_over_bare": goal(round(svc_rps / bare_rps, 4), 0.5, higher_is_better=True),
+            "one_round_trip_over_bare": round(floor_rps / bare_rps, 4),
+            "service_over_one_round_trip": round(svc_rps / floor_rps, 4),
             "service_cpu_ms_per_request": round(
                 (svc1["server_cpu_ms_per_request"] + svc2["server_cpu_ms_per_request"]) / 2, 3
             ),
             "bare_cpu_ms_per_request": round(
                 (bare1["server_cpu_ms_per_request"] + bare2["server_cpu_ms_per_request"]) / 2, 3
+            ),
+            "bare_one_round_trip_cpu_ms_per_request": round(
+                (floor1["server_cpu_ms_per_request"] + floor2["server_cpu_ms_per_request"]) / 2, 3
             ),
             "non_202_answers": bad,
             "generation_records_in_redis": queued,

@@ -65,7 +65,8 @@ async def create_generation(
         headers["Idempotent-Replayed"] = "true"
     wait = prefer_wait(prefer, settings.max_wait_seconds)
     if wait:
-        resource = await service.wait(resource["id"], principal, wait)
+        # the resource was just created (or read, on a replay) for this principal: no second read first
+        resource = await service.wait(resource["id"], principal, wait, created=resource)
         if resource["status"] in ("succeeded", "failed", "canceled"):
             headers["Preference-Applied"] = f"wait={wait}"
             return JSONResponse(resource, status_code=200 if replayed else 201, headers=headers)
