@@ -67,14 +67,35 @@ def _load(folder: Path) -> Tokenizer:
     return tok
 
 
+def _differing_tokens(tok1: Tokenizer, tok2: Tokenizer) -> frozenset[str] | None:
+    """The added tokens whose presence in a text can make the two tokenizers' counts differ, or None when
+    anything else differs (then every text is counted by both).
+
+    SDXL's two CLIP tokenizers share normalizer, splitting, vocabulary and merges; tokenizer_2 only adds its
+    pad token `!` as a special token, which splits a text differently only where the text holds a `!`."""
+    a, b = json.loads(tok1.to_str()), json.loads(tok2.to_str())
+    if any(a.get(k) != b.get(k) for k in ("normalizer", "pre_tokenizer", "model", "post_processor")):
+        return None
+    added_a = {t["content"]: t for t in a.get("added_tokens") or []}
+    added_b = {t["content"]: t for t in b.get("added_tokens") or []}
+    return frozenset(c for c in added_a.keys() | added_b.keys() if added_a.get(c) != added_b.get(c))
+
+
 class TokenCounter:
     def __init__(self, tok1: Tokenizer, tok2: Tokenizer) -> None:
         self.tok1 = tok1
         self.tok2 = tok2
+        self.differing = _differing_tokens(tok1, tok2)
+        self._last: tuple[str, int] | None = None  # a submit counts its prompt for both encoders in turn
 
     def count(self, text: str, encoder: int) -> int:
-        tok = self.tok1 if encoder == 1 else self.tok2
-        return len(tok.encode(text).ids)
+        if encoder != 1 and (self.differing is None or any(c in text for c in self.differing)):
+            return len(self.tok2.encode(text).ids)
+        if self._last is not None and self._last[0] == text:
+            return self._last[1]
+        n = len(self.tok1.encode(text).ids)
+        self._last = (text, n)
+        return n
 
 
 @lru_cache(maxsize=4)
