@@ -32,6 +32,7 @@ ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 TERMINAL = {"succeeded", "failed", "canceled"}
 TERMINAL_EVENTS = {"generation.succeeded", "generation.failed", "generation.canceled"}
 IMAGE_FIELDS = ("owner", "expires_at", "images")  # all an image download reads of the record
+INLINE_READ_MAX_BYTES = 512 * 1024  # local images up to this size are read on the event loop
 
 
 def not_found(gen_id: str) -> Problem:
@@ -246,8 +247,10 @@ class GenerationService:
             if url:
                 return url
         try:
-            # a local read of one image costs less than the hop to a worker thread and back; remote: the hop
-            if reads_inline(self.store):
+            # a page-cache read of one small image costs less than the hop to a worker thread and back; a large
+            # file (a cold disk could take milliseconds and stall every request on this loop) and remote: the hop
+            size = int(img.get("bytes") or 0)  # 0: unknown size, read off the loop
+            if reads_inline(self.store) and 0 < size <= INLINE_READ_MAX_BYTES:
                 obj = self.store.get(img["key"])
             else:
                 obj = await run_in_threadpool(self.store.get, img["key"])

@@ -234,6 +234,11 @@ def test_local_reads_skip_the_thread_pool_and_remote_ones_use_it(
     monkeypatch.setattr(generations_module, "run_in_threadpool", recording_pool)
     run(scenario, redis_server, redis_client, tmp_path)
     assert hops == []  # LocalStore: read on the loop
+    monkeypatch.setattr(generations_module, "INLINE_READ_MAX_BYTES", len(PNG) - 1)
+    run(scenario, redis_server, redis_client, tmp_path)
+    assert len(hops) == 1  # a local file over the inline size: the thread pool, the loop stays free
+    hops.clear()
+    monkeypatch.setattr(generations_module, "INLINE_READ_MAX_BYTES", len(PNG))
     remote = RemoteStore(LocalStore(tmp_path / "store"))
     run(scenario, redis_server, redis_client, tmp_path, store=remote)
     assert hops == [remote.get]
