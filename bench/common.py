@@ -271,7 +271,9 @@ class ResidentInProcess:
 
     def call(self, n: int = 1) -> list[float]:
         self._send(n)
-        return [float(x) for x in self._answer()["seconds"]]
+        answer = self._answer()
+        self.last_stages: list[dict[str, float]] = answer["stages"]  # engine stage times of those calls
+        return [float(x) for x in answer["seconds"]]
 
     def close(self) -> None:
         if self.proc.stdin is not None:
@@ -306,12 +308,16 @@ def baseline_engine(req: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     return engine, params, specs
 
 
-def _timed_calls(engine: Any, params: Any, specs: list[Any], n: int) -> list[float]:
+def _timed_calls(engine: Any, params: Any, specs: list[Any], n: int,
+                 stages: list[dict[str, float]] | None = None) -> list[float]:
+    """n calls' seconds; `stages` also gets each call's engine stage times (base, refiner, decoding)."""
     seconds = []
     for _ in range(n):
         t0 = time.perf_counter()
-        engine.run(params, specs, lambda _p: None)
+        _images, times = engine.run(params, specs, lambda _p: None)
         seconds.append(time.perf_counter() - t0)
+        if stages is not None:
+            stages.append({"base": times.base, "refiner": times.refiner, "decoding": times.decoding})
     return seconds
 
 
@@ -326,8 +332,9 @@ def _inprocess_serve() -> None:
     engine, params, specs = baseline_engine(json.loads(sys.stdin.readline()))
     print(ResidentInProcess.MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        seconds = _timed_calls(engine, params, specs, int(line))
-        print(ResidentInProcess.MARK + json.dumps({"seconds": seconds}), flush=True)
+        stages: list[dict[str, float]] = []
+        seconds = _timed_calls(engine, params, specs, int(line), stages)
+        print(ResidentInProcess.MARK + json.dumps({"seconds": seconds, "stages": stages}), flush=True)
 
 
 def proc_cpu_seconds(pid: int) -> float:

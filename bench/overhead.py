@@ -212,6 +212,7 @@ def main() -> int:
         # service idle meanwhile), so a change in machine load hits both sides of the ratio alike
         e2e, pipe, overhead, no_encoding, parts, base = [], [], [], [], [], []
         naive_overhead: list[float] = []
+        stage_ratios: dict[str, list[float]] = {"base": [], "refiner": [], "decoding": []}
         r = st.r
         counter = RedisCounter(r)
         api_pid, worker_pid = st.svc.apis[0].proc.pid, st.svc.workers[0].proc.pid
@@ -239,6 +240,9 @@ def main() -> int:
                 no_encoding.append(seconds - res["timings"]["pipeline"] - res["timings"]["encoding"])
                 parts.append(phases(res, marks, decode(r.hgetall(f"sdxl:gen:{res['id']}"))))
                 base += baseline.call(1)
+                for stage, ratios in stage_ratios.items():
+                    if baseline.last_stages[0][stage] > 0:
+                        ratios.append(res["timings"][stage] / baseline.last_stages[0][stage])
                 if naive_client is not None:
                     seconds, naive_pipe = naive.call(naive_client, body)
                     naive_overhead.append(seconds - naive_pipe)
@@ -275,6 +279,10 @@ def main() -> int:
     )
     emit({"figure": "overhead_excluding_png_encoding_ms", **pcts(no_encoding, scale=1000, nd=2)})
     emit({"figure": "image_get_warm_loop_ms", **pcts(warm, scale=1000, nd=3)})
+    # where a worker/in-process difference sits: each engine stage, paired with the next baseline call (the
+    # worker's `decoding` also holds the progress event published when that stage starts)
+    emit({"figure": "worker_over_inprocess_by_stage_paired_p50",
+          **{stage: round(statistics.median(r), 4) for stage, r in stage_ratios.items() if r}})
     emit(
         {
             "figure": "overhead_phases_ms_p50",
