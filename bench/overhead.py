@@ -9,7 +9,7 @@ Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
 A second reference runs beside them: the same Engine behind a naive FastAPI route that answers the PNG bytes
 (bench/naive.py: no queue, no record, one request), one call after each baseline call, on the same core. Its
 overhead is what the cheapest wrapper costs on this machine, the same day: the 3 ms goal quotes such wrappers
-measured elsewhere at 1.5-3.6 ms.
+at 1.5-3.6 ms, measured on another day (../shared/REFERENCE.md).
 
     python bench/overhead.py                 # tiny model, 256x256, 20 steps, base+refiner ensemble, N=30
     python bench/overhead.py --n 5 --warmup 1   # smoke
