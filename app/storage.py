@@ -127,23 +127,9 @@ class LocalStore:
 
 
 def _read_file(path: str) -> bytes:
-    """The whole file in open + fstat + read + close: no buffered-IO isatty probe or trailing EOF read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        size = os.fstat(fd).st_size
-        chunks: list[bytes] = []
-        got = 0
-        while True:
-            chunk = os.read(fd, max(size - got, 0) or 65536)  # a file grown since fstat reads on to its end
-            if not chunk:
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-            if got == size:
-                break  # puts replace whole files, so one at its fstat size is complete
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        os.close(fd)
+    """Unbuffered: FileIO.readall sizes its buffer from fstat, without the buffered layer's isatty probe."""
+    with open(path, "rb", buffering=0) as f:
+        return f.readall()
 
 
 def _legacy_type(path: str) -> str | None:

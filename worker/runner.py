@@ -165,70 +165,66 @@ class Runner:
             self.release(gen_id)
         return outcome
 
-    def progress_emit(self, m: Member, progress: Progress, queue_length: bool = False) -> tuple[str, int]:
-        """New progress for a running generation and its event in one round trip (TRANSITION_EMIT): the resource
-        is rendered from the record START answered plus this change, as no one else writes a running record
-        but its owner (a cancel or a requeue fails the compare-and-set, and then no event is appended).
+    def change_and_emit(self, m: Member, fields: dict[str, Any], event: EventType, queue_length: bool = False
+                        ) -> tuple[str, str, int, dict[str, Any], dict[str, Any]]:
+        """A running generation's change and its event in one round trip (TRANSITION_EMIT): the resource is
+        rendered from the record START answered plus this change, as no one else writes a running record but
+        its owner (a cancel or a requeue fails the compare-and-set, and then no event is appended). The change
+        goes through encode/decode first, so the event is exactly what rendering the stored record gives.
 
-        (outcome, jobs waiting in the rq queue when `queue_length`, else -1)."""
-        value = progress_value(progress)
-        rec = {**m.record, "progress": value}
+        (outcome, event id, jobs waiting in the rq queue when `queue_length` else -1, record, resource)."""
+        stored = encode(fields)
+        rec = {**m.record, **decode(stored)}
         resource = render(rec, self.image_url)
         try:
             res = self._transition_emit(
                 keys=[keys.generation(m.gen_id), keys.events(m.gen_id),
                       *([keys.RQ_QUEUE_KEY] if queue_length else [])],
-                args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds,
-                      EventType.progress.value, json.dumps(resource, separators=(",", ":")),
-                      *flatten({"progress": value})])
+                args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds, event.value,
+                      json.dumps(resource, separators=(",", ":")), *(x for pair in stored.items() for x in pair)])
         except redis.RedisError:
             m.record_exact = False  # the change may have been written anyway: final_emit reads the hash instead
             raise
         outcome = as_str(res[0])
         if outcome == "OK":
             m.record = rec
+        return outcome, as_str(res[1]), int(res[2]), rec, resource
+
+    def progress_emit(self, m: Member, progress: Progress, queue_length: bool = False) -> tuple[str, int]:
+        """New progress and its event in one round trip (`change_and_emit`), then the progress webhook.
+
+        (outcome, jobs waiting in the rq queue when `queue_length`, else -1)."""
+        outcome, event_id, length, rec, resource = self.change_and_emit(
+            m, {"progress": progress_value(progress)}, EventType.progress, queue_length)
+        if outcome == "OK":
             try:
-                enqueue_webhook(self.r, rec, EventType.progress, as_str(res[1]), resource, self.webhook_queue,
+                enqueue_webhook(self.r, rec, EventType.progress, event_id, resource, self.webhook_queue,
                                 self.settings.webhook_progress_interval_seconds)
             except redis.RedisError:
                 log.exception("could not enqueue the progress webhook for %s", m.gen_id)  # never fails a job
-        return outcome, int(res[2])
+        return outcome, length
 
     def final_emit(self, m: Member, fields: dict[str, Any], event: EventType) -> str:
-        """End a running generation and append its final event in one round trip (TRANSITION_EMIT), rendered as
-        progress_emit does from the record START answered plus this change; only then, off the caller's critical
-        path (the event already woke the waiting clients), drop the RUNNING entry and lease, count the metrics
-        and enqueue the webhook. A refusal: `stale*` (another worker's now) touches nothing, any other releases.
+        """End a running generation and append its final event in one round trip (`change_and_emit`); only
+        then, off the caller's critical path (the event already woke the waiting clients), drop the RUNNING
+        entry and lease, count the metrics and enqueue the webhook. A refusal: `stale*` (another worker's now)
+        touches nothing, any other releases.
 
         Falls back to `transition_emit` when `m.record` may be behind the hash (never started, or a change
         whose answer was lost)."""
         if not m.record or not m.record_exact:
             return self.transition_emit(m.gen_id, m.payload.token, fields, event, release=True)
-        stored = encode(fields)
-        # the values as decoding the hash will give them (timestamps as strings, JSON round-tripped), so the
-        # event is exactly what rendering the stored record gives
-        rec = {**m.record, **decode(stored)}
-        resource = render(rec, self.image_url)
-        try:
-            res = self._transition_emit(
-                keys=[keys.generation(m.gen_id), keys.events(m.gen_id)],
-                args=[m.payload.token, "running", STREAM_MAXLEN, self.settings.generation_ttl_seconds, event.value,
-                      json.dumps(resource, separators=(",", ":")), *[part for pair in stored.items() for part in pair]])
-        except redis.RedisError:
-            m.record_exact = False  # as in progress_emit: a caller's later final change must not trust m.record
-            raise
-        outcome = as_str(res[0])
+        outcome, event_id, _length, rec, resource = self.change_and_emit(m, fields, event)
         if outcome != "OK":
             if not outcome.startswith("stale"):
                 self.release(m.gen_id)
             return outcome
-        m.record = rec
         try:
             pipe = self.r.pipeline(transaction=False)
             drop_entries(m.gen_id, pipe)
             stats.record_event(pipe, event.value, rec)
             pipe.execute()
-            enqueue_webhook(self.r, rec, event, as_str(res[1]), resource, self.webhook_queue,
+            enqueue_webhook(self.r, rec, event, event_id, resource, self.webhook_queue,
                             self.settings.webhook_progress_interval_seconds)
         except redis.RedisError:
             # as emit_record: never fails a job (entries left behind: the reaper's requeue drops them, not running)
