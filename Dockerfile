@@ -38,6 +38,8 @@ RUN --mount=type=bind,source=.,target=/src,rw \
 
 WORKDIR /home/sdxl
 USER 10001:10001
+# all interfaces in a container: the open-without-keys rule then needs keys or SDXL_ALLOW_OPEN=true
+ENV SDXL_HOST=0.0.0.0 SDXL_PORT=8000
 EXPOSE 8000
 
 # Liveness only (/healthz); readiness (/readyz) is what the gateway's health check uses.
@@ -46,7 +48,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
 
 # One uvicorn process per container: Prometheus metrics are per process, and the
 # replicas are scaled by compose, not by --workers.
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "20"]
+CMD ["python", "-m", "app"]
 
 ###############################################################################
 # dashboard: rq-dashboard, same rq version as the app (profile `dashboard`)

@@ -22,6 +22,7 @@ from app.enqueue import Enqueuer, resolve, token_counts
 from app.errors import Problem, field_error
 from app.idempotency import IdempotencyStore
 from app.limits import Limiter
+from app.model_limits import LimitsCache
 from app.retention import purge
 from app.schemas import GenerationCreate
 from app.settings import Settings
@@ -48,6 +49,7 @@ class GenerationService:
         self.settings = settings
         self.store = store
         self.enqueuer = Enqueuer(r, settings, ar)
+        self.model_limits = LimitsCache(settings.base_model, settings.refiner_model)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._position = ar.register_script(queueing.POSITION)
         self._cancel = r.register_script(queueing.CANCEL)
@@ -99,6 +101,7 @@ class GenerationService:
             raise field_error("priority", f"must be at most {principal.limits.max_priority} for this API key",
                               req.priority)
         params = resolve(req, self.settings, await self.refiner_available())
+        self.model_limits.get().check(params)
         counts = token_counts(params, counter_for(self.settings.base_model))
         webhook = req.webhook.model_dump() if req.webhook else None
         if webhook:  # pin the approved address: delivery connects there, never to a fresh DNS answer

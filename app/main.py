@@ -14,7 +14,7 @@ from app.cors import install_cors
 from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
-from app.middleware import BodyGuardMiddleware, RequestIdMiddleware
+from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
 from app.routes import events, generations, health, metrics, playground, webhooks
 from app.settings import Settings, get_settings
 from app.storage import ObjectStore, build_store
@@ -63,7 +63,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(metrics.router)
     app.include_router(playground.router)  # the web page at / (no key needed to load it)
-    app.add_middleware(BodyGuardMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes, max_headers=settings.max_headers,
+                       max_header_bytes=settings.max_header_bytes, read_timeout=settings.body_read_timeout_seconds)
     app.add_middleware(ObservabilityMiddleware, metrics=http_metrics)  # inside RequestId: sees the request id
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(RateLimitHeadersMiddleware)

@@ -1,7 +1,9 @@
-"""Pure ASGI middleware: request ids, body size and media type guards (cheap on the hot path)."""
+"""Pure ASGI middleware: request ids; header, body size, body time and media type guards."""
 
+import asyncio
 import re
 import secrets
+import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -10,6 +12,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.errors import Problem, problem_response
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# RFC 9110 field values: no control characters but HTAB (h11 lets \x01-\x1f and DEL through)
+CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RequestIdMiddleware:
@@ -38,18 +42,43 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
-class BodyGuardMiddleware:
-    """413 over the size limit (counted as it streams in, not trusting Content-Length); 415 for non-JSON."""
+class RequestGuardMiddleware:
+    """431 for too many or too large headers; 413 over the body size limit (counted as it streams in, not
+    trusting Content-Length); 415 for non-JSON; 408 when the body does not arrive within the read timeout,
+    and the connection closes (a client that declares 100 bytes and sends one must not hold it)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_headers: int = 100, max_header_bytes: int = 16384,
+                 read_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
+        raw = scope["headers"]
+        if len(raw) > self.max_headers:
+            await self._reject(scope, send, Problem(
+                431, f"{len(raw)} request headers exceed the limit of {self.max_headers} (SDXL_MAX_HEADERS)"))
+            return
+        for k, v in raw:
+            if CONTROL_RE.search(v):
+                await self._reject(scope, send, Problem(
+                    400, f"header {k.decode('latin-1')!r} holds a control character", kind="bad-header"))
+                return
+        size = sum(len(k) + len(v) for k, v in raw)
+        if size > self.max_header_bytes:
+            await self._reject(scope, send, Problem(
+                431, f"request headers of {size} bytes exceed the limit of {self.max_header_bytes} bytes "
+                     "(SDXL_MAX_HEADER_BYTES)"))
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(raw)
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             await self._reject(scope, send, Problem(413, f"request body exceeds {self.max_bytes} bytes"))
@@ -63,20 +92,29 @@ class BodyGuardMiddleware:
             )
             return
         received = 0
+        body_done = False
+        deadline = time.monotonic() + self.read_timeout
 
         async def guarded_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # later receives only watch for a disconnect (long-polls): no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except TimeoutError:
+                raise _Refused(408, f"the request body did not arrive within {self.read_timeout:g} s "
+                                    "(SDXL_BODY_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _TooLarge(413, f"request body exceeds {self.max_bytes} bytes")
+                    raise _Refused(413, f"request body exceeds {self.max_bytes} bytes")
+                body_done = not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, guarded_receive, send)
-        except _TooLarge:
-            await self._reject(scope, send, Problem(413, f"request body exceeds {self.max_bytes} bytes"))
+        except _Refused as exc:
+            await self._reject(scope, send, Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {})))
 
     async def _reject(self, scope: Scope, send: Send, problem: Problem) -> None:
         from starlette.requests import Request
@@ -85,9 +123,9 @@ class BodyGuardMiddleware:
         await response(scope, _noop_receive, send)
 
 
-class _TooLarge(HTTPException):
+class _Refused(HTTPException):
     """Raised from receive(). An HTTPException, because FastAPI's body reader passes those on to the error
-    handlers and turns any other exception into a generic 400 (which would hide the 413)."""
+    handlers and turns any other exception into a generic 400 (which would hide the 413 or 408)."""
 
 
 async def _noop_receive() -> Any:

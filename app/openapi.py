@@ -111,6 +111,11 @@ STANDARD: dict[int, tuple[str, str, str]] = {
         "No API key, a malformed `Authorization` header, or an unknown key",
         "this API needs a key: send `Authorization: Bearer <key>`",
     ),
+    408: (
+        "RequestTimeout",
+        "The request body did not arrive within `SDXL_BODY_READ_TIMEOUT_SECONDS`; the connection is closed",
+        "the request body did not arrive within 30 s (SDXL_BODY_READ_TIMEOUT_SECONDS)",
+    ),
     413: (
         "PayloadTooLarge",
         "The request body is over the deployment's limit (`SDXL_MAX_BODY_BYTES`)",
@@ -120,6 +125,11 @@ STANDARD: dict[int, tuple[str, str, str]] = {
         "UnsupportedMediaType",
         "A request body that is not `application/json`",
         "Content-Type must be application/json, not 'text/plain'",
+    ),
+    431: (
+        "HeadersTooLarge",
+        "More request headers than `SDXL_MAX_HEADERS`, or more header bytes than `SDXL_MAX_HEADER_BYTES`",
+        "request headers of 20480 bytes exceed the limit of 16384 bytes (SDXL_MAX_HEADER_BYTES)",
     ),
     422: (
         "ValidationFailed",
@@ -269,8 +279,9 @@ def _problem_codes(route: RouteContext, method: str, op: dict[str, Any], secured
         codes.add(503)  # everything else reads Redis
     if secured:
         codes |= {401, 429}
+    codes.add(431)  # app.middleware.RequestGuardMiddleware, before routing
     if method in ("post", "put", "patch"):
-        codes |= {413, 415}  # app.middleware.BodyGuardMiddleware, before routing
+        codes |= {408, 413, 415}
     if op.get("parameters") or op.get("requestBody"):
         codes.add(422)
     return codes

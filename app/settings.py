@@ -17,6 +17,13 @@ class Settings(StorageSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"  # where uvicorn listens, checked against the open-without-keys rule
+    port: int = 8000  # `python -m app`
+    # slow and oversized clients (`python -m app` hands the connection cap and parser bound to uvicorn)
+    max_connections: int = Field(default=256, ge=1)  # per API process; uvicorn answers 503 beyond
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)  # whole body; 408 and the connection closes
+    max_header_bytes: int = Field(default=16384, ge=1024)  # names + values, all headers; 431 beyond
+    max_headers: int = Field(default=100, ge=8)  # 431 beyond
+    graceful_shutdown_seconds: int = Field(default=20, ge=0)  # SIGTERM: in-flight requests get this long
 
 
     # limits on a single request

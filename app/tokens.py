@@ -43,7 +43,7 @@ def _from_vocab(folder: Path) -> Tokenizer:
     return tok
 
 
-def _locate(model: str, sub: str, revision: str | None) -> Path | None:
+def locate(model: str, sub: str, revision: str | None) -> Path | None:
     local = Path(model) / sub
     if local.is_dir():
         return local
@@ -101,7 +101,7 @@ class TokenCounter:
 @lru_cache(maxsize=4)
 def counter_for(model: str, revision: str | None = None) -> TokenCounter | None:
     """None when the tokenizers are not on this machine; the worker then applies the same rule."""
-    f1, f2 = _locate(model, "tokenizer", revision), _locate(model, "tokenizer_2", revision)
+    f1, f2 = locate(model, "tokenizer", revision), locate(model, "tokenizer_2", revision)
     if f1 is None or f2 is None:
         log.warning("tokenizers for %s not found locally: token counts are left to the worker", model)
         return None

@@ -52,9 +52,8 @@ def main() -> int:
     env.setdefault("SDXL_PUBLIC_BASE_URL", f"http://127.0.0.1:{port}")
     py = sys.executable
     procs.append(("worker", subprocess.Popen([py, "-m", "worker"], env=env, cwd=ROOT)))
-    procs.append(("api", subprocess.Popen(
-        [py, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1", "--port", port],
-        env=env, cwd=ROOT)))
+    env.update(SDXL_HOST="127.0.0.1", SDXL_PORT=port)
+    procs.append(("api", subprocess.Popen([py, "-m", "app"], env=env, cwd=ROOT)))
     print(f"SDXL service on http://127.0.0.1:{port}  (Ctrl-C stops everything)", flush=True)
     code = 0
     try:

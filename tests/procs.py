@@ -56,7 +56,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes" if self.appendonly else "no", "--dir", self.dir, "--logfile", ""],
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+             "--dir", self.dir, "--logfile", ""],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(lambda: redis.Redis(port=self.port, socket_timeout=1).ping(), 10, "redis-server")
@@ -64,6 +65,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown save; with append-only on (fsync per write) nothing written is lost."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)
 
     def client(self) -> redis.Redis:
@@ -127,6 +134,7 @@ class Service:
         self.apis: list[Proc] = []
         self.workers: list[Proc] = []
         self.dispatchers: list[Proc] = []
+        self.others: list[Proc] = []
         self.port = 0
 
     def env(self, **extra: str) -> dict[str, str]:
@@ -134,9 +142,9 @@ class Service:
 
     def start_api(self, **extra: str) -> str:
         port = free_port()
-        api = Proc([PY, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                    "--port", str(port), "--no-access-log", "--timeout-graceful-shutdown", "5"],
-                   self.env(**extra), self.data_dir / f"api-{port}.log")
+        api = Proc([PY, "-m", "app"], self.env(**{"SDXL_HOST": "127.0.0.1", "SDXL_PORT": str(port),
+                                                  "SDXL_GRACEFUL_SHUTDOWN_SECONDS": "5", **extra}),
+                   self.data_dir / f"api-{port}.log")
         self.apis.append(api)
         if not self.port:
             self.port = port
@@ -184,8 +192,16 @@ class Service:
         wait_for(ready, 30, "dispatcher ready", interval=0.1)
         return d
 
+    def start_cleanup(self, **extra: str) -> Proc:
+        """`python -m worker.cleanup` (expiry, reaping, deadlines), sweeping every SDXL_CLEANUP_INTERVAL_SECONDS."""
+        c = Proc([PY, "-m", "worker.cleanup"], self.env(**extra), self.data_dir / f"cleanup-{len(self.others)}.log")
+        self.others.append(c)
+        wait_for(lambda: "cleanup started" in c.output() or c.proc.poll() is not None, 30, "cleanup started")
+        assert c.proc.poll() is None, c.output()
+        return c
+
     def stop(self) -> None:
-        for p in self.dispatchers + self.workers + self.apis:
+        for p in self.others + self.dispatchers + self.workers + self.apis:
             p.stop()
 
 

@@ -140,22 +140,8 @@ def test_open_non_loopback_api_process_exits_with_the_reason(tmp_path: Path, tin
     from tests.procs import base_env
 
     port = free_port()
-    env = base_env("redis://127.0.0.1:1/0", tiny_model, tmp_path, SDXL_HOST="0.0.0.0")
-    api = Proc(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env,
-        tmp_path / "api.log",
-    )
+    env = base_env("redis://127.0.0.1:1/0", tiny_model, tmp_path, SDXL_HOST="0.0.0.0", SDXL_PORT=str(port))
+    api = Proc([sys.executable, "-m", "app"], env, tmp_path / "api.log")
     try:
         wait_for(lambda: api.proc.poll() is not None, 30, "the API to refuse to start")
         assert api.proc.returncode != 0

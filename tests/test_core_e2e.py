@@ -113,8 +113,11 @@ def test_models_are_loaded_once_for_many_jobs(service: Service) -> None:
 
 
 def test_pipeline_exception_fails_typed_and_worker_goes_on(service: Service) -> None:
-    # the tiny text encoder has 2 layers; clip_skip 5 makes the pipeline itself raise
-    bad = create(service, {"prompt": "boom", "clip_skip": 5, **SMALL}, prefer="wait=30").json()
+    # clip_skip 5 is past the tiny text encoders' 4 layers, so the pipeline itself raises. The API normally
+    # refuses it at submit; one that cannot see the model's configs (a hub id not cached here) lets it through.
+    blind = service.start_api(SDXL_BASE_MODEL="example-org/not-on-this-machine")
+    bad = httpx.post(f"{blind}/v1/generations", json={"prompt": "boom", "clip_skip": 5, **SMALL},
+                     headers={"Prefer": "wait=30"}, timeout=60).json()
     assert bad["status"] == "failed", bad
     assert bad["error"]["type"] == "pipeline_error" and "Traceback" not in bad["error"]["message"]
     again = httpx.get(f"{service.url}/v1/generations/{bad['id']}").json()

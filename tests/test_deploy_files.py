@@ -368,7 +368,7 @@ def test_targets_start_the_documented_processes(stages: dict[str, Stage]) -> Non
         assert ins is not None, target
         return json.loads(ins.args)
 
-    assert cmd("api")[:3] == ["uvicorn", "app.main:create_app", "--factory"]
+    assert cmd("api") == ["python", "-m", "app"]
     assert cmd("worker") == ["python", "-m", "worker"]
     assert cmd("dashboard")[0] == "rq-dashboard"
 
@@ -659,7 +659,7 @@ def test_services_reusing_the_api_image_do_not_inherit_its_http_healthcheck(
         if svc.get("build", {}).get("target") != "api":
             continue
         command = svc.get("command", [])
-        if command[:1] == ["uvicorn"]:
+        if command == ["python", "-m", "app"]:
             continue
         assert svc.get("healthcheck", {}).get("disable") is True, (
             f"{name} runs {command} on the api image, whose HEALTHCHECK probes :8000"

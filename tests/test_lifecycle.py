@@ -23,6 +23,8 @@ import redis
 from rq.intermediate_queue import IntermediateQueue
 
 from app.contract import keys
+from app.contract.records import decode
+from app.contract.resource import render
 from app.enqueue import resolve
 from app.reaper import Reaper
 from app.schemas import GenerationCreate
@@ -183,6 +185,56 @@ def test_redis_restart_under_a_busy_worker_loses_nothing(stack: Stack) -> None:
     assert w.proc.poll() is None, "the worker must ride out the outage"
 
 
+def wait_requeued(svc: Service, gen_id: str, attempt: int = 2) -> None:
+    wait_for(lambda: record(svc, gen_id).get("attempt") == str(attempt), 60, f"{gen_id} attempt {attempt}",
+             interval=0.1)
+
+
+def assert_rerun_here(svc: Service, gen_id: str, w: Proc) -> None:
+    """The requeued attempt ran on the same worker and finished: one set of images, no worker_lost."""
+    done = final(svc, gen_id)
+    assert done["status"] == "succeeded" and done["attempt"] == 2, (done, w.output()[-3000:])
+    assert record(svc, gen_id)["worker_id"] == w.worker_id  # type: ignore[attr-defined]
+    assert len(done["images"]) == 1 and stored_images(svc, gen_id) == {"0.png"}
+    assert metric(svc, "requeue|lease_expired") == 1
+    assert w.proc.poll() is None
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_runs_its_own_requeued_attempt(stack: Stack) -> None:
+    """SIGSTOP past the lease: cleanup requeues as attempt 2; after SIGCONT the same worker drops attempt 1
+    and runs attempt 2 to the end (a mark kept by generation id used to abort attempt 2 at its first step)."""
+    svc = stack(SDXL_CLEANUP_INTERVAL_SECONDS="1")
+    w = svc.start_worker()
+    svc.start_cleanup()
+    gen = submit(svc, LONGER)
+    wait_running(svc, gen["id"])
+    w.signal(signal.SIGSTOP)
+    try:
+        wait_requeued(svc, gen["id"])
+        assert record(svc, gen["id"])["status"] == "queued"
+    finally:
+        w.signal(signal.SIGCONT)
+    assert_rerun_here(svc, gen["id"], w)
+
+
+@pytest.mark.slow
+def test_a_redis_kill_longer_than_the_lease_ends_on_attempt_2(stack: Stack) -> None:
+    """kill -9 of Redis for longer than the lease: the lease has lapsed when Redis is back, so the attempt is
+    lost for good (never renewed behind a reaper's back); it runs again, on the same worker, and succeeds."""
+    svc = stack(appendonly=True, SDXL_CLEANUP_INTERVAL_SECONDS="1")
+    w = svc.start_worker()
+    svc.start_cleanup()
+    gen = submit(svc, LONGER)
+    wait_running(svc, gen["id"])
+    server: RedisServer = svc.redis_server  # type: ignore[attr-defined]
+    server.kill()
+    time.sleep(int(svc.env()["SDXL_LEASE_SECONDS"]) + 4)
+    server.start()  # same port, same directory: the lease's absolute expiry has passed
+    assert_rerun_here(svc, gen["id"], w)
+    assert "lapsed; a reaper will run it again" in w.output()
+
+
 # --- start-up ------------------------------------------------------------------------------------------------
 
 
@@ -320,6 +372,7 @@ def test_reaper_requeues_once_then_fails_worker_lost(redis_client: redis.Redis) 
             "token": "t1",
             "params": json.dumps(params),
             "rq_job_id": f"{gid}-1",
+            "progress": json.dumps({"step": 10, "total_steps": 30, "stage": "base", "eta_seconds": 4.0}),
         },
     )
     r.sadd(keys.RUNNING, gid)  # running, and no lease: its worker is gone
@@ -327,6 +380,11 @@ def test_reaper_requeues_once_then_fails_worker_lost(redis_client: redis.Redis) 
     assert reaper.sweep() == [(gid, "requeued")]
     rec = {k.decode(): v.decode() for k, v in r.hgetall(keys.generation(gid)).items()}
     assert rec["status"] == "queued" and rec["attempt"] == "2" and rec["token"] != "t1"
+    # back in line: the resource says queued, not the lost attempt's step
+    assert render(decode(r.hgetall(keys.generation(gid))), lambda *_: "")["progress"] == {
+        "step": 0, "total_steps": 0, "stage": "queued", "eta_seconds": None}
+    r.hset(keys.generation(gid), "progress",
+           json.dumps({"step": 10, "total_steps": 30, "stage": "base", "eta_seconds": 4.0}))
     assert int(r.hget(keys.METRICS, "requeue|lease_expired") or 0) == 1
     # the second attempt's worker dies too: failed worker_lost, never a third run
     r.hset(keys.generation(gid), mapping={"status": "running"})
@@ -335,6 +393,9 @@ def test_reaper_requeues_once_then_fails_worker_lost(redis_client: redis.Redis) 
     rec = {k.decode(): v.decode() for k, v in r.hgetall(keys.generation(gid)).items()}
     assert rec["status"] == "failed" and json.loads(rec["error"])["type"] == "worker_lost"
     assert not r.sismember(keys.RUNNING, gid)
+    # a terminal resource says where it ended: step 10 of 30, and nothing more is coming
+    assert render(decode(r.hgetall(keys.generation(gid))), lambda *_: "")["progress"] == {
+        "step": 10, "total_steps": 30, "stage": "done", "eta_seconds": 0}
 
 
 def test_reaper_puts_back_a_job_dequeued_but_never_started(redis_client: redis.Redis) -> None:
@@ -350,3 +411,13 @@ def test_reaper_puts_back_a_job_dequeued_but_never_started(redis_client: redis.R
     assert [j.decode() for j in r.lrange(keys.RQ_QUEUE_KEY, 0, -1)] == [f"{stranded}-1"]
     assert [j.decode() for j in r.lrange(inter, 0, -1)] == [f"{started}-1"]  # a started job is left alone
     assert reaper.rescue_stranded() == []  # once
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed", "canceled"])
+def test_every_terminal_status_reports_progress_done_where_it_ended(status: str) -> None:
+    rec = {"id": "gen_" + "T" * 22, "status": status, "attempt": "1",
+           "progress": {"step": 7, "total_steps": 20, "stage": "refiner", "eta_seconds": 1.5}}
+    assert render(rec, lambda *_: "")["progress"] == {"step": 7, "total_steps": 20, "stage": "done",
+                                                      "eta_seconds": 0}
+    rec["status"] = "running"
+    assert render(rec, lambda *_: "")["progress"]["stage"] == "refiner"

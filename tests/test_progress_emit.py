@@ -261,6 +261,7 @@ def test_a_lost_answer_makes_the_final_event_read_the_stored_record(redis_client
     rec = record(redis_client, m.gen_id)
     [(_id, fields)] = events_of(redis_client, m.gen_id, "generation.failed")
     assert json.loads(fields[b"data"]) == render(rec, runner.image_url)
-    assert json.loads(fields[b"data"])["progress"]["stage"] == "refiner"
+    # where it ended: the step of the lost write, read from the hash
+    assert json.loads(fields[b"data"])["progress"] == {"step": 1, "total_steps": 2, "stage": "done", "eta_seconds": 0}
     assert not redis_client.sismember(keys.RUNNING, m.gen_id) and not redis_client.exists(keys.lease(m.gen_id))
     assert metric(redis_client, "gen|failed|pipeline_error") == 1

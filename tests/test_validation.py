@@ -55,7 +55,19 @@ CASES = [
     ("bad output format", {**OK, "output_format": "gif"}, "output_format", "gif"),
     ("bad pair", {**OK, "original_size": [1, 2, 3]}, "original_size", [1, 2, 3]),
     ("guidance out of range", {**OK, "guidance_scale": 100}, "guidance_scale", 100),
+    # bound by the loaded model: the tiny text encoders have 4 layers, so clip_skip may be at most 3
+    ("clip_skip beyond the text encoder's depth", {**OK, "clip_skip": 4}, "clip_skip", 4),
 ]
+
+
+def test_clip_skip_is_bound_by_the_loaded_model(api: tuple[Service, RedisServer]) -> None:
+    svc, server = api
+    r = httpx.post(f"{svc.url}/v1/generations", json={**OK, "clip_skip": 4})
+    assert r.status_code == 422 and "at most 3 for this model" in r.json()["errors"][0]["message"], r.text
+    assert_nothing_enqueued(server)
+    r = httpx.post(f"{svc.url}/v1/generations", json={**OK, "clip_skip": 3})
+    assert r.status_code == 202, r.text
+    server.client().flushdb()  # no worker here: the accepted job would stay queued for the next test
 
 
 @pytest.mark.parametrize("name,body,field,value", CASES, ids=[c[0] for c in CASES])

@@ -89,6 +89,10 @@ class Member:
     total_steps: int = 0
     # False once a change's answer was lost (the script may have run): `record` may then be behind the hash
     record_exact: bool = True
+    # marks on this attempt, not on the generation id: a later attempt of the same generation on this worker
+    # starts clean (a mark keyed by id would abort it at its first step)
+    cancel_requested: bool = False
+    superseded: bool = False
 
     @property
     def gen_id(self) -> str:
@@ -119,9 +123,7 @@ class Runner:
         self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
                              stranded_after=settings.lease_seconds)
         self.lock = threading.Lock()
-        self.current: dict[str, Member] = {}  # gen id -> member, read by the heartbeat thread
-        self.cancel_requested: set[str] = set()
-        self.superseded: set[str] = set()
+        self.current: dict[str, Member] = {}  # gen id -> the attempt running here, read by the heartbeat thread
         self.shutdown_abort = threading.Event()
         self.jobs_done = 0
         self.images_done = 0
@@ -350,10 +352,9 @@ class Runner:
             if started:
                 self.execute(started)
         finally:
-            with self.lock:
-                for m in members:  # one still finishing keeps its lease (heartbeat) until after_final
-                    if m.outcome != "finishing":
-                        self.current.pop(m.gen_id, None)
+            for m in members:  # one still finishing keeps its lease (heartbeat) until after_final
+                if m.outcome != "finishing":
+                    self.forget(m)
             for m in members[1:]:
                 Job(m.rq_job_id, connection=self.r, serializer=JSONSerializer).delete()
             if len(members) > 1:
@@ -433,11 +434,10 @@ class Runner:
             if self.shutdown_abort.is_set():
                 raise StepAbort("shutdown")
             with self.lock:
-                hit = [m for m in members if m.outcome is None and
-                       (m.gen_id in self.cancel_requested or m.gen_id in self.superseded)]
+                hit = [m for m in members if m.outcome is None and (m.cancel_requested or m.superseded)]
             if hit:
                 for m in hit:
-                    m.outcome = "superseded" if m.gen_id in self.superseded else "canceled"
+                    m.outcome = "superseded" if m.superseded else "canceled"
                 raise StepAbort("cancel")
             for m in members:
                 m.step, m.total_steps = progress.step, progress.total_steps
@@ -512,7 +512,7 @@ class Runner:
                     # as when a job raises: the lease lapses and the reaper runs the generation again
                     log.exception("finishing generation %s failed; its lease will lapse", m.gen_id)
                 finally:
-                    self.forget(m.gen_id)
+                    self.forget(m)
 
     def drain(self, timeout: float) -> bool:
         """Shutdown: let results already computed be stored and finished."""
@@ -650,19 +650,19 @@ class Runner:
 
     def after_final(self, m: Member, outcome: str, event: EventType) -> None:
         """Local bookkeeping once `final_emit` has ended the generation."""
-        self.forget(m.gen_id)
+        self.forget(m)
         if outcome == "OK":
             log.info("generation %s", event.value.rpartition(".")[2], extra={
                 "generation_id": m.gen_id, "request_id": m.payload.request_id, "attempt": m.payload.attempt})
         elif outcome.startswith("canceled") and event != EventType.canceled:
             log.info("generation %s was canceled while finishing; result dropped", m.gen_id)
 
-    def forget(self, gen_id: str) -> None:
-        """This worker is done with the generation: no lease renewal, no cancel or ownership flags."""
+    def forget(self, m: Member) -> None:
+        """This attempt is over here: no more lease renewal. Only this attempt's entry goes: a later attempt
+        of the same generation may already run on this worker while this one finishes in the background."""
         with self.lock:
-            self.current.pop(gen_id, None)
-            self.cancel_requested.discard(gen_id)
-            self.superseded.discard(gen_id)
+            if self.current.get(m.gen_id) is m:
+                del self.current[m.gen_id]
 
     def requeue(self, m: Member, reason: str) -> None:
         outcome = self.reaper.requeue(m.gen_id, expected_token=m.payload.token, reason=reason, kind="shutdown",

@@ -23,6 +23,21 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")
 
+# Renew one attempt's lease and read its flags. KEYS: lease, generation hash. ARGV: worker id, token, seconds.
+# A lease that lapsed (this process stalled, or Redis was away longer than the lease) stays lapsed: a reaper
+# may already be requeueing the generation, so the attempt is lost and the next one runs it.
+# Answers {token still ours (0/1), cancel flag (0/1), renewed (0/1)}.
+RENEW = """
+local rec = redis.call('HMGET', KEYS[2], 'token', 'cancel')
+local mine = rec[1] == ARGV[2]
+local renewed = 0
+if mine and redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  renewed = 1
+end
+return {mine and 1 or 0, rec[2] == '1' and 1 or 0, renewed}
+"""
+
 
 class Registry:
     """`sdxl:worker:<id>` hash + `sdxl:workers` zset of heartbeats: what /readyz and metrics read."""
@@ -76,6 +91,7 @@ class Heartbeat(threading.Thread):
         self.worker = worker
         self.settings = settings
         self.stop = threading.Event()
+        self._renew = worker.connection.register_script(RENEW)
 
     def run(self) -> None:
         while not self.stop.wait(self.settings.heartbeat_seconds):
@@ -95,15 +111,17 @@ class Heartbeat(threading.Thread):
         if current:
             pipe = w.connection.pipeline(transaction=False)
             for m in current:
-                pipe.set(keys.lease(m.gen_id), w.runner.worker_id, ex=self.settings.lease_seconds)
-                pipe.hmget(keys.generation(m.gen_id), ["token", "cancel"])
+                self._renew(keys=[keys.lease(m.gen_id), keys.generation(m.gen_id)],
+                            args=[runner.worker_id, m.payload.token, self.settings.lease_seconds], client=pipe)
             results = pipe.execute()
-            for m, (token, cancel) in zip(current, results[1::2], strict=True):
+            for m, (mine, cancel, renewed) in zip(current, results, strict=True):
+                if mine and not renewed:
+                    log.warning("the lease of generation %s lapsed; a reaper will run it again", m.gen_id)
                 with runner.lock:
-                    if token is None or token.decode() != m.payload.token:
-                        runner.superseded.add(m.gen_id)
-                    if cancel == b"1":
-                        runner.cancel_requested.add(m.gen_id)
+                    if not mine:
+                        m.superseded = True
+                    if cancel:
+                        m.cancel_requested = True
         for gen_id, outcome in w.reaper.sweep():
             if outcome == "failed":
                 runner.emit(gen_id, EventType.failed)
@@ -126,8 +144,9 @@ class CancelListener(threading.Thread):
                 for message in pubsub.listen():
                     gen_id = message["data"].decode()
                     with self.runner.lock:
-                        if gen_id in self.runner.current:
-                            self.runner.cancel_requested.add(gen_id)
+                        m = self.runner.current.get(gen_id)
+                        if m is not None:
+                            m.cancel_requested = True
             except redis.RedisError:
                 time.sleep(1)  # Redis blip: resubscribe; the heartbeat re-reads cancel flags meanwhile
 

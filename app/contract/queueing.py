@@ -124,7 +124,8 @@ if attempt >= tonumber(ARGV[5]) then
 end
 local owner = redis.call('HGET', KEYS[1], 'owner')
 redis.call('HSET', KEYS[1], 'status', 'queued', 'token', ARGV[2], 'rq_job_id', ARGV[3],
-  'attempt', attempt + 1, 'worker_id', '')
+  'attempt', attempt + 1, 'worker_id', '',
+  'progress', '{"step":0,"total_steps":0,"stage":"queued","eta_seconds":null}')
 -- to the very front of its owner's line: it already waited once
 redis.call('ZADD', ARGV[4] .. ':pending:' .. owner, -9e15, gid)
 local turn = redis.call('HGET', ARGV[4] .. ':stats', 'turn') or '0'

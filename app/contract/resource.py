@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.contract.records import rfc3339, ts_or_none
+from app.contract.status import TERMINAL_STATUSES, Stage
 
 ImageUrl = Callable[[str, dict[str, Any]], str]
 
@@ -19,7 +20,7 @@ def render(rec: dict[str, Any], image_url: ImageUrl, queue_position: int | None 
         "id": gen_id,
         "status": status,
         "queue_position": queue_position if status == "queued" else None,
-        "progress": rec.get("progress") or {"step": 0, "total_steps": 0, "stage": "queued", "eta_seconds": None},
+        "progress": progress(status, rec.get("progress")),
         "params": rec.get("params"),
         "token_counts": rec.get("token_counts"),
         "images": images,
@@ -33,3 +34,13 @@ def render(rec: dict[str, Any], image_url: ImageUrl, queue_position: int | None 
         "manifest": rec.get("manifest"),
         "webhook": rec.get("webhook"),
     }
+
+
+def progress(status: str, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """A terminal generation's progress says where it ended: the step reached (of how many), stage `done`,
+    nothing left to wait for, whatever the stage the last progress write named (a lost worker's says `base`)."""
+    p = stored or {"step": 0, "total_steps": 0, "stage": Stage.queued.value, "eta_seconds": None}
+    if status in TERMINAL_STATUSES:
+        return {"step": p.get("step", 0), "total_steps": p.get("total_steps", 0), "stage": Stage.done.value,
+                "eta_seconds": 0}
+    return p
