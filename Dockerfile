@@ -6,8 +6,8 @@
 #   docker build --target worker -t sdxl-worker:local .
 #
 # Targets:
-#   api        FastAPI app (uvicorn). Also runs `python -m worker.dispatcher` and
-#              `python -m worker.cleanup`, which need no torch. No torch, no CUDA.
+#   api        FastAPI app (uvicorn). Also runs `python -m dispatcher` and
+#              `python -m cleanup`, which need no torch. No torch, no CUDA.
 #   worker     GPU worker (`python -m worker`): CUDA build of torch + the SDXL deps.
 #   dashboard  rq-dashboard on top of the api image (compose profile `dashboard`).
 #

@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml | system
 venv: $(VENV)/.installed
 
 $(MODEL_DIR)/base/model_index.json: | venv
-	HF_HUB_OFFLINE=1 $(PY) -m worker.models build-tiny $(MODEL_DIR)
+	HF_HUB_OFFLINE=1 $(PY) -m tools.models build-tiny $(MODEL_DIR)
 
 model: $(if $(filter $(MODEL_DIR)/base,$(SDXL_BASE_MODEL)),$(MODEL_DIR)/base/model_index.json,)
 
@@ -61,9 +61,12 @@ test-tools:
 test: venv model test-tools
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
 
+PACKAGES := app worker common cli dispatcher cleanup tools
+
 lint: venv
-	$(VENV)/bin/ruff check app worker tests bench scripts
-	$(VENV)/bin/mypy app worker
+	$(VENV)/bin/ruff check $(PACKAGES) tests bench scripts
+	$(VENV)/bin/mypy $(PACKAGES)
+	$(VENV)/bin/lint-imports  # the import contracts in pyproject.toml
 
 openapi: venv
 	$(PY) scripts/export_openapi.py

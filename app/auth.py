@@ -1,7 +1,7 @@
 """Who is calling: API keys sent as `Authorization: Bearer <key>`, known to the service only by their sha256.
 
 Keys come from `SDXL_API_KEYS` (a JSON list) and/or `SDXL_API_KEYS_FILE` (the same list in a file); see
-`python -m app.keys`. A key's generations belong to `key:<name>`; other keys get 404 for them. With no keys
+`python -m cli.apikeys`. A key's generations belong to `key:<name>`; other keys get 404 for them. With no keys
 configured every caller is the same open principal, which `check_open_mode` refuses on a non-loopback host.
 """
 
@@ -54,7 +54,7 @@ class KeySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., pattern=NAME_PATTERN)
-    sha256: str = Field(..., description="hex sha256 of the key (`python -m app.keys hash KEY`)")
+    sha256: str = Field(..., description="hex sha256 of the key (`python -m cli.apikeys hash KEY`)")
     rate_per_minute: int | None = Field(None, ge=0)
     burst: int | None = Field(None, ge=1)
     max_queued: int | None = Field(None, ge=1)
@@ -174,7 +174,7 @@ def check_open_mode(settings: Settings, keyring: KeyRing) -> None:
         raise ConfigError(
             f"refusing to start: no API keys are configured and SDXL_HOST={settings.host!r} is not a loopback "
             "address, so anyone who can reach it could use the service. Configure SDXL_API_KEYS or "
-            "SDXL_API_KEYS_FILE (see `python -m app.keys create NAME`), listen on 127.0.0.1, or set "
+            "SDXL_API_KEYS_FILE (see `python -m cli.apikeys create NAME`), listen on 127.0.0.1, or set "
             "SDXL_ALLOW_OPEN=true to run open on purpose."
         )
 

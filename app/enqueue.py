@@ -14,16 +14,16 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.utils import get_call_string, now, utcformat
 
-from app.contract import keys, queueing
-from app.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
-from app.contract.queueing import lua_function
-from app.contract.records import encode
 from app.errors import Problem, field_error
 from app.limits import ADMIT
-from app.retention import RECORD_GRACE_SECONDS
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
+from common.contract import keys, queueing
+from common.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
+from common.contract.queueing import lua_function
+from common.contract.records import encode
+from common.retention import RECORD_GRACE_SECONDS
 
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]

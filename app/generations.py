@@ -12,22 +12,22 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
-from app import ssrf
 from app.auth import Principal
-from app.contract import keys, queueing
-from app.contract.events import EventType, emit
-from app.contract.records import as_str, decode
-from app.contract.resource import render
 from app.enqueue import Enqueuer, resolve, token_counts
 from app.errors import Problem, field_error
 from app.idempotency import IdempotencyStore
 from app.limits import Limiter
 from app.model_limits import LimitsCache
-from app.retention import purge
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from app.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 from app.tokens import counter_for
+from common import ssrf
+from common.contract import keys, queueing
+from common.contract.events import EventType, emit
+from common.contract.records import as_str, decode
+from common.contract.resource import render
+from common.retention import purge
+from common.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -106,7 +106,7 @@ class GenerationService:
         webhook = req.webhook.model_dump() if req.webhook else None
         if webhook:  # pin the approved address: delivery connects there, never to a fresh DNS answer
             webhook["address"] = await run_in_threadpool(
-                ssrf.approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
+                approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
         # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
         fields, create_keys, args = self.enqueuer.prepare(
             params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, gen_id=gen_id,
@@ -278,3 +278,11 @@ class GenerationService:
 
 def resource_json(resource: dict[str, Any]) -> str:
     return json.dumps(resource, separators=(",", ":"))
+
+
+def approve_webhook_url(url: str, policy: ssrf.Policy, resolver: ssrf.Resolver = ssrf.system_resolver) -> str:
+    """The submit-time check as the API answers it: the pinned address, or a 422 naming `webhook.url`."""
+    try:
+        return ssrf.check_url(url, policy, resolver).address
+    except ssrf.UnsafeUrl as exc:
+        raise field_error("webhook.url", str(exc), url) from exc

@@ -17,11 +17,11 @@ from typing import Any
 import redis.asyncio as aredis
 
 from app.auth import Principal
-from app.contract import keys
-from app.contract.records import as_str
 from app.enqueue import new_generation_id
 from app.errors import Problem
 from app.schemas import GenerationCreate
+from common.contract import keys
+from common.contract.records import as_str
 
 KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
 IN_FLIGHT_WAIT_SECONDS = 2.0  # how long a repeat waits for the first request's generation to be written

@@ -20,10 +20,10 @@ from fastapi import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Principal
-from app.contract import keys
-from app.contract.records import as_str
 from app.errors import Problem
 from app.settings import Settings
+from common.contract import keys
+from common.contract.records import as_str
 
 # KEYS[1]: bucket hash. ARGV[1]: tokens added per millisecond, ARGV[2]: burst (bucket size).
 # Returns {allowed 1/0, whole tokens left, ms until the next token when refused, ms until the bucket is full}.

@@ -12,9 +12,9 @@ import time
 from typing import Any
 
 from app.auth import Principal
-from app.contract import keys
-from app.contract.records import decode
 from app.errors import field_error
+from common.contract import keys
+from common.contract.records import decode
 
 BATCH = 100
 SCAN_BUDGET = 1000

@@ -8,7 +8,7 @@ import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI
 
-from app import errors, logs, openapi, shutdown
+from app import errors, openapi, shutdown
 from app.auth import KeyRing, check_open_mode
 from app.cors import install_cors
 from app.generations import GenerationService
@@ -17,7 +17,8 @@ from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
 from app.routes import events, generations, health, metrics, playground, webhooks
 from app.settings import Settings, get_settings
-from app.storage import ObjectStore, build_store
+from common import logs
+from common.storage import ObjectStore, build_store
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -6,7 +6,7 @@ Two kinds of numbers:
   writes the one JSON log line per request.
 - cluster-wide, read from Redis at scrape time by `ClusterCollector`: queue depths and oldest-job ages,
   generations by final status and error type, stage-duration histograms, images, requeues and webhook
-  outcomes (counters the workers, reapers and dispatcher add to `sdxl:metrics`, app/contract/stats.py), and
+  outcomes (counters the workers, reapers and dispatcher add to `sdxl:metrics`, common/contract/stats.py), and
   per-worker gauges from the worker registry hashes. Every replica shows the same cluster view, so one
   scrape of any replica is enough; aggregate with `max without (instance)` when scraping several.
 """
@@ -32,9 +32,9 @@ from prometheus_client.registry import Collector
 from rq.utils import utcparse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import logs
-from app.contract import keys, queueing, stats
 from app.errors import Problem
+from common import logs
+from common.contract import keys, queueing, stats
 
 log = logging.getLogger("app.access")
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.contract.params import GenerationParams, RefinerMode
 from app.errors import field_error
 from app.tokens import locate
+from common.contract.params import GenerationParams, RefinerMode
 
 log = logging.getLogger("app.model_limits")
 

@@ -339,7 +339,7 @@ def finish(app: FastAPI, doc: dict[str, Any]) -> dict[str, Any]:
         SECURITY_SCHEME: {
             "type": "http",
             "scheme": "bearer",
-            "description": "`Authorization: Bearer <key>` with a key from `python -m app.keys create NAME`. A "
+            "description": "`Authorization: Bearer <key>` with a key from `python -m cli.apikeys create NAME`. A "
             "deployment with no keys configured (loopback only, or `SDXL_ALLOW_OPEN`) accepts requests without it.",
         }
     }

@@ -4,7 +4,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.contract.params import MAX_SEED, SCHEDULERS, LongPrompt, OutputFormat, RefinerMode
+from common.contract.params import MAX_SEED, SCHEDULERS, LongPrompt, OutputFormat, RefinerMode
 
 Pair = tuple[int, int]
 EVENT_TYPES = Literal[

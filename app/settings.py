@@ -8,14 +8,13 @@ from typing import Annotated
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from app.contract.params import RefinerMode
-from app.storage import StorageSettings
+from common.contract.params import RefinerMode
+from common.settings import CommonSettings
 
 
-class Settings(StorageSettings):
+class Settings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"  # where uvicorn listens, checked against the open-without-keys rule
     port: int = 8000  # `python -m app`
     # slow and oversized clients (`python -m app` hands the connection cap and parser bound to uvicorn)
@@ -41,14 +40,12 @@ class Settings(StorageSettings):
     refiner_model: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
     default_refiner_mode: RefinerMode | None = None  # None: ensemble when a refiner is configured
 
-    queue_feed_depth: int = 4  # ids kept in the rq queue at once; bounds how far fair share can lag
-    job_timeout_seconds: int = 3600
-    # webhook SSRF policy at submit (app/ssrf.py); the dispatcher applies the same two settings again
+    # webhook SSRF policy at submit (common/ssrf.py); the dispatcher applies the same two settings again
     webhook_allow_addresses: str = ""  # comma-separated exact IPs or ip:port allowed even if private/loopback
     webhook_allow_http: bool = False  # accept plain http webhook URLs (tests, closed networks)
     # access and limits (app/auth.py, app/limits.py; docs/access.md)
     api_keys: str | None = None  # JSON list of {name, sha256, rate_per_minute, burst, max_queued, max_priority}
-    api_keys_file: Path | None = None  # a file holding the same JSON list (python -m app.keys create --file)
+    api_keys_file: Path | None = None  # a file holding the same JSON list (python -m cli.apikeys create --file)
     allow_open: bool = Field(  # serve without keys on a non-loopback SDXL_HOST (otherwise refused at start)
         default=False, validation_alias=AliasChoices("SDXL_ALLOW_OPEN", "SDXL_ALLOW_OPEN_NON_LOOPBACK", "allow_open")
     )
@@ -58,10 +55,8 @@ class Settings(StorageSettings):
     default_max_priority: int = Field(default=2, ge=0, le=2)
     max_queue_depth: int = Field(default=100000, ge=1)  # queued generations, all keys: 503 beyond
     cors_origins: Annotated[list[str], NoDecode] = []  # JSON list or comma-separated; none: no CORS headers
-    # observability (app/metrics.py, app/logs.py; docs/operations.md)
+    # observability (app/metrics.py, common/logs.py; docs/operations.md)
     metrics_token: SecretStr | None = None  # set: /metrics wants `Authorization: Bearer <token>`; unset: open
-    log_level: str = "INFO"
-    log_prompts: bool = False  # prompts stay out of the logs unless this is on
 
     @field_validator("cors_origins", mode="before")
     @classmethod

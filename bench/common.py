@@ -100,7 +100,7 @@ def tiny_model() -> Path:
     target = Path(os.environ.get("SDXL_TEST_MODEL_DIR", ROOT / ".models" / "tiny"))
     if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from worker.models import build_tiny
+        from tools.models import build_tiny
 
         build_tiny(target)
     return target
@@ -191,7 +191,7 @@ def workload(
 
 def records(r: redis.Redis) -> dict[str, dict[str, Any]]:
     """Every generation record in the private Redis: id -> decoded hash."""
-    from app.contract.records import decode
+    from common.contract.records import decode
 
     out: dict[str, dict[str, Any]] = {}
     for key in r.scan_iter(match="sdxl:gen:*", count=1000):
@@ -290,7 +290,7 @@ class ResidentInProcess:
 
 def baseline_engine(req: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     """The worker's Engine, loaded and warmed as the worker does before taking jobs, with the request's specs."""
-    from app.contract.params import GenerationParams
+    from common.contract.params import GenerationParams
     from worker.pipeline import Engine, ImageSpec
     from worker.settings import WorkerSettings
 

@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import emit, start_line  # noqa: E402
-
 from worker.encode import png_with_text  # noqa: E402
 
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import naive  # noqa: E402
 import redis  # noqa: E402
+
 from common import (  # noqa: E402
     RedisCounter,
     ResidentInProcess,
@@ -49,8 +50,7 @@ from common import (  # noqa: E402
     start_line,
     workload,
 )
-
-from app.contract.records import decode  # noqa: E402
+from common.contract.records import decode  # noqa: E402
 from tests.procs import PY, Proc, free_port, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

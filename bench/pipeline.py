@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from app.contract.params import GenerationParams  # noqa: E402
+from common.contract.params import GenerationParams  # noqa: E402
 from worker.pipeline import Engine, ImageSpec  # noqa: E402
 from worker.settings import WorkerSettings  # noqa: E402
 
@@ -86,7 +86,7 @@ def main() -> None:
         settings = WorkerSettings(device=args.device, dtype=dtype, compile_mode=compile_mode, watermark=False,
                                   base_model=f"{args.tiny_dir}/base", refiner_model=f"{args.tiny_dir}/refiner")
         if full:
-            from worker.models import build_full
+            from tools.models import build_full
 
             return Engine(settings, pipelines=build_full(args.device, getattr(torch, dtype)))
         return Engine(settings)

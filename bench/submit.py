@@ -109,7 +109,6 @@ def measure(
 
 def main() -> int:
     from common import Stack, bench_env, emit, goal, raised_limits, round_trip_cost, stack, start_line, workload
-
     from tests.procs import PY, Proc, free_port, wait_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

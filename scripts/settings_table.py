@@ -14,7 +14,7 @@ def rows() -> dict[str, dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
     classes: list[tuple[str, Any]] = [("api", Settings), ("worker", WorkerSettings)]
     try:
-        from worker.webhooks import DispatcherSettings
+        from dispatcher.delivery import DispatcherSettings
 
         classes.append(("dispatcher", DispatcherSettings))
     except ImportError:

@@ -16,7 +16,7 @@ def tiny_model() -> Path:
     """The project's own tiny random-weight SDXL (base + refiner) in the hub layout."""
     target = Path(os.environ.get("SDXL_TEST_MODEL_DIR", ROOT / ".models" / "tiny"))
     if not (target / "base" / "model_index.json").exists() or not (target / "refiner" / "model_index.json").exists():
-        from worker.models import build_tiny
+        from tools.models import build_tiny
 
         build_tiny(target)
     return target

@@ -7,8 +7,8 @@ webhook dispatcher runs in the fuzz service, so nothing is ever delivered anywhe
 
 from fastapi import FastAPI
 
-from app import ssrf
 from app.main import create_app as real_create_app
+from common import ssrf
 
 
 def no_dns(host: str, port: int) -> list[str]:

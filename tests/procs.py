@@ -176,10 +176,10 @@ class Service:
         wait_for(ready, timeout, f"worker {wid} ready", interval=0.2)
 
     def start_dispatcher(self, **extra: str) -> Proc:
-        """`python -m worker.dispatcher` (webhooks); ready once rq lists it as a worker of sdxl-webhooks."""
+        """`python -m dispatcher` (webhooks); ready once rq lists it as a worker of sdxl-webhooks."""
         from rq import Queue, Worker
 
-        d = Proc([PY, "-m", "worker.dispatcher"], self.env(**extra),
+        d = Proc([PY, "-m", "dispatcher"], self.env(**extra),
                  self.data_dir / f"dispatcher-{len(self.dispatchers)}.log")
         self.dispatchers.append(d)
         queue = Queue("sdxl-webhooks", connection=redis.Redis.from_url(self.redis_url))
@@ -193,8 +193,8 @@ class Service:
         return d
 
     def start_cleanup(self, **extra: str) -> Proc:
-        """`python -m worker.cleanup` (expiry, reaping, deadlines), sweeping every SDXL_CLEANUP_INTERVAL_SECONDS."""
-        c = Proc([PY, "-m", "worker.cleanup"], self.env(**extra), self.data_dir / f"cleanup-{len(self.others)}.log")
+        """`python -m cleanup` (expiry, reaping, deadlines), sweeping every SDXL_CLEANUP_INTERVAL_SECONDS."""
+        c = Proc([PY, "-m", "cleanup"], self.env(**extra), self.data_dir / f"cleanup-{len(self.others)}.log")
         self.others.append(c)
         wait_for(lambda: "cleanup started" in c.output() or c.proc.poll() is not None, 30, "cleanup started")
         assert c.proc.poll() is None, c.output()

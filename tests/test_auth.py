@@ -91,7 +91,7 @@ def test_another_key_cannot_cancel_running_work(svc: Service) -> None:
 def test_keys_created_by_the_cli_work_from_a_keys_file(svc: Service, tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     out = subprocess.run(
-        [sys.executable, "-m", "app.keys", "create", "carol", "--burst", "7", "--file", str(keys_file), "--json"],
+        [sys.executable, "-m", "cli.apikeys", "create", "carol", "--burst", "7", "--file", str(keys_file), "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -101,8 +101,8 @@ def test_keys_created_by_the_cli_work_from_a_keys_file(svc: Service, tmp_path: P
     assert created["entry"]["name"] == "carol" and created["entry"]["burst"] == 7
     assert created["key"] not in keys_file.read_text()  # only the hash is stored
     hashed = subprocess.run(
-        [sys.executable, "-m", "app.keys", "hash", created["key"]], cwd=ROOT, capture_output=True, text=True, check=True
-    )
+        [sys.executable, "-m", "cli.apikeys", "hash", created["key"]], cwd=ROOT, capture_output=True, text=True,
+        check=True)
     assert hashed.stdout.strip() == created["entry"]["sha256"]
 
     url = svc.start_api(SDXL_API_KEYS="", SDXL_API_KEYS_FILE=str(keys_file))

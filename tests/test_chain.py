@@ -15,12 +15,12 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract import keys
-from app.contract.params import GenerationParams
 from app.enqueue import Enqueuer
-from app.reaper import INTERMEDIATE_KEY
 from app.settings import Settings
-from app.storage import LocalStore
+from common.contract import keys
+from common.contract.params import GenerationParams
+from common.reaper import INTERMEDIATE_KEY
+from common.storage import LocalStore
 from tests.test_runner_oom import OOMEngine, record
 from worker.runner import NotClaimable, Runner
 from worker.settings import WorkerSettings

@@ -23,7 +23,7 @@ TINY_ARGS = ["--width", "128", "--height", "128", "--steps", "4", "--refiner", "
 GEN_ID = re.compile(r"\bgen_[A-Za-z0-9_-]+")
 # the console script `pip install` made, else the module (a checkout that was not installed)
 SCRIPT = Path(sys.executable).with_name("sdxl")
-COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "app.cli"]
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "cli.sdxl"]
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +207,10 @@ def test_the_console_script_is_declared_and_needs_no_worker_packages() -> None:
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["scripts"]["sdxl"] == "app.cli:main"
+    assert project["scripts"]["sdxl"] == "cli.sdxl:main"
     code = (
-        "import sys, app.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'fastapi'}))"
+        "import sys, cli.sdxl; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'diffusers', 'fastapi'}))"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -669,8 +669,8 @@ def test_services_reusing_the_api_image_do_not_inherit_its_http_healthcheck(
 def test_background_processes_run_the_documented_modules(
     services: dict[str, dict[str, Any]],
 ) -> None:
-    assert services["webhook-dispatcher"]["command"] == ["python", "-m", "worker.dispatcher"]
-    assert services["cleanup"]["command"] == ["python", "-m", "worker.cleanup"]
+    assert services["webhook-dispatcher"]["command"] == ["python", "-m", "dispatcher"]
+    assert services["cleanup"]["command"] == ["python", "-m", "cleanup"]
     assert services["webhook-dispatcher"]["build"]["target"] == "api"
     assert services["cleanup"]["build"]["target"] == "api"
     assert services["webhook-dispatcher"]["environment"]["SDXL_WEBHOOK_SECRETS"]
@@ -827,11 +827,11 @@ MODULES_RUN_BY_COMPOSE = {
     "app.main": "the API (uvicorn app.main:create_app)",
     "worker": "the GPU worker (python -m worker)",
     "worker.health": "the worker HEALTHCHECK (python -m worker.health)",
-    "worker.dispatcher": "webhook-dispatcher (python -m worker.dispatcher)",
-    "worker.cleanup": "cleanup (python -m worker.cleanup)",
+    "dispatcher": "webhook-dispatcher (python -m dispatcher)",
+    "cleanup": "cleanup (python -m cleanup)",
 }
 # Run on the api image, which has no torch: they must import without it.
-MODULES_ON_THE_API_IMAGE = ["app.main", "worker.health", "worker.dispatcher", "worker.cleanup"]
+MODULES_ON_THE_API_IMAGE = ["app.main", "worker.health", "dispatcher", "cleanup"]
 
 
 def module_file(module: str) -> Path | None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.contract.params import OutputFormat
+from common.contract.params import OutputFormat
 from worker import encode
 
 MANIFEST = {"params": {"prompt": "a cat, 猫, über", "seed": 7}, "versions": {"diffusers": "x"}}

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.contract.params import GenerationParams
+from common.contract.params import GenerationParams
 from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong
 from worker.settings import WorkerSettings
 

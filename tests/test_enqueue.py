@@ -11,12 +11,12 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from app.contract import keys, queueing
-from app.contract.keys import RQ_FUNCTION
-from app.contract.params import GenerationParams, JobPayload
-from app.contract.records import decode
 from app.enqueue import Enqueuer
 from app.settings import Settings
+from common.contract import keys, queueing
+from common.contract.keys import RQ_FUNCTION
+from common.contract.params import GenerationParams, JobPayload
+from common.contract.records import decode
 
 PARAMS = GenerationParams(prompt="a lighthouse \u2014 \u706f\u53f0 \U0001f30a \\ \"quoted\"\n", width=64,
                           height=64, num_inference_steps=2, guidance_scale=5.0, seed=7)  # JSON-hostile text
@@ -86,7 +86,7 @@ def test_record_and_line(redis_client: redis.Redis) -> None:
 
 
 def _encoded(fields: dict[str, Any]) -> dict[str, str]:
-    from app.contract.records import encode
+    from common.contract.records import encode
 
     return encode(fields)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from app.contract import keys
-from app.storage import LocalStore
+from common.contract import keys
+from common.storage import LocalStore
 from tests.test_chain import dequeue, queue_jobs
 from tests.test_runner_oom import OOMEngine, record
 from worker.finisher import Finisher

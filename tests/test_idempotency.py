@@ -12,8 +12,8 @@ import httpx
 import pytest
 import redis
 
-from app.contract import keys
 from app.idempotency import fingerprint
+from common.contract import keys
 from tests.access import TINY, Key, keys_env, post, service_with
 from tests.procs import Service
 

@@ -18,15 +18,15 @@ import redis.asyncio as aredis
 
 import app.generations as generations_module
 from app.auth import OPEN, Principal
-from app.contract import keys
-from app.contract.records import encode
 from app.errors import Problem
 from app.generations import GenerationService
 from app.main import create_app
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from app.storage import LocalStore, ObjectNotFound, StoredObject, reads_inline
-from app.storage_s3 import S3Store
+from common.contract import keys
+from common.contract.records import encode
+from common.storage import LocalStore, ObjectNotFound, StoredObject, reads_inline
+from common.storage_s3 import S3Store
 from tests.procs import RedisServer
 
 GEN_ID = "gen_" + "A" * 22

@@ -22,13 +22,14 @@ import pytest
 import redis
 from rq.intermediate_queue import IntermediateQueue
 
-from app.contract import keys
-from app.contract.records import decode
-from app.contract.resource import render
 from app.enqueue import resolve
-from app.reaper import Reaper
 from app.schemas import GenerationCreate
 from app.settings import Settings
+from common.contract import keys
+from common.contract.records import decode
+from common.contract.resource import render
+from common.reaper import Reaper
+from common.settings import CommonSettings
 from tests.procs import PY, ROOT, Proc, RedisServer, Service, base_env, free_port, wait_for
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
@@ -376,7 +377,7 @@ def test_reaper_requeues_once_then_fails_worker_lost(redis_client: redis.Redis) 
         },
     )
     r.sadd(keys.RUNNING, gid)  # running, and no lease: its worker is gone
-    reaper = Reaper(r, 2, 3600, 600)
+    reaper = Reaper(r, CommonSettings(max_attempts=2, job_timeout_seconds=3600, generation_ttl_seconds=600))
     assert reaper.sweep() == [(gid, "requeued")]
     rec = {k.decode(): v.decode() for k, v in r.hgetall(keys.generation(gid)).items()}
     assert rec["status"] == "queued" and rec["attempt"] == "2" and rec["token"] != "t1"
@@ -405,7 +406,8 @@ def test_reaper_puts_back_a_job_dequeued_but_never_started(redis_client: redis.R
     r.hset(keys.generation(stranded), mapping={"id": stranded, "status": "queued", "rq_job_id": f"{stranded}-1"})
     r.hset(keys.generation(started), mapping={"id": started, "status": "running", "rq_job_id": f"{started}-1"})
     r.rpush(inter, f"{stranded}-1", f"{started}-1")  # rq moved both off the queue; one worker died right then
-    reaper = Reaper(r, 2, 3600, 600, stranded_after=0)
+    reaper = Reaper(r, CommonSettings(max_attempts=2, job_timeout_seconds=3600, generation_ttl_seconds=600),
+                    stranded_after=0)
     assert reaper.rescue_stranded() == []  # first sighting only
     assert reaper.rescue_stranded() == [stranded]
     assert [j.decode() for j in r.lrange(keys.RQ_QUEUE_KEY, 0, -1)] == [f"{stranded}-1"]

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.contract import keys
 from app.limits import NO_WORKER_RETRY_SECONDS, retry_after
+from common.contract import keys
 from tests.access import TINY, Key, cancel, get, keys_env, post, service_with
 from tests.procs import Service
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from app.contract import keys
+from common.contract import keys
 from tests.access import TINY, Key, cancel, get, keys_env, post, service_with
 from tests.procs import Service
 

@@ -7,7 +7,7 @@ import secrets
 
 import httpx
 
-from app.logs import JsonFormatter, bind
+from common.logs import JsonFormatter, bind
 from tests.procs import Proc, Service, wait_for
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
@@ -107,7 +107,7 @@ def test_formatter_drops_prompts_unless_asked() -> None:
 
 
 def test_bound_context_reaches_every_line_and_extra_wins() -> None:
-    from app.logs import ContextFilter
+    from common.logs import ContextFilter
 
     f = ContextFilter()
     with bind(request_id="r1", generation_id="g1"):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from app.contract.params import GenerationParams, RefinerMode, RefinerParams
 from app.errors import Problem
 from app.model_limits import LimitsCache, ModelLimits, read_limits
+from common.contract.params import GenerationParams, RefinerMode, RefinerParams
 
 
 def model(root: Path, layers: tuple[int, int] | None, timesteps: int | None) -> Path:

@@ -1,4 +1,4 @@
-"""worker.models: SDXL 1.0 parameter counts, the tiny model's hub layout, loading, determinism, tokenizers."""
+"""tools.models: SDXL 1.0 parameter counts, the tiny model's hub layout, loading, determinism, tokenizers."""
 
 import os
 

@@ -15,12 +15,12 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract import keys
-from app.contract.params import GenerationParams, JobPayload
-from app.contract.resource import render
-from app.contract.status import ErrorType
 from app.enqueue import Enqueuer
 from app.settings import Settings
+from common.contract import keys
+from common.contract.params import GenerationParams, JobPayload
+from common.contract.resource import render
+from common.contract.status import ErrorType
 from tests.procs import RedisServer
 from tests.test_runner_oom import OOMEngine, make_runner, record, submit
 from worker.pipeline import Progress, StageTimes

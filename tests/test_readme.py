@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text()
 def test_every_setting_is_in_the_readme() -> None:
     classes = [Settings, WorkerSettings]
     try:
-        from worker.webhooks import DispatcherSettings
+        from dispatcher.delivery import DispatcherSettings
 
         classes.append(DispatcherSettings)
     except ImportError:

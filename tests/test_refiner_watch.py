@@ -9,10 +9,10 @@ from typing import Any
 
 import redis.asyncio as aredis
 
-from app.contract import keys
 from app.generations import GenerationService
 from app.settings import Settings
-from app.storage import LocalStore
+from common.contract import keys
+from common.storage import LocalStore
 from tests.procs import RedisServer
 
 

@@ -1,4 +1,4 @@
-"""Retention on the local store: DELETE, expiry (404, then removed by `python -m worker.cleanup --once`),
+"""Retention on the local store: DELETE, expiry (404, then removed by `python -m cleanup --once`),
 and the cleanup process's other duties (deadlines, dead workers' jobs). Real API, worker and Redis."""
 
 import json
@@ -12,7 +12,7 @@ import httpx
 import pytest
 import redis
 
-from app.contract import keys
+from common.contract import keys
 from tests.access import BLOCKER, TINY, Key, keys_env, post, service_with, wait_status
 from tests.procs import PY, ROOT, Service, wait_for
 
@@ -48,7 +48,7 @@ def delete(url: str, gen_id: str, key: Key | None) -> httpx.Response:
 
 def run_cleanup(s: Service) -> list[dict[str, Any]]:
     out = subprocess.run(
-        [PY, "-m", "worker.cleanup", "--once"], env=s.env(), cwd=ROOT, capture_output=True, text=True, timeout=120
+        [PY, "-m", "cleanup", "--once"], env=s.env(), cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]

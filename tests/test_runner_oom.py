@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from app.contract import keys
-from app.contract.records import decode
 from app.enqueue import Enqueuer
 from app.settings import Settings
-from app.storage import LocalStore
+from common.contract import keys
+from common.contract.records import decode
+from common.storage import LocalStore
 from worker.pipeline import ImageSpec, StageTimes
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -46,7 +46,7 @@ class OOMEngine:
 
 
 def submit(r: Any, n_images: int) -> tuple[str, dict[str, Any]]:
-    from app.contract.params import GenerationParams
+    from common.contract.params import GenerationParams
 
     settings = Settings()
     enq = Enqueuer(r, settings)

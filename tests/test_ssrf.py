@@ -1,11 +1,12 @@
-"""Webhook URL policy (app/ssrf.py): every address class and spelling, with an injected resolver (no DNS)."""
+"""Webhook URL policy (common/ssrf.py): every address class and spelling, with an injected resolver (no DNS)."""
 
 from collections.abc import Sequence
 
 import pytest
 
-from app import ssrf
 from app.errors import Problem
+from app.generations import approve_webhook_url
+from common import ssrf
 
 STRICT = ssrf.Policy()
 PUBLIC = "93.184.215.14"  # classified only: nothing is ever sent anywhere in this module
@@ -176,7 +177,7 @@ def test_split_list_accepts_commas_spaces_and_json() -> None:
 def test_approve_answers_a_422_problem_naming_the_field_and_value() -> None:
     url = "https://0x7f000001/hook"
     with pytest.raises(Problem) as info:
-        ssrf.approve_webhook_url(url, STRICT, no_dns)
+        approve_webhook_url(url, STRICT, no_dns)
     p = info.value
     assert p.status == 422 and p.errors is not None
     assert p.errors == [{"field": "webhook.url", "message": p.errors[0]["message"], "value": url}]

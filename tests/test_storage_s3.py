@@ -23,10 +23,10 @@ import redis
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from app.contract import keys
 from app.settings import Settings
-from app.storage import ObjectNotFound, StorageUnavailable, build_store
-from app.storage_s3 import S3Store
+from common.contract import keys
+from common.storage import ObjectNotFound, StorageUnavailable, build_store
+from common.storage_s3 import S3Store
 from tests.procs import PY, ROOT, RedisServer, Service, free_port, wait_for
 
 BUCKET = "sdxl-test-images"
@@ -402,7 +402,7 @@ def test_cleanup_once_removes_an_expired_generation_and_its_objects(s3svc: S3Ser
     )
     assert s3svc.r.exists(keys.generation(gen["id"]))  # expired for the API, kept for cleanup to attribute
     out = subprocess.run(
-        [PY, "-m", "worker.cleanup", "--once"],
+        [PY, "-m", "cleanup", "--once"],
         env=s3svc.svc.env(),
         cwd=ROOT,
         capture_output=True,
@@ -422,5 +422,5 @@ def test_cleanup_once_removes_an_expired_generation_and_its_objects(s3svc: S3Ser
 
 
 def test_cleanup_module_does_not_import_torch() -> None:
-    code = "import sys, worker.cleanup; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = "import sys, cleanup; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     assert subprocess.run([PY, "-c", code], cwd=ROOT, timeout=60).returncode == 0

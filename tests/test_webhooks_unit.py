@@ -27,11 +27,11 @@ from pydantic import ValidationError
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.contract import keys
-from app.contract.events import EventType, emit
-from app.contract.records import encode
+from common.contract import keys
+from common.contract.events import EventType, emit
+from common.contract.records import encode
+from dispatcher import delivery as webhooks
 from tests.webhook_receiver import Receiver
-from worker import webhooks
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()
 
@@ -77,7 +77,7 @@ def test_progress_webhooks_are_throttled_across_calls_but_the_stream_keeps_every
     assert [p["type"] for _, p in q.jobs] == ["generation.progress", "generation.succeeded"]
     assert redis_client.xlen(keys.events("gen_a")) == 6
     func, payload = q.jobs[0]
-    assert func == "worker.webhooks.deliver" and payload["address"] == "93.184.215.14" and payload["attempt"] == 1
+    assert func == "dispatcher.delivery.deliver" and payload["address"] == "93.184.215.14" and payload["attempt"] == 1
     assert payload["request_id"] == "req_1" and payload["data"]["id"] == "gen_a"
     # the gate is a Redis key with a TTL, so it reopens after the interval, for any process
     make_record(redis_client, "gen_b", ["generation.progress"])

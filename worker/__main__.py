@@ -12,8 +12,8 @@ from redis.retry import Retry
 from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
-from app.logs import configure
-from app.storage import build_store
+from common.logs import configure
+from common.storage import build_store
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")

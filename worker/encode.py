@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from app.contract.params import CONTENT_TYPES, OutputFormat
+from common.contract.params import CONTENT_TYPES, OutputFormat
 
 zlib_ng: Any
 try:  # installed with the worker; Pillow encodes PNGs where it is missing

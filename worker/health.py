@@ -15,7 +15,7 @@ import time
 
 import redis
 
-from app.contract import keys
+from common.contract import keys
 from worker.settings import WorkerSettings
 
 

@@ -25,7 +25,7 @@ from diffusers import (
 )
 from PIL import Image
 
-from app.contract.params import GenerationParams, LongPrompt, RefinerMode, RefinerParams
+from common.contract.params import GenerationParams, LongPrompt, RefinerMode, RefinerParams
 from worker.prompts import long_prompt_embeds, needs_chunks
 from worker.settings import WorkerSettings
 

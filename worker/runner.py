@@ -20,9 +20,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app import logs
-from app.contract import keys, queueing, stats
-from app.contract.events import (
+from common import logs
+from common.contract import keys, queueing, stats
+from common.contract.events import (
     STREAM_MAXLEN,
     TERMINAL_EVENT,
     TRANSITION_EMIT,
@@ -31,12 +31,12 @@ from app.contract.events import (
     emit_record,
     enqueue_webhook,
 )
-from app.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
-from app.contract.records import START, TRANSITION, TRANSITION_READ, as_str, decode, encode, flatten, read_answer
-from app.contract.resource import render
-from app.contract.status import ErrorType
-from app.reaper import INTERMEDIATE_KEY, JOB_TIMEOUT_SECONDS, Reaper
-from app.storage import ObjectStore, StorageUnavailable, image_key, image_url
+from common.contract.params import PAYLOAD_VERSION, GenerationParams, JobPayload
+from common.contract.records import START, TRANSITION, TRANSITION_READ, as_str, decode, encode, flatten, read_answer
+from common.contract.resource import render
+from common.contract.status import ErrorType
+from common.reaper import INTERMEDIATE_KEY, Reaper
+from common.storage import ObjectStore, StorageUnavailable, image_key, image_url
 from worker import encode as encoding
 from worker.finisher import Finisher
 from worker.pipeline import Engine, ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
@@ -120,8 +120,7 @@ class Runner:
         self.on_state: Callable[[str], None] = lambda _state: None  # the worker's registry state (worker.py)
         self._feed = r.register_script(queueing.FEED)
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
-        self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds,
-                             stranded_after=settings.lease_seconds)
+        self.reaper = Reaper(r, settings)
         self.lock = threading.Lock()
         self.current: dict[str, Member] = {}  # gen id -> the attempt running here, read by the heartbeat thread
         self.shutdown_abort = threading.Event()
@@ -328,7 +327,7 @@ class Runner:
         pipe.execute()
 
     def run_bound(self, raw_payload: dict[str, Any], rq_job_id: str, claimed: bool) -> dict[str, Any]:
-        # every line logged for this job carries its ids (app/logs.py), so it can be followed from the API
+        # every line logged for this job carries its ids (common/logs.py), so it can be followed from the API
         with logs.bind(request_id=raw_payload.get("request_id"), generation_id=raw_payload.get("generation_id")):
             return self._run_job(raw_payload, rq_job_id, claimed)
 

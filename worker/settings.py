@@ -7,17 +7,16 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from app.storage import StorageSettings
+from common.settings import CommonSettings
 
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{secrets.token_hex(3)}"
 
 
-class WorkerSettings(StorageSettings):
+class WorkerSettings(CommonSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_", extra="ignore")
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
     worker_id: str = ""
 
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -47,20 +46,14 @@ class WorkerSettings(StorageSettings):
     # rq's bookkeeping too); 0: the chain ends as soon as the queue is empty
     chain_idle_seconds: float = Field(default=2.0, ge=0)
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
-    queue_feed_depth: int = 4
     heartbeat_seconds: float = 3.0
-    lease_seconds: int = 12  # silent this long = presumed dead, job requeued once; + one 3 s beat: found in 15 s
-    max_attempts: int = 2
     shutdown_grace_seconds: float = 60.0  # after SIGTERM, finish the current job within this or requeue it
     batch_max: int = 1  # micro-batching off by default: lowest latency
     batch_wait_ms: int = 0
     progress_interval_seconds: float = 0.25
-    webhook_progress_interval_seconds: float = 2.0  # progress webhooks: at most one per generation per this
     redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
-    log_prompts: bool = False  # prompts stay out of the logs unless this is on (rq's job description is never logged)
     metrics_port: int | None = None  # serve this process's own metrics (CPU, memory, GC) here; cluster view: API
     metrics_host: str = "0.0.0.0"
-    cleanup_interval_seconds: float = 60.0  # `python -m worker.cleanup`: seconds between sweeps
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or _default_worker_id()

@@ -14,10 +14,10 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from app import logs
-from app.contract import keys
-from app.contract.events import EventType
-from app.reaper import Reaper
+from common import logs
+from common.contract import keys
+from common.contract.events import EventType
+from common.reaper import Reaper
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import Response, StreamingResponse
 
-from app.contract import keys
-from app.contract.events import EventType
-from app.contract.records import as_str, decode
 from app.deps import PrincipalDep, ServiceDep
 from app.errors import field_error
 from app.generations import TERMINAL, GenerationService, resource_json
 from app.routes.generations import GenId, _problems
+from common.contract import keys
+from common.contract.events import EventType
+from common.contract.records import as_str, decode
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 

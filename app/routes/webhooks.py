@@ -5,10 +5,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from app.contract import keys
 from app.deps import PrincipalDep, ServiceDep
 from app.routes.generations import GenId, _problems
 from app.schemas import WebhookAttemptList
+from common.contract import keys
 
 router = APIRouter(prefix="/v1/generations", tags=["webhooks"])
 

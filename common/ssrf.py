@@ -241,13 +241,3 @@ def recheck_address(address: str, port: int, policy: Policy) -> str | None:
     if reason is not None and not policy.allows(ip, port):
         return f"`{address}` is a {reason} address and is not allowed"
     return None
-
-
-def approve_webhook_url(url: str, policy: Policy, resolver: Resolver = system_resolver) -> str:
-    """The submit-time check as the API answers it: the pinned address, or a 422 naming `webhook.url`."""
-    from app.errors import field_error  # here, so the dispatcher (which rechecks) never imports fastapi
-
-    try:
-        return check_url(url, policy, resolver).address
-    except UnsafeUrl as exc:
-        raise field_error("webhook.url", str(exc), url) from exc

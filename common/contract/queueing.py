@@ -8,7 +8,7 @@ worker). A newcomer's job therefore waits behind at most `max_depth` jobs of oth
 The scripts touch keys derived from ids (pending:<owner>, gen:<id>): fine on a single Redis (not Cluster).
 """
 
-from app.contract import keys
+from common.contract import keys
 
 PRIORITY_SPAN = 10**13  # score = -priority * span + arrival ms: higher priority first, FIFO within
 

@@ -164,7 +164,7 @@ class StorageSettings(BaseSettings):
 def build_store(settings: StorageSettings) -> ObjectStore:
     """The store the settings name; shared by the API and the worker."""
     if settings.storage_backend == "s3":
-        from app.storage_s3 import S3Store
+        from common.storage_s3 import S3Store
 
         return S3Store.from_settings(settings)
     return LocalStore(settings.storage_dir)

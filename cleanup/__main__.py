@@ -1,8 +1,8 @@
-"""`python -m worker.cleanup`: the periodic housekeeping process (no torch: it runs from the API image).
+"""`python -m cleanup`: the periodic housekeeping process (no torch: it runs from the API image).
 
 Every SDXL_CLEANUP_INTERVAL_SECONDS it
   * removes expired generations (the `sdxl:expiry` zset, by score) with their images, events and index entries;
-  * requeues generations whose worker died (app.reaper.Reaper.sweep), as the workers' heartbeats also do, so
+  * requeues generations whose worker died (common.reaper.Reaper.sweep), as the workers' heartbeats also do, so
     a dead worker's job is found even when no worker is left alive;
   * fails queued generations whose `deadline_at` passed with `deadline_exceeded`, so a caller waiting on an
     empty fleet gets an answer (a worker also checks the deadline when it starts a job).
@@ -23,27 +23,31 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from app.contract import keys, queueing
-from app.contract.events import EventType, emit
-from app.contract.records import TRANSITION, as_str, decode, flatten
-from app.contract.status import ErrorType
-from app.logs import configure
-from app.reaper import JOB_TIMEOUT_SECONDS, Reaper
-from app.retention import purge
-from app.storage import ObjectStore, StorageUnavailable, build_store, image_url
-from worker.settings import WorkerSettings
+from common.contract import keys, queueing
+from common.contract.events import EventType, emit
+from common.contract.records import TRANSITION, as_str, decode, flatten
+from common.contract.status import ErrorType
+from common.logs import configure
+from common.reaper import Reaper
+from common.retention import purge
+from common.settings import CommonSettings
+from common.storage import ObjectStore, StorageUnavailable, build_store, image_url
 
-log = logging.getLogger("worker.cleanup")
+log = logging.getLogger("cleanup")
+
+
+class CleanupSettings(CommonSettings):
+    cleanup_interval_seconds: float = 60.0  # seconds between sweeps
 
 BATCH = 200  # expired ids handled per Redis round trip
 
 
 class Cleanup:
-    def __init__(self, r: redis.Redis, store: ObjectStore, settings: WorkerSettings) -> None:
+    def __init__(self, r: redis.Redis, store: ObjectStore, settings: CleanupSettings) -> None:
         self.r = r
         self.store = store
         self.settings = settings
-        self.reaper = Reaper(r, settings.max_attempts, JOB_TIMEOUT_SECONDS, settings.generation_ttl_seconds)
+        self.reaper = Reaper(r, settings)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._transition = r.register_script(TRANSITION)
         self._feed = r.register_script(queueing.FEED)
@@ -143,11 +147,11 @@ class Cleanup:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.cleanup", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cleanup", description=__doc__.split("\n")[0])
     parser.add_argument("--once", action="store_true", help="run one sweep and exit")
     args = parser.parse_args(argv)
     configure("cleanup", os.environ.get("SDXL_LOG_LEVEL", "INFO"))
-    settings = WorkerSettings()
+    settings = CleanupSettings()
     r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=30)
     cleanup = Cleanup(r, build_store(settings), settings)
     if args.once:

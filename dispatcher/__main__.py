@@ -1,4 +1,4 @@
-"""`python -m worker.dispatcher`: the webhook dispatcher. An rq SimpleWorker on `sdxl-webhooks` plus a pump
+"""`python -m dispatcher`: the webhook dispatcher. An rq SimpleWorker on `sdxl-webhooks` plus a pump
 thread that moves due retries from a Redis zset onto that queue. No torch, no diffusers: it runs anywhere.
 
 Why our own due-zset pump rather than rq's scheduler: rq's scheduler polls once a second from a forked process
@@ -24,11 +24,11 @@ from redis.retry import Retry
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from app.contract import keys
-from app.logs import configure as configure_logs
-from worker import webhooks
+from common.contract import keys
+from common.logs import configure as configure_logs
+from dispatcher import delivery as webhooks
 
-log = logging.getLogger("worker.dispatcher")
+log = logging.getLogger("dispatcher")
 
 
 def redis_client(url: str) -> redis.Redis:

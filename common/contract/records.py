@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from app.contract.queueing import lua_function
+from common.contract.queueing import lua_function
 
 JSON_FIELDS = ("params", "progress", "images", "error", "timings", "webhook", "token_counts", "manifest")
 

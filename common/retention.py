@@ -1,4 +1,4 @@
-"""Everything a generation leaves behind, and removing all of it: used by DELETE and by `worker.cleanup`.
+"""Everything a generation leaves behind, and removing all of it: used by DELETE and by `cleanup`.
 
 Images go first: if the store is down the call raises StorageUnavailable with the record still in place,
 so the next DELETE or sweep finds the objects again instead of orphaning them.
@@ -12,10 +12,10 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from app.contract import keys
-from app.storage import ObjectStore, generation_prefix
+from common.contract import keys
+from common.storage import ObjectStore, generation_prefix
 
-log = logging.getLogger("app.retention")
+log = logging.getLogger("common.retention")
 
 # The record's Redis TTL runs this long past `expires_at` (the API answers 404 from `expires_at` on), so the
 # cleanup process can still read its owner and remove its index entries; without cleanup, Redis drops it.

@@ -15,9 +15,9 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from app.storage import ObjectNotFound, StorageUnavailable, StoredObject
+from common.storage import ObjectNotFound, StorageUnavailable, StoredObject
 
-log = logging.getLogger("app.storage_s3")
+log = logging.getLogger("common.storage_s3")
 
 NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
 

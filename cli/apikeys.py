@@ -1,4 +1,4 @@
-"""Manage API keys: `python -m app.keys create NAME`, `hash KEY`, `list`, `revoke NAME`.
+"""Manage API keys: `python -m cli.apikeys create NAME`, `hash KEY`, `list`, `revoke NAME`.
 
 The service stores only each key's sha256, in SDXL_API_KEYS (a JSON list) or SDXL_API_KEYS_FILE (the same
 list in a file). `create` prints the secret once: it cannot be recovered later, only replaced. API processes
@@ -110,7 +110,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m app.keys", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m cli.apikeys", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("create", help="make a new key: prints it once, and the entry to configure")
     c.add_argument("name", help=f"unique name, {NAME_PATTERN}; generations belong to key:<name>")

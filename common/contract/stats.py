@@ -18,8 +18,8 @@ from bisect import bisect_left
 from collections.abc import Mapping
 from typing import Any
 
-from app.contract.keys import METRICS
-from app.contract.records import as_str
+from common.contract.keys import METRICS
+from common.contract.records import as_str
 
 # seconds; upper bounds of the histogram buckets (a last, implicit +Inf bucket follows)
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)

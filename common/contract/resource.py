@@ -3,8 +3,8 @@
 from collections.abc import Callable
 from typing import Any
 
-from app.contract.records import rfc3339, ts_or_none
-from app.contract.status import TERMINAL_STATUSES, Stage
+from common.contract.records import rfc3339, ts_or_none
+from common.contract.status import TERMINAL_STATUSES, Stage
 
 ImageUrl = Callable[[str, dict[str, Any]], str]
 

@@ -11,10 +11,10 @@ from typing import Any
 
 import redis
 
-from app.contract import keys, stats
-from app.contract.queueing import lua_function
-from app.contract.records import TRANSITION, as_str, decode
-from app.contract.resource import ImageUrl, render
+from common.contract import keys, stats
+from common.contract.queueing import lua_function
+from common.contract.records import TRANSITION, as_str, decode
+from common.contract.resource import ImageUrl, render
 
 
 class EventType(StrEnum):
@@ -112,7 +112,7 @@ def enqueue_webhook(
             if not gate:  # the stream (SSE) still has every step; webhooks get at most one per interval
                 return
         webhook_queue.enqueue(
-            "worker.webhooks.deliver",
+            "dispatcher.delivery.deliver",
             {
                 "generation_id": gen_id,
                 "event_id": f"evt_{gen_id}_{event_id}",

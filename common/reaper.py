@@ -12,11 +12,12 @@ from rq import Queue
 from rq.intermediate_queue import IntermediateQueue
 from rq.serializers import JSONSerializer
 
-from app.contract import keys, queueing, stats
-from app.contract.params import JobPayload
-from app.contract.records import as_str, decode
+from common.contract import keys, queueing, stats
+from common.contract.params import JobPayload
+from common.contract.records import as_str, decode
+from common.settings import CommonSettings
 
-log = logging.getLogger("app.reaper")
+log = logging.getLogger("common.reaper")
 
 # KEYS: rq intermediate list, rq queue list, gen hash. ARGV: rq job id. A worker killed between rq's dequeue
 # (LMOVE into the intermediate list) and its start CAS leaves a queued generation nobody will run: put its job
@@ -31,19 +32,18 @@ return 1
 """
 
 
-JOB_TIMEOUT_SECONDS = 3600  # rq timeout of requeued jobs; the API's SDXL_JOB_TIMEOUT_SECONDS default
 # where rq's dequeue (and a worker's own claim) parks a job until it starts
 INTERMEDIATE_KEY = IntermediateQueue.get_intermediate_queue_key(keys.RQ_QUEUE_KEY)
 
 
 class Reaper:
-    def __init__(self, r: redis.Redis, max_attempts: int, job_timeout: int, ttl: int,
-                 stranded_after: float = 30.0) -> None:
+    def __init__(self, r: redis.Redis, settings: CommonSettings, stranded_after: float | None = None) -> None:
         self.r = r
-        self.max_attempts = max_attempts
-        self.job_timeout = job_timeout
-        self.ttl = ttl
-        self.stranded_after = stranded_after  # seconds a dequeued job may go unstarted before it is put back
+        self.max_attempts = settings.max_attempts
+        self.job_timeout = settings.job_timeout_seconds
+        self.ttl = settings.generation_ttl_seconds
+        # seconds a dequeued job may go unstarted before it is put back
+        self.stranded_after = settings.lease_seconds if stranded_after is None else stranded_after
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
         self._requeue = r.register_script(queueing.REQUEUE)
         self._rescue = r.register_script(RESCUE)

@@ -1,7 +1,7 @@
 """Signed webhook delivery (Standard Webhooks): one HTTP attempt per rq job, retries put on a due zset.
 
-Runs only in the dispatcher (`python -m worker.dispatcher`), never on a GPU worker's time, and imports no torch.
-An attempt connects to the address approved at submit (app/ssrf.py), never to a fresh DNS answer, sends the
+Runs only in the dispatcher (`python -m dispatcher`), never on a GPU worker's time, and imports no torch.
+An attempt connects to the address approved at submit (common/ssrf.py), never to a fresh DNS answer, sends the
 original Host header and TLS SNI name, and follows no redirects. Whatever happens here, the generation's own
 status is never touched.
 """
@@ -25,12 +25,12 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
-from app import ssrf
-from app.contract import keys, stats
-from app.contract.events import EventType
-from app.contract.records import rfc3339
+from common import ssrf
+from common.contract import keys, stats
+from common.contract.events import EventType
+from common.contract.records import rfc3339
 
-log = logging.getLogger("worker.webhooks")
+log = logging.getLogger("dispatcher.delivery")
 
 JOB_TIMEOUT = 60  # rq's limit on one attempt (emit() uses the same); the HTTP timeout stays well under it
 LOG_MAX = 500  # attempts kept per generation
@@ -318,7 +318,7 @@ class DuePump(threading.Thread):
 
 
 def enqueue_delivery(queue: Queue, payload: dict[str, Any]) -> None:
-    queue.enqueue("worker.webhooks.deliver", payload, job_timeout=JOB_TIMEOUT, result_ttl=300, failure_ttl=86400)
+    queue.enqueue("dispatcher.delivery.deliver", payload, job_timeout=JOB_TIMEOUT, result_ttl=300, failure_ttl=86400)
 
 
 _deliverer: Deliverer | None = None
@@ -330,7 +330,7 @@ def configure(deliverer: Deliverer) -> None:
 
 
 def deliver(payload: dict[str, Any]) -> dict[str, Any]:
-    """The rq job (enqueued by app.contract.events.emit and by the pump)."""
+    """The rq job (enqueued by common.contract.events.emit and by the pump)."""
     if _deliverer is None:
-        raise RuntimeError("worker.webhooks.deliver runs only inside `python -m worker.dispatcher`")
+        raise RuntimeError("dispatcher.delivery.deliver runs only inside `python -m dispatcher`")
     return _deliverer.deliver(payload)

@@ -6,9 +6,9 @@ exactly the hub layout of stabilityai/stable-diffusion-xl-{base,refiner}-1.0.
 
 CLI::
 
-    python -m worker.models build-tiny DIR [--seed N] [--force]
-    python -m worker.models build-full DIR [--device cuda] [--dtype float16]
-    python -m worker.models count
+    python -m tools.models build-tiny DIR [--seed N] [--force]
+    python -m tools.models build-full DIR [--device cuda] [--dtype float16]
+    python -m tools.models count
 """
 
 from __future__ import annotations
@@ -604,7 +604,7 @@ def _parse_dtype(name: str) -> torch.dtype:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p_tiny = sub.add_parser("build-tiny", help="build tiny random SDXL base + refiner into DIR")
