@@ -11,9 +11,10 @@ import ipaddress
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from app.errors import Problem
@@ -21,6 +22,14 @@ from app.settings import Settings
 
 NAME_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 BEARER_CHALLENGE = 'Bearer realm="sdxl"'
+
+# auto_error=False: open mode needs no header, and authenticate answers its own problem+json 401s
+BEARER = HTTPBearer(
+    scheme_name="apiKey",
+    description="`Authorization: Bearer <key>` with a key from `python -m cli.apikeys create NAME`. A deployment "
+    "with no keys configured (loopback only, or `SDXL_ALLOW_OPEN`) accepts requests without it.",
+    auto_error=False,
+)
 
 
 class ConfigError(RuntimeError):
@@ -194,13 +203,17 @@ def bearer_token(header: str | None) -> str:
     return token
 
 
-async def authenticate(request: Request) -> Principal:
+async def authenticate(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> Principal:
     """The caller's principal, charged one request against its rate limit (429 when over)."""
     keyring: KeyRing | None = getattr(request.app.state, "keyring", None)
     if keyring is None or keyring.open:
         principal = keyring.open_principal if keyring else OPEN
     else:
-        found = keyring.lookup(bearer_token(request.headers.get("authorization")))
+        # HTTPBearer gives None for a missing or malformed header; bearer_token says which, as a 401
+        token = credentials.credentials if credentials else bearer_token(request.headers.get("authorization"))
+        found = keyring.lookup(token)
         if found is None:
             raise unauthorized("the API key is not valid", "invalid_token")
         principal = found

@@ -3,16 +3,13 @@
 import json
 import secrets
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 import redis.asyncio as aredis
 from rq import Queue
-from rq.job import Job
 from rq.serializers import JSONSerializer
-from rq.utils import get_call_string, now, utcformat
 
 from app.errors import Problem, field_error
 from app.limits import ADMIT
@@ -111,9 +108,8 @@ class Submission:
 # zset, 7 owner's index zset, 8 expiry zset, 9 rq queues set.
 # ARGV: 1 gen id, 2 now, 3 admit ('1' checks the limits), 4 max unfinished, 5 max queue depth, 6 prefix,
 # 7 ttl seconds, 8 record ttl seconds, 9 pending score, 10 owner, 11 expires_at, 12 feed depth,
-# 13 rq queue key, 14 the rq job's fixed fields (JSON object of strings), 15-17 its created_at, data,
-# description, 18 the record's fields (JSON object of strings). Two JSON strings instead of ~50 arguments:
-# redis-py packs each argument in Python, cjson unpacks them in C.
+# 13 rq queue key, 14 the rq job's hash fields but `data` (JSON object of strings, from rq's Job.to_dict),
+# 15 its `data` (bytes), 16 the record's fields (JSON object of strings).
 # Returns {0, unfinished, position} written, or ADMIT's refusal {1 | 2, count, -1} with nothing written.
 CREATE = (
     lua_function("admit", ADMIT) + lua_function("submit", queueing.SUBMIT) + lua_function("feed", queueing.FEED)
@@ -131,8 +127,8 @@ local function hset(key, fields, extra)
   end
   redis.call('HSET', key, unpack(extra))
 end
-hset(KEYS[2], ARGV[14], {'created_at', ARGV[15], 'data', ARGV[16], 'description', ARGV[17]})
-hset(KEYS[1], ARGV[18], {})
+hset(KEYS[2], ARGV[14], {'data', ARGV[15]})
+hset(KEYS[1], ARGV[16], {})
 redis.call('EXPIRE', KEYS[1], ARGV[8])
 redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 redis.call('ZADD', KEYS[8], ARGV[11], ARGV[1])
@@ -144,29 +140,16 @@ return {0, count, position({KEYS[1], KEYS[4]}, {ARGV[6]})}
 )
 
 
-class RqJobFields:
-    """The rq job hash of one generation attempt, as `Queue.create_job(...).save()` writes it.
-
-    rq builds the fields that never change between our jobs once, here; each submit fills in only
-    created_at, data and description with rq's own helpers (a fraction of building a Job per submit).
-    tests/test_enqueue.py checks the result against rq's own."""
-
-    def __init__(self, queue: Queue, timeout: int, result_ttl: int, failure_ttl: int, ttl: int) -> None:
-        job = queue.create_job(keys.RQ_FUNCTION, args=[{}], job_id="template", timeout=timeout,
-                               result_ttl=result_ttl, failure_ttl=failure_ttl, ttl=ttl)
-        enc = queue.connection.get_encoder()  # the bytes redis-py would send for each value, as text
-        self.fixed = json.dumps({name: enc.encode(value).decode() for name, value in job.to_dict().items()
-                                 if name not in self.VARYING}, separators=(",", ":"))
-
-    VARYING = ("created_at", "data", "description")
-
-    @staticmethod
-    def varying(payload: dict[str, Any]) -> tuple[str, bytes, str]:
-        """created_at, data, description: what rq's Job.to_dict computes per job."""
-        call = [payload]
-        # data: zlib of the JSON of (function, instance, args, kwargs)
-        return (utcformat(now()), zlib.compress(JSONSerializer.dumps((keys.RQ_FUNCTION, None, call, {}))),
-                get_call_string(keys.RQ_FUNCTION, call, {}, max_length=75) or "")
+def rq_job_fields(queue: Queue, job_id: str, payload: Any, timeout: int, ttl: int, func: str = keys.RQ_FUNCTION
+                  ) -> tuple[str, bytes]:
+    """The hash rq's `Queue.create_job(...).save()` would write, as (every field but `data` as JSON text, `data`),
+    so CREATE writes it in the same atomic script as the record. Built by rq itself, through its public API."""
+    job = queue.create_job(func, args=[payload], job_id=job_id, timeout=timeout, result_ttl=600,
+                           failure_ttl=ttl, ttl=ttl)
+    enc = queue.connection.get_encoder()  # the bytes redis-py would send for each value
+    mapping = {name: enc.encode(value) for name, value in job.to_dict().items()}
+    data = mapping.pop("data")
+    return json.dumps({k: v.decode() for k, v in mapping.items()}, separators=(",", ":")), data
 
 
 class Enqueuer:
@@ -176,8 +159,6 @@ class Enqueuer:
         self.r = r
         self.settings = settings
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
-        ttl = settings.generation_ttl_seconds
-        self.job_fields = RqJobFields(self.queue, settings.job_timeout_seconds, 600, ttl, ttl)
         self._create = r.register_script(CREATE)
         self._acreate = ar.register_script(CREATE) if ar is not None else None
         self.feed_script = r.register_script(queueing.FEED)
@@ -230,13 +211,13 @@ class Enqueuer:
         }
         record = json.dumps(encode(fields), separators=(",", ":"), ensure_ascii=False)
         cap, depth = limits or (0, 0)
-        create_keys = [keys.generation(gen_id), Job.key_for(rq_job_id), keys.active(owner),
+        create_keys = [keys.generation(gen_id), keys.rq_job(rq_job_id), keys.active(owner),
                        keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS, keys.pending(owner), keys.owner_index(owner),
                        keys.EXPIRY, keys.RQ_QUEUES_SET]
         args = [gen_id, repr(now_s), "1" if limits else "0", cap, depth, keys.PREFIX, ttl, ttl + RECORD_GRACE_SECONDS,
                 queueing.pending_score(priority, int(now_s * 1000)), owner, repr(now_s + ttl),
-                self.settings.queue_feed_depth, keys.RQ_QUEUE_KEY, self.job_fields.fixed,
-                *self.job_fields.varying(payload), record]
+                self.settings.queue_feed_depth, keys.RQ_QUEUE_KEY,
+                *rq_job_fields(self.queue, rq_job_id, payload, self.settings.job_timeout_seconds, ttl), record]
         return fields, create_keys, args
 
     @staticmethod

@@ -23,10 +23,10 @@ from app.settings import Settings
 from app.tokens import counter_for
 from common import ssrf
 from common.contract import keys, queueing
-from common.contract.events import EventType, emit
 from common.contract.records import as_str, decode
 from common.contract.resource import render
 from common.retention import purge
+from common.state import GenerationState
 from common.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
@@ -52,7 +52,7 @@ class GenerationService:
         self.model_limits = LimitsCache(settings.base_model, settings.refiner_model)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._position = ar.register_script(queueing.POSITION)
-        self._cancel = r.register_script(queueing.CANCEL)
+        self.state = GenerationState(r, settings, self.image_url)
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
@@ -199,16 +199,7 @@ class GenerationService:
 
     # --- cancel -----------------------------------------------------------------------------------
     def _cancel_sync(self, gen_id: str) -> str:
-        raw = self._cancel(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY], args=[keys.PREFIX, time.time()])
-        result = as_str(raw)
-        if result == "canceled:new":
-            emit(self.r, gen_id, EventType.canceled, self.image_url, self.settings.generation_ttl_seconds,
-                 self.webhook_queue)
-            self.enqueuer.feed()
-            return "canceled"
-        if result == "running":
-            self.r.publish(keys.CANCEL_CHANNEL, gen_id)
-        return result
+        return self.state.cancel(gen_id)
 
     async def cancel(self, gen_id: str, principal: Principal) -> dict[str, Any]:
         rec = await self.record(gen_id, principal)

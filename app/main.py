@@ -47,9 +47,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             r.close()
 
     app = FastAPI(
-        title="SDXL inference service",
-        version="1.0.0",
-        summary="Text to image with Stable Diffusion XL: queued, resident GPU workers, durable results.",
+        title=openapi.TITLE,
+        version=openapi.VERSION,
+        summary=openapi.SUMMARY,
+        description=openapi.DESCRIPTION,
+        license_info=openapi.LICENSE,
+        servers=openapi.SERVERS,
+        openapi_tags=openapi.TAGS,
+        responses=openapi.EVERY_ROUTE,
         lifespan=lifespan,
     )
     app.state.keyring = keyring
@@ -57,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry, http_metrics = build_registry(lambda: getattr(getattr(app.state, "service", None), "r", None))
     app.state.metrics_registry = registry
     errors.install(app)
-    openapi.install(app)  # problem+json errors, security, headers: app/openapi.py
+    openapi.install(app)  # the little FastAPI cannot declare: app/openapi.py
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(events.router)

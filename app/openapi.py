@@ -1,26 +1,25 @@
-"""The published OpenAPI document: FastAPI's generated schema plus what it cannot see in the route signatures.
+"""The published OpenAPI document, declared where FastAPI builds it.
 
-FastAPI knows the parameters and models; it does not know that every error is RFC 9457 problem+json (it invents
-its own 422 shape), which routes need a key, or which headers the middleware adds. Those rules are stated once
-here, derived from the routes themselves (a route that depends on `authenticate` is secured and rate-limited;
-a POST can meet the body guard), so a route added later gets them without remembering to. `make openapi`
-writes the result to openapi/openapi.json; tests/test_openapi.py keeps the two equal and lints the file.
+`create_app` passes the info, servers and tags to `FastAPI(...)` and the responses every operation can answer
+(`EVERY_ROUTE`); the routers pass what their routes answer (`V1`, `BODY`, the `success`/`problem` helpers);
+`app.auth.authenticate` depends on an `HTTPBearer`, so each keyed operation carries its security requirement.
+Every error is RFC 9457 problem+json: FastAPI's own 422 shape never appears because each route with
+parameters declares 422 itself. `install` adds only what is not declared (see there).
+`make openapi` writes the result to openapi/openapi.json; tests/test_openapi.py keeps the two equal and lints it.
 """
 
-import copy
-import http
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.routing import APIRoute, RouteContext, iter_route_contexts
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.models import Schema
 
-from app.auth import authenticate
 from app.errors import PROBLEM_JSON, TITLES, TYPE_BASE
+from app.schemas import ProblemDetails
 
-SECURITY_SCHEME = "apiKey"
-PROBLEM_REF = {"$ref": "#/components/schemas/ProblemDetails"}
-HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
-
+TITLE = "SDXL inference service"
+VERSION = "1.0.0"
+SUMMARY = "Text to image with Stable Diffusion XL: queued, resident GPU workers, durable results."
 DESCRIPTION = """\
 Text-to-image generation with Stable Diffusion XL. A request is queued and answered at once (`202` with a
 `Location`); resident GPU workers take jobs in fair-share order and store the images. Follow a generation by
@@ -48,6 +47,10 @@ TAGS = [
 ]
 SERVERS = [{"url": "http://127.0.0.1:8000", "description": "`make run` on this machine; deployments use their own"}]
 LICENSE = {"name": "Apache-2.0", "identifier": "Apache-2.0"}
+
+GEN = "gen_3q2Vd0yq8zS0mN6pW1xYbA"
+PROBLEM_REF = {"$ref": "#/components/schemas/ProblemDetails"}
+PUBLIC: dict[str, Any] = {"security": []}  # openapi_extra of a route that needs no key
 
 HEADERS: dict[str, dict[str, Any]] = {
     "X-Request-ID": {
@@ -82,7 +85,7 @@ HEADERS: dict[str, dict[str, Any]] = {
         "description": "URL of the generation resource",
         "required": True,
         "schema": {"type": "string"},
-        "example": "/v1/generations/gen_3q2Vd0yq8zS0mN6pW1xYbA",
+        "example": f"/v1/generations/{GEN}",
     },
     "WWW-Authenticate": {
         "description": "The bearer challenge (RFC 6750), with `error` when a key was sent but refused",
@@ -103,286 +106,167 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
 }
 RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
+RETRY_AFTER_CODES = {429, 503}
 
-# Problems every route of a kind can answer, shared as components/responses: name, description, example detail
-STANDARD: dict[int, tuple[str, str, str]] = {
-    401: (
-        "Unauthorized",
+
+def _headers(*names: str) -> dict[str, dict[str, Any]]:
+    return {name: HEADERS[name] for name in names}
+
+
+def problem(
+    status: int,
+    description: str,
+    detail: str,
+    kind: str | None = None,
+    instance: str = "/v1/generations",
+    headers: tuple[str, ...] = (),
+    errors: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """One problem+json response: `X-Request-ID` always, `Retry-After` where the status implies a wait."""
+    default_kind, title = TITLES.get(status, ("error", "Error"))
+    example: dict[str, Any] = {
+        "type": TYPE_BASE + (kind or default_kind),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    if errors is not None:
+        example["errors"] = errors
+    names = ("X-Request-ID", *(("Retry-After",) if status in RETRY_AFTER_CODES else ()), *headers)
+    return {
+        "description": description,
+        "headers": _headers(*names),
+        "content": {PROBLEM_JSON: {"schema": PROBLEM_REF, "example": example}},
+    }
+
+
+STANDARD: dict[int, dict[str, Any]] = {
+    401: problem(
+        401,
         "No API key, a malformed `Authorization` header, or an unknown key",
         "this API needs a key: send `Authorization: Bearer <key>`",
+        headers=("WWW-Authenticate",),
     ),
-    408: (
-        "RequestTimeout",
+    408: problem(
+        408,
         "The request body did not arrive within `SDXL_BODY_READ_TIMEOUT_SECONDS`; the connection is closed",
         "the request body did not arrive within 30 s (SDXL_BODY_READ_TIMEOUT_SECONDS)",
     ),
-    413: (
-        "PayloadTooLarge",
+    413: problem(
+        413,
         "The request body is over the deployment's limit (`SDXL_MAX_BODY_BYTES`)",
         "request body exceeds 65536 bytes",
     ),
-    415: (
-        "UnsupportedMediaType",
+    415: problem(
+        415,
         "A request body that is not `application/json`",
         "Content-Type must be application/json, not 'text/plain'",
     ),
-    431: (
-        "HeadersTooLarge",
-        "More request headers than `SDXL_MAX_HEADERS`, or more header bytes than `SDXL_MAX_HEADER_BYTES`",
-        "request headers of 20480 bytes exceed the limit of 16384 bytes (SDXL_MAX_HEADER_BYTES)",
-    ),
-    422: (
-        "ValidationFailed",
+    422: problem(
+        422,
         "A parameter or body field is invalid; `errors` names each field, its value and why",
         "`width` must be a multiple of 8 but is 1000",
+        errors=[{"field": "width", "message": "must be a multiple of 8 but is 1000", "value": 1000}],
     ),
-    429: (
-        "TooManyRequests",
+    429: problem(
+        429,
         "The key is over its request rate (`rate-limited`) or has as many unfinished "
         "generations as it may (`too-many-unfinished`); wait `Retry-After` seconds",
         "API key 'team-a' is over its rate limit of 600 requests per minute (burst 20); retry in 1 s",
+        headers=RATE_LIMIT_HEADERS,
     ),
-    500: (
-        "InternalError",
+    431: problem(
+        431,
+        "More request headers than `SDXL_MAX_HEADERS`, or more header bytes than `SDXL_MAX_HEADER_BYTES`",
+        "request headers of 20480 bytes exceed the limit of 16384 bytes (SDXL_MAX_HEADER_BYTES)",
+    ),
+    500: problem(
+        500,
         "An unexpected error; it was logged with the request id (no details are disclosed)",
         "an unexpected error occurred; it has been logged",
     ),
-    503: (
-        "Unavailable",
+    503: problem(
+        503,
         "The job store or object storage is unreachable (`store-unavailable`, "
         "`storage-unavailable`), or the queue is full (`queue-full`); retry after `Retry-After` seconds",
         "the job store is unreachable; retry shortly",
     ),
 }
-RETRY_AFTER_CODES = {429, 503}
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: STANDARD[code] for code in codes}
+
+
+# FastAPI(responses=...): RequestGuardMiddleware's header limit runs before routing; the catch-all handler answers 500
+EVERY_ROUTE = problems(431, 500)
+# APIRouter(responses=...) of the /v1 routers: each route needs a key, takes parameters and reads Redis
+V1 = problems(401, 422, 429, 503)
+# a route that takes a request body can meet RequestGuardMiddleware's body guard
+BODY = problems(408, 413, 415)
+
+
+def generation_not_found(instance: str = f"/v1/generations/{GEN}") -> dict[int | str, dict[str, Any]]:
+    return {
+        404: problem(
+            404,
+            "No such generation: unknown, another key's, expired or deleted (`generation-not-found`)",
+            f"generation `{GEN}` does not exist",
+            "generation-not-found",
+            instance,
+        )
+    }
+
+
+def success(description: str, *headers: str, keyed: bool = True, **fields: Any) -> dict[str, Any]:
+    """A 2xx or 3xx response: `X-Request-ID` always, the `RateLimit-*` headers on routes that take a key."""
+    names = ("X-Request-ID", *(RATE_LIMIT_HEADERS if keyed else ()), *headers)
+    return {"description": description, "headers": _headers(*names), **fields}
+
+
+# OpenAPI links from a new generation to what can be done with it (clients and stateful fuzzers follow them)
+GENERATION_LINKS: dict[str, Any] = {
+    op_id: {"operationId": op_id, "parameters": {"gen_id": "$response.body#/id"}}
+    for op_id in (
+        "get_generation",
+        "cancel_generation",
+        "delete_generation",
+        "stream_generation_events",
+        "list_generation_webhook_attempts",
+    )
+}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+
+# FastAPI registers a response model's schema only under the route's own media type (application/json), never
+# under problem+json: ProblemDetails (and FieldError, which it uses) are registered here instead, encoded as
+# FastAPI encodes its own schemas (a `None` default is left out)
+_problem_schema = ProblemDetails.model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+PROBLEM_SCHEMAS: dict[str, Any] = {
+    name: jsonable_encoder(Schema(**schema), by_alias=True, exclude_none=True)
+    for name, schema in {"ProblemDetails": _problem_schema, **_problem_schema.pop("$defs", {})}.items()
+}
+
+# Canonical header names and examples: declarable in the route signatures (Header(alias=..., example=...)), which
+# this module's change leaves alone; until they carry them, (in, name) -> what is set here
+PARAMETERS: dict[tuple[str, str], dict[str, Any]] = {
+    ("header", "prefer"): {"name": "Prefer", "example": "wait=30"},
+    ("header", "idempotency-key"): {"name": "Idempotency-Key"},
+    ("header", "last-event-id"): {"name": "Last-Event-ID", "example": "1700000000000-0"},
+    ("path", "gen_id"): {"example": GEN},
+}
 
 
 def install(app: FastAPI) -> None:
-    """Serve the finished document at /openapi.json (and to `scripts/export_openapi.py`)."""
-    cache: dict[str, Any] = {}
+    """Serve FastAPI's document plus what the declarations do not give: the problem schemas and `PARAMETERS`."""
 
     def openapi() -> dict[str, Any]:
-        raw = FastAPI.openapi(app)  # FastAPI's own, cached until the routes change
-        if cache.get("raw") is not raw:
-            cache["raw"], cache["doc"] = raw, finish(app, copy.deepcopy(raw))
-        return cache["doc"]  # type: ignore[no-any-return]
+        doc = FastAPI.openapi(app)  # cached by FastAPI until the routes change; the additions below are idempotent
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(PROBLEM_SCHEMAS)
+        for item in doc["paths"].values():
+            for op in item.values():
+                for param in op.get("parameters", []):
+                    param.update(PARAMETERS.get((param["in"], param["name"]), {}))
+        return doc
 
     app.openapi = openapi  # type: ignore[method-assign]
-
-
-def _needs_key(route: RouteContext) -> bool:
-    stack = list(route.dependant.dependencies)
-    while stack:
-        dep = stack.pop()
-        if dep.call is authenticate:
-            return True
-        stack.extend(dep.dependencies)
-    return False
-
-
-def _problem_example(code: int, kind: str | None, detail: str, instance: str = "/v1/generations") -> dict[str, Any]:
-    default_kind, title = TITLES.get(code, ("error", "Error"))
-    return {
-        "type": TYPE_BASE + (kind or default_kind),
-        "title": title,
-        "status": code,
-        "detail": detail,
-        "instance": instance,
-    }
-
-
-def _header_refs(*names: str) -> dict[str, Any]:
-    return {n: {"$ref": f"#/components/headers/{n}"} for n in names}
-
-
-def _standard_responses() -> dict[str, Any]:
-    out = {}
-    for code, (name, description, detail) in STANDARD.items():
-        headers = ["X-Request-ID"]
-        if code in RETRY_AFTER_CODES:
-            headers.append("Retry-After")
-        if code == 401:
-            headers.append("WWW-Authenticate")
-        if code == 429:
-            headers += RATE_LIMIT_HEADERS
-        example = _problem_example(code, None, detail)
-        if code == 422:
-            example["errors"] = [{"field": "width", "message": "must be a multiple of 8 but is 1000", "value": 1000}]
-        out[name] = {
-            "description": description,
-            "headers": _header_refs(*headers),
-            "content": {PROBLEM_JSON: {"schema": PROBLEM_REF, "example": example}},
-        }
-    return out
-
-
-def _is_default_description(code: int, text: str | None) -> bool:
-    """FastAPI fills an undescribed response with the status phrase; ours then says it better."""
-    try:
-        phrase = http.HTTPStatus(code).phrase
-    except ValueError:
-        phrase = ""
-    return not text or text in (phrase, "Validation Error", "Additional Response", "Successful Response")
-
-
-GEN = "gen_3q2Vd0yq8zS0mN6pW1xYbA"
-# Problems whose meaning depends on the operation: (operation id or "*", status) -> description, kind, detail
-SPECIFIC: dict[tuple[str, int], tuple[str, str, str]] = {
-    ("*", 404): (
-        "No such generation: unknown, another key's, expired or deleted (`generation-not-found`)",
-        "generation-not-found",
-        f"generation `{GEN}` does not exist",
-    ),
-    ("get_generation_image", 404): (
-        "No such generation (`generation-not-found`) or no such image of it (`image-not-found`)",
-        "image-not-found",
-        f"generation `{GEN}` has no image 0",
-    ),
-    ("create_generation", 409): (
-        "This `Idempotency-Key` was used with a different body (`idempotency-key-reused`), or its first request "
-        "is still being processed (`idempotency-key-in-use`, with `Retry-After`)",
-        "idempotency-key-reused",
-        "this Idempotency-Key was already used with a different request body; use a new key for a different request",
-    ),
-    ("cancel_generation", 409): (
-        "The generation already succeeded or failed (`generation-final`)",
-        "generation-final",
-        f"generation `{GEN}` already succeeded; it cannot be canceled",
-    ),
-    ("readyz", 503): ("", "not-ready", "Redis is unreachable (ConnectionError): this replica cannot take work"),
-}
-
-
-def _problem_response(op_id: str, code: int, declared: dict[str, Any] | None, instance: str) -> dict[str, Any]:
-    specific = SPECIFIC.get((op_id, code)) or SPECIFIC.get(("*", code))
-    described = declared is not None and not _is_default_description(code, declared.get("description"))
-    if code in STANDARD and not described and specific is None:
-        return {"$ref": f"#/components/responses/{STANDARD[code][0]}"}
-    description, kind, detail = specific or ("", None, TITLES.get(code, ("", "Error"))[1])
-    if described:
-        description = declared["description"]  # type: ignore[index]
-    headers = ["X-Request-ID"]
-    if code in RETRY_AFTER_CODES:
-        headers.append("Retry-After")
-    return {
-        "description": description or TITLES.get(code, ("", "Error"))[1],
-        "headers": _header_refs(*headers),
-        "content": {PROBLEM_JSON: {"schema": PROBLEM_REF, "example": _problem_example(code, kind, detail, instance)}},
-    }
-
-
-def _problem_codes(route: RouteContext, method: str, op: dict[str, Any], secured: bool) -> set[int]:
-    """Every error status this operation can answer: declared by the route, plus what the stack adds."""
-    codes = {int(c) for c in op.get("responses", {}) if c.isdigit() and int(c) >= 400}
-    codes.add(500)
-    if route.path != "/healthz":
-        codes.add(503)  # everything else reads Redis
-    if secured:
-        codes |= {401, 429}
-    codes.add(431)  # app.middleware.RequestGuardMiddleware, before routing
-    if method in ("post", "put", "patch"):
-        codes |= {408, 413, 415}
-    if op.get("parameters") or op.get("requestBody"):
-        codes.add(422)
-    return codes
-
-
-def _tidy_parameters(op: dict[str, Any]) -> None:
-    canonical = {"prefer": "Prefer", "idempotency-key": "Idempotency-Key", "last-event-id": "Last-Event-ID"}
-    examples = {
-        "Prefer": "wait=30",
-        "Last-Event-ID": "1700000000000-0",
-        "gen_id": "gen_3q2Vd0yq8zS0mN6pW1xYbA",
-    }
-    for param in op.get("parameters", []):
-        if param.get("in") == "header":
-            param["name"] = canonical.get(param["name"], param["name"])
-        if param["name"] in examples and "example" not in param:
-            param["example"] = examples[param["name"]]
-
-
-SUCCESS = {
-    ("create_generation", "202"): "Queued (or still unfinished when `Prefer: wait` ran out); follow `Location`",
-    ("cancel_generation", "202"): "Cancellation accepted: `canceled` at once if it was queued, within a step "
-    "if it was running, unchanged if it was already canceled",
-    ("get_generation", "200"): "The generation (final, or the state when `Prefer: wait` ran out)",
-    ("list_generations", "200"): "One page of this key's generations, newest first",
-    ("list_generation_webhook_attempts", "200"): "Every delivery attempt, oldest first",
-    ("healthz", "200"): "The process is alive",
-    ("readyz", "200"): "Ready: Redis answers; the workers are listed with their states",
-    ("*", "202"): "Accepted",
-    ("*", "204"): "Done; no content",
-}
-
-
-def _links() -> dict[str, Any]:
-    """OpenAPI links from a generation to what can be done with it (clients and stateful fuzzers follow them)."""
-    gen = {"gen_id": "$response.body#/id"}
-    targets = {
-        "get_generation": ("get_generation", gen),
-        "cancel_generation": ("cancel_generation", gen),
-        "delete_generation": ("delete_generation", gen),
-        "stream_generation_events": ("stream_generation_events", gen),
-        "list_generation_webhook_attempts": ("list_generation_webhook_attempts", gen),
-    }
-    return {name: {"operationId": op_id, "parameters": params} for name, (op_id, params) in targets.items()}
-
-
-def finish(app: FastAPI, doc: dict[str, Any]) -> dict[str, Any]:
-    doc["info"]["description"] = DESCRIPTION
-    doc["info"]["license"] = LICENSE
-    doc["servers"] = SERVERS
-    doc["tags"] = TAGS
-    doc["security"] = [{SECURITY_SCHEME: []}]
-    components = doc.setdefault("components", {})
-    components["securitySchemes"] = {
-        SECURITY_SCHEME: {
-            "type": "http",
-            "scheme": "bearer",
-            "description": "`Authorization: Bearer <key>` with a key from `python -m cli.apikeys create NAME`. A "
-            "deployment with no keys configured (loopback only, or `SDXL_ALLOW_OPEN`) accepts requests without it.",
-        }
-    }
-    components["headers"] = HEADERS
-    components["responses"] = _standard_responses()
-    schemas = components.setdefault("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 shape: we answer problem+json
-        schemas.pop(name, None)
-
-    ops_ids = {op_id for item in doc["paths"].values() for m, op in item.items() if (op_id := op.get("operationId"))}
-    routes = {  # routers are included lazily: the contexts carry each route's full path
-        (ctx.path_format, m.lower()): ctx
-        for ctx in iter_route_contexts(app.routes)
-        if isinstance(ctx.original_route, APIRoute)
-        for m in ctx.methods or ()
-    }
-    for path, item in doc["paths"].items():
-        for method, op in item.items():
-            if method not in HTTP_METHODS:
-                continue
-            route = routes[(path, method)]
-            op_id = op.get("operationId", "")
-            secured = _needs_key(route)
-            if not secured:
-                op["security"] = []
-            _tidy_parameters(op)
-            responses = op.setdefault("responses", {})
-            instance = path.replace("{gen_id}", "gen_3q2Vd0yq8zS0mN6pW1xYbA").replace("{index}", "0")
-            for code in sorted(_problem_codes(route, method, op, secured)):
-                responses[str(code)] = _problem_response(op_id, code, responses.get(str(code)), instance)
-            for code, resp in responses.items():
-                if "$ref" in resp or not code.isdigit() or int(code) >= 400:
-                    continue
-                if _is_default_description(int(code), resp.get("description")):
-                    resp["description"] = SUCCESS.get((op_id, code)) or SUCCESS.get(("*", code), "OK")
-                names = ["X-Request-ID", *(RATE_LIMIT_HEADERS if secured else ())]
-                if op.get("operationId") == "create_generation":
-                    names.append("Location")
-                    names += {"200": ["Idempotent-Replayed"], "201": ["Preference-Applied"]}.get(code, [])
-                    resp["links"] = {k: v for k, v in _links().items() if v["operationId"] in ops_ids}
-                if code == "307":
-                    names.append("Location")
-                for media in resp.get("content", {}).values():
-                    media.setdefault("schema", {"type": "string", "format": "binary"})  # image bytes
-                resp["headers"] = {**_header_refs(*names), **resp.get("headers", {})}
-    return doc

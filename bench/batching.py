@@ -23,8 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-
-from common import bench_env, emit, raised_limits, records, stack, start_line, workload  # noqa: E402
+from benchlib import bench_env, emit, raised_limits, records, stack, start_line, workload  # noqa: E402
 
 
 async def burst(url: str, bodies: list[dict[str, Any]]) -> tuple[float, list[str]]:

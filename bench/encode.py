@@ -23,7 +23,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import emit, start_line  # noqa: E402
+from benchlib import emit, start_line  # noqa: E402
+
 from worker.encode import png_with_text  # noqa: E402
 
 

@@ -29,8 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-
-from common import Stack, bench_env, emit, pcts, raised_limits, records, stack, start_line, workload  # noqa: E402
+from benchlib import Stack, bench_env, emit, pcts, raised_limits, records, stack, start_line, workload  # noqa: E402
 
 FINAL = ("succeeded", "failed", "canceled")
 

@@ -22,8 +22,9 @@ from fastapi import FastAPI, Response
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchlib import baseline_engine  # noqa: E402
+
 from app.schemas import GenerationCreate  # noqa: E402
-from common import baseline_engine  # noqa: E402
 
 
 def create_naive_app() -> FastAPI:

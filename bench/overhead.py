@@ -2,7 +2,7 @@
 
 A client POSTs /v1/generations with `Prefer: wait=60`, then GETs the image bytes. Overhead = that end-to-end
 time minus the worker's own `timings.pipeline`. The baseline is the same `Engine.run` on the same resolved
-params in a fresh process with the worker's environment (bench/common.py `ResidentInProcess`), one call after
+params in a fresh process with the worker's environment (bench/benchlib.py `ResidentInProcess`), one call after
 each service generation while the service sits idle, so both sides see the same machine.
 Goals: overhead p50 <= 3 ms; end-to-end p50 / in-process p50 <= 1.05.
 
@@ -34,8 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import httpx  # noqa: E402
 import naive  # noqa: E402
 import redis  # noqa: E402
-
-from common import (  # noqa: E402
+from benchlib import (  # noqa: E402
     RedisCounter,
     ResidentInProcess,
     Stack,
@@ -50,6 +49,7 @@ from common import (  # noqa: E402
     start_line,
     workload,
 )
+
 from common.contract.records import decode  # noqa: E402
 from tests.procs import PY, Proc, free_port, wait_for  # noqa: E402
 

@@ -87,7 +87,7 @@ async def hammer(port: int, body: bytes, connections: int, duration: float) -> d
 def measure(
     name: str, port: int, pid: int, body: bytes, connections: int, duration: float, warmup: float
 ) -> dict[str, Any]:
-    from common import emit, pcts, proc_cpu_seconds
+    from benchlib import emit, pcts, proc_cpu_seconds
 
     asyncio.run(hammer(port, body, connections, warmup))
     cpu0 = proc_cpu_seconds(pid)
@@ -108,7 +108,8 @@ def measure(
 
 
 def main() -> int:
-    from common import Stack, bench_env, emit, goal, raised_limits, round_trip_cost, stack, start_line, workload
+    from benchlib import Stack, bench_env, emit, goal, raised_limits, round_trip_cost, stack, start_line, workload
+
     from tests.procs import PY, Proc, free_port, wait_for
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -21,8 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import httpx  # noqa: E402
-
-from common import bench_env, busy_share, emit, goal, inprocess, pcts, records, stack, start_line, workload  # noqa: E402
+from benchlib import bench_env, busy_share, emit, goal, inprocess, pcts, records, stack, start_line, workload  # noqa: E402
 
 
 async def run_clients(url: str, body: dict[str, Any], clients: int, total: int) -> tuple[float, list[float], list[str]]:

@@ -20,17 +20,15 @@ from types import FrameType
 from typing import Any
 
 import redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
-from common.contract import keys, queueing
-from common.contract.events import EventType, emit
-from common.contract.records import TRANSITION, as_str, decode, flatten
+from common.contract import keys
+from common.contract.records import as_str, decode
 from common.contract.status import ErrorType
 from common.logs import configure
 from common.reaper import Reaper
 from common.retention import purge
 from common.settings import CommonSettings
+from common.state import GenerationState
 from common.storage import ObjectStore, StorageUnavailable, build_store, image_url
 
 log = logging.getLogger("cleanup")
@@ -47,10 +45,8 @@ class Cleanup:
         self.r = r
         self.store = store
         self.settings = settings
-        self.reaper = Reaper(r, settings)
-        self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
-        self._transition = r.register_script(TRANSITION)
-        self._feed = r.register_script(queueing.FEED)
+        self.state = GenerationState(r, settings, self.image_url)
+        self.reaper = Reaper(r, settings, self.state)
 
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:
         return image_url(self.settings, self.store, gen_id, img)
@@ -69,7 +65,8 @@ class Cleanup:
                     self.r.zadd(keys.EXPIRY, {gen_id: float(rec["expires_at"])})  # the record says later
                     continue
                 active = rec is not None and rec.get("status") == "running"
-                again = now + 3600 if active else None  # a late upload by that worker gets swept then
+                # a late upload by that worker gets swept once its job has timed out
+                again = now + self.settings.job_timeout_seconds if active else None
                 try:
                     purge(self.r, self.store, self.settings.storage_prefix, gen_id, rec, active, again)
                 except StorageUnavailable as exc:
@@ -97,35 +94,17 @@ class Cleanup:
         for gen_id, (status, deadline_at, owner, rq_job_id) in zip(ids, pipe.execute(), strict=True):
             if status != b"queued" or not deadline_at or float(deadline_at) >= now:
                 continue
-            flat = flatten(
-                {
-                    "status": "failed",
-                    "finished_at": now,
-                    "error": {
-                        "type": ErrorType.deadline_exceeded.value,
-                        "message": "the generation could not start before its deadline",
-                    },
-                }
-            )
             # compare-and-set: a worker that started it meanwhile wins, and the job runs
-            res = self._transition(keys=[keys.generation(gen_id)], args=["", "queued", *flat])
-            if as_str(res) != "OK":
+            if self.state.fail(gen_id, "", ErrorType.deadline_exceeded,
+                               "the generation could not start before its deadline", allowed="queued") != "OK":
                 continue
             pipe2 = self.r.pipeline(transaction=False)
             pipe2.zrem(keys.pending(as_str(owner)), gen_id)
             pipe2.lrem(keys.RQ_QUEUE_KEY, 0, rq_job_id)
             pipe2.execute()
-            emit(
-                self.r,
-                gen_id,
-                EventType.failed,
-                self.image_url,
-                self.settings.generation_ttl_seconds,
-                self.webhook_queue,
-            )
             failed.append(gen_id)
         if failed:  # their places in the rq list go to the next in line
-            self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS], args=[self.settings.queue_feed_depth, keys.PREFIX])
+            self.state.feed()
         return failed
 
     # --- one sweep --------------------------------------------------------------------------------

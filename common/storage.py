@@ -3,19 +3,38 @@
 Used by the worker (put) and the API (get, delete, presign); imports no torch.
 """
 
+import errno
+import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, NoReturn, Protocol
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_before_delay,
+    wait_exponential,
+    wait_random_exponential,
+)
+
+log = logging.getLogger("common.storage")
 
 
 class StorageUnavailable(Exception):
     """The store could not be reached or refused the operation; callers may retry."""
+
+
+class StoragePermanentError(StorageUnavailable):
+    """The store refused in a way no retry can fix (missing bucket, bad credentials, no permission).
+
+    A subclass, so every `except StorageUnavailable` still catches it; `put_with_retry` raises it at once.
+    """
 
 
 class ObjectNotFound(Exception):
@@ -101,7 +120,7 @@ class LocalStore:
                 with open(path + LEGACY_TYPE_SUFFIX, "w") as f:
                     f.write(content_type)
         except OSError as exc:  # full disk, read-only mount, permissions
-            raise StorageUnavailable(f"local store write failed for {key}: {exc.strerror}") from exc
+            raise _local_error(f"local store write failed for {key}", exc) from exc
 
     def get(self, key: str) -> StoredObject:
         path = self._file(key)
@@ -111,7 +130,7 @@ class LocalStore:
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
         except OSError as exc:
-            raise StorageUnavailable(str(exc)) from exc
+            raise _local_error(f"local store read failed for {key}", exc) from exc
         return StoredObject(data=data, content_type=ctype)
 
     def delete_prefix(self, prefix: str) -> int:
@@ -124,6 +143,16 @@ class LocalStore:
 
     def presigned_url(self, key: str) -> str | None:
         return None
+
+
+# no permission, or a read-only filesystem: an operator has to fix the mount; a full disk (ENOSPC) may clear
+LOCAL_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _local_error(what: str, exc: OSError) -> StorageUnavailable:
+    code = errno.errorcode.get(exc.errno or 0, "OSError")
+    cls = StoragePermanentError if exc.errno in LOCAL_PERMANENT_ERRNOS else StorageUnavailable
+    return cls(f"{what}: {code} ({exc.strerror or exc})")
 
 
 def _read_file(path: str) -> bytes:
@@ -139,6 +168,52 @@ def _legacy_type(path: str) -> str | None:
             return f.read() or None
     except FileNotFoundError:
         return None
+
+
+MAX_RETRY_DELAY = 5.0  # seconds between two attempts at most
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, StorageUnavailable) and not isinstance(exc, StoragePermanentError)
+
+
+def put_with_retry(
+    store: ObjectStore, key: str, data: bytes, content_type: str, meta: dict[str, str], budget_seconds: float
+) -> None:
+    """`store.put`, retried on transient failures until `budget_seconds` (from the first attempt) is spent.
+
+    Backoff is exponential with equal jitter: the n-th wait is between half and all of 0.2 s * 2^(n-1),
+    capped at 5 s, and no wait starts that would end past the budget. Each retry logs one warning with the
+    error. StoragePermanentError is raised at once; other exceptions (programming errors) pass through
+    unretried; when the budget is spent the last failure is raised as StorageUnavailable.
+    """
+
+    def log_retry(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "storage put failed for %s (attempt %d): %s; retrying in %.2fs",
+            key,
+            state.attempt_number,
+            exc,
+            state.upcoming_sleep,
+        )
+
+    def give_up(state: RetryCallState) -> NoReturn:
+        exc = state.outcome.exception() if state.outcome else None
+        raise StorageUnavailable(
+            f"{exc} (gave up after {state.attempt_number} attempts in {state.seconds_since_start or 0:.1f}s)"
+        ) from exc
+
+    retrying = Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_before_delay(budget_seconds),
+        # half fixed, half random: 0.1-0.2 s, 0.2-0.4 s, ... 2.5-5 s
+        wait=wait_exponential(multiplier=0.1, max=MAX_RETRY_DELAY / 2)
+        + wait_random_exponential(multiplier=0.1, max=MAX_RETRY_DELAY / 2),
+        before_sleep=log_retry,
+        retry_error_callback=give_up,
+    )
+    retrying(store.put, key, data, content_type, meta)
 
 
 class StorageSettings(BaseSettings):

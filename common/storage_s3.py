@@ -15,11 +15,20 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
-from common.storage import ObjectNotFound, StorageUnavailable, StoredObject
+from common.storage import ObjectNotFound, StoragePermanentError, StorageUnavailable, StoredObject
 
 log = logging.getLogger("common.storage_s3")
 
 NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
+# a missing bucket, refused or unknown credentials: a deployment error that no retry fixes
+PERMANENT_CODES = {
+    "NoSuchBucket",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "InvalidBucketName",
+}
 
 
 class S3Settings(Protocol):
@@ -32,10 +41,14 @@ class S3Settings(Protocol):
 
 
 def _unavailable(op: str, key: str, exc: Exception) -> StorageUnavailable:
+    """StoragePermanentError for the PERMANENT_CODES, else StorageUnavailable; the S3 error code in both."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        detail = f"{err.get('Code', 'error')} (HTTP {status})"
+        code = str(err.get("Code", "error"))
+        detail = f"{code} (HTTP {status})"
+        if code in PERMANENT_CODES:
+            return StoragePermanentError(f"s3 {op} of `{key}` failed: {detail}")
     else:
         detail = type(exc).__name__
     return StorageUnavailable(f"s3 {op} of `{key}` failed: {detail}")
@@ -67,7 +80,9 @@ class S3Store:
             s3={"addressing_style": addressing_style},
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
-            # short in-call retries; the worker's put_with_retry rides out longer outages with its own budget
+            # short in-call retries of throttling, 5xx and dropped connections (botocore's standard mode, with
+            # its retry quota); it never retries the PERMANENT_CODES. `common.storage.put_with_retry` rides
+            # out longer outages on top of this, with a time budget botocore's attempt count cannot express
             retries={"mode": "standard", "total_max_attempts": max_attempts},
             # botocore >= 1.36 adds CRC checksums by default, which several S3-compatible stores reject;
             # integrity is checked with Content-MD5 instead, which all of them verify

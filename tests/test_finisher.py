@@ -14,7 +14,7 @@ import pytest
 
 from common.contract import keys
 from common.storage import LocalStore
-from tests.test_chain import dequeue, queue_jobs
+from tests.jobs import dequeue, queue_jobs
 from tests.test_runner_oom import OOMEngine, record
 from worker.finisher import Finisher
 from worker.runner import Runner
@@ -80,9 +80,10 @@ def test_next_pipeline_call_overlaps_the_previous_upload(redis_client: Any, tmp_
             return super().run(params, specs, hook)
 
     engine = Engine(fits=4)
-    runner = Runner(redis_client, engine, store, WorkerSettings(chain_idle_seconds=0), "test-worker", Finisher())  # type: ignore[arg-type]
+    runner = Runner(redis_client, engine, store, WorkerSettings(), "test-worker", Finisher())  # type: ignore[arg-type]
     gen1, gen2 = queue_jobs(redis_client, 2)
-    runner.run_job(*dequeue(redis_client))  # gen1 from rq, gen2 chained behind it
+    runner.run_job(*dequeue(redis_client))  # gen1: gen2 waits, so gen1 is finished in the background
+    runner.run_job(*dequeue(redis_client))  # gen2, while gen1's upload is held
     assert runner.drain(10)
     assert engine.calls == [1, 1] and stored_when_second_began == [0]
     r1, r2 = record(redis_client, gen1), record(redis_client, gen2)
@@ -99,7 +100,7 @@ def test_with_nothing_waiting_the_result_is_finished_before_the_job_returns(redi
     store = GatedStore(tmp_path)
     store.gate.set()
     finisher = Finisher()
-    runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(chain_idle_seconds=0), "test-worker",  # type: ignore[arg-type]
+    runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(), "test-worker",  # type: ignore[arg-type]
                     finisher)
     (gen,) = queue_jobs(redis_client, 1)
     runner.run_job(*dequeue(redis_client))
@@ -114,10 +115,10 @@ def test_a_failure_while_finishing_lets_the_lease_lapse(redis_client: Any, tmp_p
     store = GatedStore(tmp_path)
     store.fail = error
     store.gate.set()
-    runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(chain_idle_seconds=0), "test-worker",  # type: ignore[arg-type]
+    runner = Runner(redis_client, OOMEngine(fits=4), store, WorkerSettings(), "test-worker",  # type: ignore[arg-type]
                     Finisher())
     gen, _waiting = queue_jobs(redis_client, 2)  # a second job waits, so the first is finished in the background
-    runner.run_job(*dequeue(redis_client), rq_timeout=0.0001)  # (and it is not chained)
+    runner.run_job(*dequeue(redis_client))
     assert runner.drain(10)
     assert gen not in runner.current  # no more lease renewals for it
     rec = record(redis_client, gen)

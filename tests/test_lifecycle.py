@@ -233,7 +233,6 @@ def test_a_redis_kill_longer_than_the_lease_ends_on_attempt_2(stack: Stack) -> N
     time.sleep(int(svc.env()["SDXL_LEASE_SECONDS"]) + 4)
     server.start()  # same port, same directory: the lease's absolute expiry has passed
     assert_rerun_here(svc, gen["id"], w)
-    assert "lapsed; a reaper will run it again" in w.output()
 
 
 # --- start-up ------------------------------------------------------------------------------------------------

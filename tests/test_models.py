@@ -18,7 +18,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from transformers import CLIPTokenizer
 
-from worker import models
+from tools import models
 
 # diffusers pipelines are opaque to mypy (components are set dynamically), so they are typed Any here.
 Pipes = tuple[Any, Any]

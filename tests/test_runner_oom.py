@@ -61,7 +61,7 @@ def submit(r: Any, n_images: int) -> tuple[str, dict[str, Any]]:
 
 
 def make_runner(r: Any, engine: OOMEngine, tmp_path: Path) -> Runner:
-    return Runner(r, engine, LocalStore(tmp_path), WorkerSettings(chain_idle_seconds=0), "test-worker")  # type: ignore[arg-type]
+    return Runner(r, engine, LocalStore(tmp_path), WorkerSettings(), "test-worker")  # type: ignore[arg-type]
 
 
 def record(r: Any, gen_id: str) -> dict[str, Any]:

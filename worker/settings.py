@@ -38,13 +38,6 @@ class WorkerSettings(CommonSettings):
     # when another job waits, encode/store/finish on a background thread while the next job's pipeline runs
     # (the GPU never waits on the CPU); off: each job is finished before the worker takes the next
     finish_in_background: bool = True
-    # after its rq job, the worker takes the jobs queued behind it straight off the rq queue for this long
-    # (rq's ~12 round trips of bookkeeping per job skipped); 0: one job per rq dequeue. At most a quarter of
-    # the rq job's timeout (the API's SDXL_JOB_TIMEOUT_SECONDS), which bounds the whole chain.
-    chain_seconds: float = Field(default=30.0, ge=0)
-    # ... and with the queue empty, waits this long for the next job inside the chain (steady traffic skips
-    # rq's bookkeeping too); 0: the chain ends as soon as the queue is empty
-    chain_idle_seconds: float = Field(default=2.0, ge=0)
     storage_retry_seconds: float = 30.0  # total backoff budget inside one job before storage_unavailable
     heartbeat_seconds: float = 3.0
     shutdown_grace_seconds: float = 60.0  # after SIGTERM, finish the current job within this or requeue it

@@ -9,5 +9,4 @@ from worker import state
 
 def run_generation(payload: dict[str, Any]) -> dict[str, Any]:
     job = get_current_job()
-    # rq's timeout bounds this whole call, chained jobs included (worker/runner.py run_job)
-    return state.runner().run_job(payload, job.id if job else "", job.timeout if job else None)
+    return state.runner().run_job(payload, job.id if job else "")

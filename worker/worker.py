@@ -16,7 +16,6 @@ from rq.serializers import JSONSerializer
 
 from common import logs
 from common.contract import keys
-from common.contract.events import EventType
 from common.reaper import Reaper
 from worker.runner import Runner
 from worker.settings import WorkerSettings
@@ -122,9 +121,7 @@ class Heartbeat(threading.Thread):
                         m.superseded = True
                     if cancel:
                         m.cancel_requested = True
-        for gen_id, outcome in w.reaper.sweep():
-            if outcome == "failed":
-                runner.emit(gen_id, EventType.failed)
+        w.reaper.sweep()  # requeues and their events: common/state.py
         runner.feed()
 
 
@@ -168,10 +165,9 @@ class SDXLWorker(SimpleWorker):
         self.registry = registry
         self.settings = settings
         self.reaper = runner.reaper
-        runner.on_state = self.publish_state
 
     def publish_state(self, state: str) -> None:
-        """Busy or idle inside a job (a chain waiting for the next one is idle); a stop request sticks."""
+        """Busy while rq runs a job, ready between jobs; a stop request sticks."""
         self.registry.fields["state"] = "stopping" if self._stop_requested else state
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -188,7 +184,6 @@ class SDXLWorker(SimpleWorker):
         # no Redis round trip inside a signal handler (the interrupted code may hold the pool's lock): the
         # heartbeat thread publishes the new state within a beat
         self.registry.fields["state"] = "stopping"
-        self.runner.stopping.set()  # the job in hand is the last: no more are taken off the queue
         try:
             super().request_stop(signum, frame)
         finally:

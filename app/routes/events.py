@@ -12,15 +12,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header
 from fastapi.responses import Response, StreamingResponse
 
+from app import openapi as oas
 from app.deps import PrincipalDep, ServiceDep
 from app.errors import field_error
 from app.generations import TERMINAL, GenerationService, resource_json
-from app.routes.generations import GenId, _problems
+from app.routes.generations import GenId
 from common.contract import keys
 from common.contract.events import EventType
 from common.contract.records import as_str, decode
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 TERMINAL_EVENTS = {f"generation.{s}" for s in TERMINAL}
@@ -114,14 +115,14 @@ def _id_key(event_id: str) -> tuple[int, int]:
     operation_id="stream_generation_events",
     response_class=StreamingResponse,
     responses={
-        204: {"description": "`Last-Event-ID` is the terminal event: nothing follows (EventSource stops)"},
-        200: {
-            "content": {"text/event-stream": {"schema": SSE_EVENT}},
-            "description": "Server-sent events named by type (`generation.started`, `generation.progress`, "
+        204: oas.success("`Last-Event-ID` is the terminal event: nothing follows (EventSource stops)"),
+        200: oas.success(
+            "Server-sent events named by type (`generation.started`, `generation.progress`, "
             "`generation.succeeded`, ...); `id` is the stream entry id, `data` the generation resource. "
             "The stream ends after the terminal event.",
-        },
-        **_problems(401, 404, 422, 429, 503),
+            content={"text/event-stream": {"schema": SSE_EVENT}},
+        ),
+        **oas.generation_not_found(f"/v1/generations/{oas.GEN}/events"),
     },
     summary="Follow a generation live (server-sent events; resume with Last-Event-ID)",
 )

@@ -6,20 +6,17 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from app import openapi as oas
 from app.deps import PrincipalDep, ServiceDep, SettingsDep
 from app.errors import Problem
 from app.idempotency import create_once
 from app.listing import list_generations as list_page
-from app.schemas import Generation, GenerationCreate, GenerationList, ProblemDetails
+from app.schemas import Generation, GenerationCreate, GenerationList
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
 PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)")
 GenId = Annotated[str, Path(description="Generation id", max_length=64)]
-
-
-def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {c: {"model": ProblemDetails, "content": {"application/problem+json": {}}} for c in codes}
 
 
 def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
@@ -36,9 +33,23 @@ def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
     operation_id="create_generation",
     status_code=202,
     response_model=Generation,
-    responses={200: {"model": Generation, "description": "Replay: this Idempotency-Key already created it"},
-               201: {"model": Generation, "description": "Finished within `Prefer: wait`"},
-               **_problems(401, 409, 413, 415, 422, 429, 503)},
+    responses={
+        200: oas.success("Replay: this Idempotency-Key already created it", "Location", "Idempotent-Replayed",
+                         model=Generation, links=oas.GENERATION_LINKS),
+        201: oas.success("Finished within `Prefer: wait`", "Location", "Preference-Applied",
+                         model=Generation, links=oas.GENERATION_LINKS),
+        202: oas.success("Queued (or still unfinished when `Prefer: wait` ran out); follow `Location`", "Location",
+                         links=oas.GENERATION_LINKS),
+        **oas.BODY,
+        409: oas.problem(
+            409,
+            "This `Idempotency-Key` was used with a different body (`idempotency-key-reused`), or its first "
+            "request is still being processed (`idempotency-key-in-use`, with `Retry-After`)",
+            "this Idempotency-Key was already used with a different request body; use a new key for a different "
+            "request",
+            "idempotency-key-reused",
+        ),
+    },
     summary="Generate images from a prompt",
 )
 async def create_generation(
@@ -77,7 +88,7 @@ async def create_generation(
     "",
     operation_id="list_generations",
     response_model=GenerationList,
-    responses=_problems(401, 422, 429, 503),
+    responses={200: oas.success("One page of this key's generations, newest first")},
     summary="List this API key's generations, newest first",
 )
 async def list_generations(
@@ -96,7 +107,8 @@ async def list_generations(
     "/{gen_id}",
     operation_id="get_generation",
     response_model=Generation,
-    responses=_problems(401, 404, 429, 503),
+    responses={200: oas.success("The generation (final, or the state when `Prefer: wait` ran out)"),
+               **oas.generation_not_found()},
     summary="Read a generation (optionally long-poll with Prefer: wait=N)",
 )
 async def get_generation(
@@ -117,7 +129,15 @@ async def get_generation(
     operation_id="cancel_generation",
     status_code=202,
     response_model=Generation,
-    responses=_problems(401, 404, 409, 429, 503),
+    responses={
+        202: oas.success("Cancellation accepted: `canceled` at once if it was queued, within a step if it was "
+                         "running, unchanged if it was already canceled"),
+        **oas.BODY,
+        **oas.generation_not_found(f"/v1/generations/{oas.GEN}/cancel"),
+        409: oas.problem(409, "The generation already succeeded or failed (`generation-final`)",
+                         f"generation `{oas.GEN}` already succeeded; it cannot be canceled", "generation-final",
+                         f"/v1/generations/{oas.GEN}/cancel"),
+    },
     summary="Cancel a queued or running generation",
 )
 async def cancel_generation(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> dict[str, Any]:
@@ -129,7 +149,7 @@ async def cancel_generation(gen_id: GenId, service: ServiceDep, principal: Princ
     operation_id="delete_generation",
     status_code=204,
     response_class=Response,
-    responses=_problems(401, 404, 429, 503),
+    responses={204: oas.success("Done; no content"), **oas.generation_not_found()},
     summary="Delete a generation and its images (a queued or running one is canceled first)",
 )
 async def delete_generation(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> Response:
@@ -140,10 +160,13 @@ async def delete_generation(gen_id: GenId, service: ServiceDep, principal: Princ
 @router.get(
     "/{gen_id}/images/{index}",
     operation_id="get_generation_image",
-    responses={200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}},
-                     "description": "The image bytes"},
-               307: {"description": "Redirect to a presigned object-store URL"},
-               **_problems(401, 404, 429, 503)},
+    responses={
+        200: oas.success("The image bytes", content={m: oas.BINARY for m in ("image/png", "image/webp", "image/jpeg")}),
+        307: oas.success("Redirect to a presigned object-store URL", "Location"),
+        404: oas.problem(404, "No such generation (`generation-not-found`) or no such image of it (`image-not-found`)",
+                         f"generation `{oas.GEN}` has no image 0", "image-not-found",
+                         f"/v1/generations/{oas.GEN}/images/0"),
+    },
     response_class=Response,
     summary="Download one image",
 )

@@ -6,16 +6,22 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app import openapi as oas
 from app.deps import ServiceDep
 from app.errors import Problem
-from app.schemas import ProblemDetails
 
 router = APIRouter(tags=["health"])
 
 PROBE_TIMEOUT = 2.0  # seconds
 
 
-@router.get("/healthz", operation_id="healthz", summary="The API process is alive")
+@router.get(
+    "/healthz",
+    operation_id="healthz",
+    summary="The API process is alive",
+    responses={200: oas.success("The process is alive", keyed=False)},
+    openapi_extra=oas.PUBLIC,
+)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
@@ -28,12 +34,12 @@ async def healthz() -> dict[str, str]:
     "while workers load their models). Each worker reports its own state: loading (models), warming (first "
     "run), ready, busy, stopping.",
     responses={
-        503: {
-            "model": ProblemDetails,
-            "content": {"application/problem+json": {}},
-            "description": "Redis is unreachable",
-        }
+        200: oas.success("Ready: Redis answers; the workers are listed with their states", keyed=False),
+        503: oas.problem(503, "Redis is unreachable",
+                         "Redis is unreachable (ConnectionError): this replica cannot take work", "not-ready",
+                         "/readyz"),
     },
+    openapi_extra=oas.PUBLIC,
 )
 async def readyz(service: ServiceDep) -> dict[str, Any]:
     try:

@@ -5,19 +5,21 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from app import openapi as oas
 from app.deps import PrincipalDep, ServiceDep
-from app.routes.generations import GenId, _problems
+from app.routes.generations import GenId
 from app.schemas import WebhookAttemptList
 from common.contract import keys
 
-router = APIRouter(prefix="/v1/generations", tags=["webhooks"])
+router = APIRouter(prefix="/v1/generations", tags=["webhooks"], responses=oas.V1)
 
 
 @router.get(
     "/{gen_id}/webhooks",
     operation_id="list_generation_webhook_attempts",
     response_model=WebhookAttemptList,
-    responses=_problems(401, 404, 429, 503),
+    responses={200: oas.success("Every delivery attempt, oldest first"),
+               **oas.generation_not_found(f"/v1/generations/{oas.GEN}/webhooks")},
     summary="Webhook delivery attempts (time, status code, latency, error), oldest first",
 )
 async def list_webhook_attempts(gen_id: GenId, service: ServiceDep, principal: PrincipalDep) -> dict[str, Any]:

@@ -1,10 +1,15 @@
-"""Redis key names, in one place so API, worker, dispatcher and cleanup agree."""
+"""Redis key names, in one place so API, worker, dispatcher and cleanup agree (rq's own: common/rq_internals.py)."""
+
+from common import rq_internals
+
+GENERATION_QUEUE = rq_internals.GENERATION_QUEUE
+WEBHOOK_QUEUE = rq_internals.WEBHOOK_QUEUE
 
 PREFIX = "sdxl"
-GENERATION_QUEUE = "sdxl-generations"  # the rq queue the GPU workers listen on
-WEBHOOK_QUEUE = "sdxl-webhooks"  # the rq queue of the webhook dispatcher
-RQ_QUEUE_KEY = f"rq:queue:{GENERATION_QUEUE}"
-RQ_QUEUES_SET = "rq:queues"
+RQ_QUEUE_KEY = rq_internals.QUEUE_KEY  # rq's own keys
+RQ_QUEUES_SET = rq_internals.QUEUES_SET
+RQ_INTERMEDIATE_KEY = rq_internals.INTERMEDIATE_KEY
+rq_job = rq_internals.job_key
 RQ_FUNCTION = "worker.tasks.run_generation"  # what rq runs, by dotted path: the API never imports worker code
 
 WORKERS = f"{PREFIX}:workers"  # zset: worker id -> last heartbeat (unix seconds)

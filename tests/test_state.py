@@ -1,6 +1,6 @@
-"""worker/runner.py `progress_emit` and `final_emit`: a change and its event in one round trip (TRANSITION_EMIT),
-the event rendered by the worker from the record START answered; nothing appended when the generation is no
-longer this worker's. Stand-in engine; Redis, the records and the scripts are real."""
+"""common/state.py `progress` and `finish`, driven by the worker's runner: a change and its event in one
+script (TRANSITION_EMIT), the event rendered from the record START answered; nothing appended when the
+generation is no longer this worker's. Stand-in engine; Redis, the records and the scripts are real."""
 
 import json
 from collections.abc import Callable, Iterator
@@ -24,8 +24,11 @@ from common.contract.status import ErrorType
 from tests.procs import RedisServer
 from tests.test_runner_oom import OOMEngine, make_runner, record, submit
 from worker.pipeline import Progress, StageTimes
-from worker.runner import Member, Runner
+from worker.runner import Member, Runner, progress_value
 
+
+def prog(step: int, total: int, stage: str) -> dict[str, Any]:
+    return progress_value(Progress(step=step, total_steps=total, stage=stage))
 
 def submit_hooked(r: Any, events: list[str]) -> tuple[str, dict[str, Any]]:
     """`submit`, with a webhook subscribed to `events`."""
@@ -49,7 +52,7 @@ def started(r: Any, tmp_path: Path, hook_events: list[str] | None = None) -> tup
 
 def test_progress_and_its_event_go_in_one_round_trip(redis_client: Any, tmp_path: Path) -> None:
     runner, m = started(redis_client, tmp_path)
-    assert runner.progress_emit(m, Progress(step=1, total_steps=20, stage="base")) == ("OK", -1)  # loads the script
+    assert runner.state.progress(m, prog(1, 20, "base")) == ("OK", -1)  # loads the script
     sent: list[Any] = []
     execute = runner.r.execute_command
 
@@ -58,7 +61,7 @@ def test_progress_and_its_event_go_in_one_round_trip(redis_client: Any, tmp_path
         return execute(*args, **kw)
 
     runner.r.execute_command = counting  # type: ignore[method-assign]
-    assert runner.progress_emit(m, Progress(step=3, total_steps=20, stage="base")) == ("OK", -1)
+    assert runner.state.progress(m, prog(3, 20, "base")) == ("OK", -1)
     assert sent == ["EVALSHA"]
     runner.r.execute_command = execute  # type: ignore[method-assign]
     rec = record(redis_client, m.gen_id)
@@ -74,9 +77,9 @@ def test_no_event_once_the_generation_is_not_this_workers(redis_client: Any, tmp
     runner, m = started(redis_client, tmp_path)
     events = redis_client.xlen(keys.events(m.gen_id))
     redis_client.hset(keys.generation(m.gen_id), "token", "another-attempt")  # requeued and taken by another
-    assert runner.progress_emit(m, Progress(step=5, total_steps=20))[0].startswith("stale")
+    assert runner.state.progress(m, progress_value(Progress(step=5, total_steps=20)))[0].startswith("stale")
     redis_client.hset(keys.generation(m.gen_id), mapping={"token": m.payload.token, "status": "canceled"})
-    assert runner.progress_emit(m, Progress(step=6, total_steps=20)) == ("canceled", -1)
+    assert runner.state.progress(m, progress_value(Progress(step=6, total_steps=20))) == ("canceled", -1)
     assert redis_client.xlen(keys.events(m.gen_id)) == events
     assert record(redis_client, m.gen_id)["progress"]["step"] == 0
 
@@ -84,9 +87,9 @@ def test_no_event_once_the_generation_is_not_this_workers(redis_client: Any, tmp
 def test_the_encoding_stage_also_answers_how_many_jobs_wait(redis_client: Any, tmp_path: Path) -> None:
     """What decides between finishing inline and in the background, without a round trip of its own."""
     runner, m = started(redis_client, tmp_path)
-    assert runner.progress_emit(m, Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == ("OK", 0)
+    assert runner.state.progress(m, prog(20, 20, "encoding"), queue_length=True) == ("OK", 0)
     redis_client.rpush(keys.RQ_QUEUE_KEY, "another-job")
-    assert runner.progress_emit(m, Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == ("OK", 1)
+    assert runner.state.progress(m, prog(20, 20, "encoding"), queue_length=True) == ("OK", 1)
     assert runner.publish_progress([m], Progress(step=20, total_steps=20, stage="encoding"), queue_length=True) == 1
 
 
@@ -94,7 +97,7 @@ def test_the_encoding_stage_also_answers_how_many_jobs_wait(redis_client: Any, t
 def encoded(runner: Runner, m: Member) -> None:
     """Where `execute` leaves a member before finishing: the `encoding` stage (which also loads the script)."""
     m.step = m.total_steps = 2
-    assert runner.progress_emit(m, Progress(step=2, total_steps=2, stage="encoding"))[0] == "OK"
+    assert runner.state.progress(m, prog(2, 2, "encoding"))[0] == "OK"
 
 
 def succeed(runner: Runner, m: Member) -> None:
@@ -247,15 +250,15 @@ def test_a_lost_answer_makes_the_final_event_read_the_stored_record(redis_client
     hash, so the final change falls back to the script that answers the record (two round trips)."""
     runner, m = started(redis_client, tmp_path)
     encoded(runner, m)
-    script = runner._transition_emit
+    script = runner.state._transition_emit
 
     def written_then_lost(*args: Any, **kw: Any) -> Any:
         script(*args, **kw)
         raise redis.ConnectionError("the answer was lost")
 
-    runner._transition_emit = written_then_lost  # type: ignore[method-assign]
+    runner.state._transition_emit = written_then_lost  # type: ignore[method-assign]
     runner.publish_progress([m], Progress(step=1, total_steps=2, stage="refiner"))  # never fails the job
-    runner._transition_emit = script  # type: ignore[method-assign]
+    runner.state._transition_emit = script  # type: ignore[method-assign]
     assert not m.record_exact and record(redis_client, m.gen_id)["progress"]["stage"] == "refiner"
     runner.fail_all([m], ErrorType.pipeline_error, "boom")
     rec = record(redis_client, m.gen_id)

@@ -4,7 +4,7 @@ in-process baseline (the worker's own Engine.run in a fresh process) to compute 
 Every benchmark prints JSON lines: one object per figure and a final {"event": "summary", ...}. Ratios are
 always against a baseline measured in the same run, on the same machine, with the same thread count.
 
-    python bench/common.py inprocess < params.json     # (internal) the baseline child process
+    python bench/benchlib.py inprocess < params.json     # (internal) the baseline child process
 """
 
 import json
