@@ -12,13 +12,12 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from app.errors import Problem, field_error
-from app.limits import ADMIT
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
+from common import scripts
 from common.contract import keys, queueing
 from common.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
-from common.contract.queueing import lua_function
 from common.contract.records import encode
 from common.retention import RECORD_GRACE_SECONDS
 
@@ -101,45 +100,6 @@ class Submission:
     position: int | None = None  # jobs ahead of it once fed; None when not waiting
 
 
-# One round trip for the whole submit: admission (app/limits.py ADMIT), the rq job hash, the generation
-# record and its indexes, the owner's fair-share line (SUBMIT), FEED and POSITION, all as they are used
-# elsewhere (the same texts, called as functions), and atomic, so a refused submit writes nothing.
-# KEYS: 1 gen hash, 2 rq job hash, 3 owner's active zset, 4 rq queue list, 5 owners zset, 6 owner's pending
-# zset, 7 owner's index zset, 8 expiry zset, 9 rq queues set.
-# ARGV: 1 gen id, 2 now, 3 admit ('1' checks the limits), 4 max unfinished, 5 max queue depth, 6 prefix,
-# 7 ttl seconds, 8 record ttl seconds, 9 pending score, 10 owner, 11 expires_at, 12 feed depth,
-# 13 rq queue key, 14 the rq job's hash fields but `data` (JSON object of strings, from rq's Job.to_dict),
-# 15 its `data` (bytes), 16 the record's fields (JSON object of strings).
-# Returns {0, unfinished, position} written, or ADMIT's refusal {1 | 2, count, -1} with nothing written.
-CREATE = (
-    lua_function("admit", ADMIT) + lua_function("submit", queueing.SUBMIT) + lua_function("feed", queueing.FEED)
-    + lua_function("position", queueing.POSITION) + """
-local count = 0
-if ARGV[3] == '1' then
-  local res = admit({KEYS[3], KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6], ARGV[7]})
-  if res[1] ~= 0 then return {res[1], res[2], -1} end
-  count = res[2]
-end
-local function hset(key, fields, extra)
-  for name, value in pairs(cjson.decode(fields)) do
-    extra[#extra + 1] = name
-    extra[#extra + 1] = value
-  end
-  redis.call('HSET', key, unpack(extra))
-end
-hset(KEYS[2], ARGV[14], {'data', ARGV[15]})
-hset(KEYS[1], ARGV[16], {})
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
-redis.call('ZADD', KEYS[8], ARGV[11], ARGV[1])
-redis.call('SADD', KEYS[9], ARGV[13])
-submit({KEYS[6], KEYS[5]}, {ARGV[1], ARGV[9], ARGV[6], ARGV[10]})
-feed({KEYS[4], KEYS[5]}, {ARGV[12], ARGV[6]})
-return {0, count, position({KEYS[1], KEYS[4]}, {ARGV[6]})}
-"""
-)
-
-
 def rq_job_fields(queue: Queue, job_id: str, payload: Any, timeout: int, ttl: int, func: str = keys.RQ_FUNCTION
                   ) -> tuple[str, bytes]:
     """The hash rq's `Queue.create_job(...).save()` would write, as (every field but `data` as JSON text, `data`),
@@ -159,13 +119,13 @@ class Enqueuer:
         self.r = r
         self.settings = settings
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
-        self._create = r.register_script(CREATE)
-        self._acreate = ar.register_script(CREATE) if ar is not None else None
-        self.feed_script = r.register_script(queueing.FEED)
+        self._create = scripts.register(r, "create")  # the whole submit, atomic: common/lua/create.lua
+        self._acreate = scripts.register(ar, "create") if ar is not None else None
+        self.feed_script = scripts.register(r, "feed")
 
     def feed(self) -> int:
         return int(self.feed_script(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
-                                    args=[self.settings.queue_feed_depth, keys.PREFIX]))
+                                    args=[self.settings.queue_feed_depth]))
 
     def prepare(
         self,
@@ -214,7 +174,7 @@ class Enqueuer:
         create_keys = [keys.generation(gen_id), keys.rq_job(rq_job_id), keys.active(owner),
                        keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS, keys.pending(owner), keys.owner_index(owner),
                        keys.EXPIRY, keys.RQ_QUEUES_SET]
-        args = [gen_id, repr(now_s), "1" if limits else "0", cap, depth, keys.PREFIX, ttl, ttl + RECORD_GRACE_SECONDS,
+        args = [gen_id, repr(now_s), "1" if limits else "0", cap, depth, ttl, ttl + RECORD_GRACE_SECONDS,
                 queueing.pending_score(priority, int(now_s * 1000)), owner, repr(now_s + ttl),
                 self.settings.queue_feed_depth, keys.RQ_QUEUE_KEY,
                 *rq_job_fields(self.queue, rq_job_id, payload, self.settings.job_timeout_seconds, ttl), record]

@@ -21,8 +21,8 @@ from app.model_limits import LimitsCache
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import counter_for
-from common import ssrf
-from common.contract import keys, queueing
+from common import scripts, ssrf
+from common.contract import keys
 from common.contract.records import as_str, decode
 from common.contract.resource import render
 from common.retention import purge
@@ -51,7 +51,7 @@ class GenerationService:
         self.enqueuer = Enqueuer(r, settings, ar)
         self.model_limits = LimitsCache(settings.base_model, settings.refiner_model)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
-        self._position = ar.register_script(queueing.POSITION)
+        self._position = scripts.register(ar, "position")
         self.state = GenerationState(r, settings, self.image_url)
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
@@ -147,7 +147,7 @@ class GenerationService:
         return rec
 
     async def _queue_position(self, gen_id: str) -> int | None:
-        pos = await self._position(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY], args=[keys.PREFIX])
+        pos = await self._position(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY])
         return int(pos) if pos is not None and int(pos) >= 0 else None
 
     async def resource(self, rec: dict[str, Any]) -> dict[str, Any]:

@@ -20,28 +20,13 @@ from app.auth import Principal
 from app.enqueue import new_generation_id
 from app.errors import Problem
 from app.schemas import GenerationCreate
+from common import scripts
 from common.contract import keys
 from common.contract.records import as_str
 
 KEY_RE = re.compile(r"^[\x20-\x7e]{1,255}$")
 IN_FLIGHT_WAIT_SECONDS = 2.0  # how long a repeat waits for the first request's generation to be written
 STALE_CLAIM_SECONDS = 30.0  # a claim this old without a generation: the first request died, or it was deleted
-
-# KEYS[1]: idempotency entry. ARGV: value, ttl seconds. Returns the existing value, or nil after claiming.
-CLAIM = """
-local held = redis.call('GET', KEYS[1])
-if held then return held end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return false
-"""
-
-# KEYS[1]: idempotency entry. ARGV[1]: generation id. Deletes the entry only while it still names that id.
-RELEASE = """
-local held = redis.call('GET', KEYS[1])
-if held and string.match(held, '^%S+ (%S+)') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
 
 def fingerprint(raw_body: bytes) -> str:
     """sha256 of the body as canonical JSON (sorted keys, no whitespace): formatting does not matter."""
@@ -53,8 +38,8 @@ class IdempotencyStore:
     def __init__(self, ar: aredis.Redis, ttl_seconds: int) -> None:
         self.ar = ar
         self.ttl = ttl_seconds
-        self._claim = ar.register_script(CLAIM)
-        self._release = ar.register_script(RELEASE)
+        self._claim = scripts.register(ar, "idempotency_claim")
+        self._release = scripts.register(ar, "idempotency_release")
 
     @staticmethod
     def entry(owner: str, key: str) -> str:

@@ -22,68 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.auth import Principal
 from app.errors import Problem
 from app.settings import Settings
+from common import scripts
 from common.contract import keys
 from common.contract.records import as_str
-
-# KEYS[1]: bucket hash. ARGV[1]: tokens added per millisecond, ARGV[2]: burst (bucket size).
-# Returns {allowed 1/0, whole tokens left, ms until the next token when refused, ms until the bucket is full}.
-TOKEN_BUCKET = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
-end
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local allowed = 0
-local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-else
-  wait = math.ceil((1 - tokens) / rate)
-end
-local full = math.ceil((burst - tokens) / rate)
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('PEXPIRE', KEYS[1], full + 1000)
-return {allowed, math.floor(tokens), wait, full}
-"""
-
-# KEYS: active zset of the owner, rq queue list, owners zset.
-# ARGV: gen id, now, max unfinished for the owner, max global queue depth, key prefix, ttl seconds.
-# Returns {0, unfinished} admitted (id reserved), {1, unfinished} owner at its cap, {2, depth} queue full.
-ADMIT = """
-local function is_final(gid)
-  local s = redis.call('HGET', ARGV[5] .. ':gen:' .. gid, 'status')
-  return (not s) or s == 'succeeded' or s == 'failed' or s == 'canceled'
-end
-local function prune(n)
-  for _, gid in ipairs(redis.call('ZRANGE', KEYS[1], 0, n - 1)) do
-    if is_final(gid) then redis.call('ZREM', KEYS[1], gid) end
-  end
-end
-prune(8)  -- the oldest usually finish first: this keeps the set near its true size at little cost
-local cap = tonumber(ARGV[3])
-local count = redis.call('ZCARD', KEYS[1])
-if count >= cap then
-  prune(count)
-  count = redis.call('ZCARD', KEYS[1])
-  if count >= cap then return {1, count} end
-end
-local depth = redis.call('LLEN', KEYS[2])
-for _, owner in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do
-  depth = depth + redis.call('ZCARD', ARGV[5] .. ':pending:' .. owner)
-end
-if depth >= tonumber(ARGV[4]) then return {2, depth} end
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[6])
-return {0, count + 1}
-"""
 
 NO_WORKER_RETRY_SECONDS = 30  # nothing drains the queue until a worker registers
 UNMEASURED_RETRY_SECONDS = 10  # workers are up but none has finished a job yet
@@ -103,7 +44,7 @@ class Limiter:
     def __init__(self, ar: aredis.Redis, settings: Settings) -> None:
         self.ar = ar
         self.settings = settings
-        self._bucket = ar.register_script(TOKEN_BUCKET)
+        self._bucket = scripts.register(ar, "token_bucket")
 
     async def hit(self, request: Request, principal: Principal) -> None:
         """Charge one request to the principal's bucket (one round trip); 429 when it is empty."""

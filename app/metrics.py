@@ -33,7 +33,7 @@ from rq.utils import utcparse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import Problem
-from common import logs
+from common import logs, scripts
 from common.contract import keys, queueing, stats
 
 log = logging.getLogger("app.access")
@@ -43,33 +43,6 @@ PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug: gate
 STALE_AFTER = 15.0  # seconds without a heartbeat before a worker no longer counts as live (as /readyz)
 WEBHOOK_QUEUE_KEY = f"rq:queue:{keys.WEBHOOK_QUEUE}"
 
-# KEYS: owners zset. ARGV: prefix, score span per priority level. -> {pending count, oldest arrival ms or -1}.
-# Pending scores are -priority * span + arrival ms (FIFO within a level), so the oldest entry is the head of
-# one of the levels: one ZRANGEBYSCORE per level present, never a scan. Requeued entries (score -9e15) are
-# few and say nothing about age: their record's created_at counts.
-PENDING = """
-local span = tonumber(ARGV[2])
-local count, oldest = 0, -1
-local function older(ms) if ms and (oldest < 0 or ms < oldest) then oldest = ms end end
-for _, owner in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local pkey = ARGV[1] .. ':pending:' .. owner
-  count = count + redis.call('ZCARD', pkey)
-  for _, gid in ipairs(redis.call('ZRANGEBYSCORE', pkey, '-inf', '(-1e15', 'LIMIT', 0, 20)) do
-    local created = redis.call('HGET', ARGV[1] .. ':gen:' .. gid, 'created_at')
-    if created then older(tonumber(created) * 1000) end
-  end
-  local lo = '-1e15'
-  for _ = 1, 64 do
-    local head = redis.call('ZRANGEBYSCORE', pkey, lo, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    if #head == 0 then break end
-    local score = tonumber(head[2])
-    local level = math.floor(score / span)
-    older(score - level * span)
-    lo = string.format('%.17g', (level + 1) * span)
-  end
-end
-return {count, math.floor(oldest)}
-"""
 
 
 class HttpMetrics:
@@ -174,7 +147,7 @@ class ClusterCollector(Collector):
         pipe.lindex(keys.RQ_QUEUE_KEY, 0)
         pipe.llen(WEBHOOK_QUEUE_KEY)
         pipe.lindex(WEBHOOK_QUEUE_KEY, 0)
-        pipe.eval(PENDING, 1, keys.ACTIVE_OWNERS, keys.PREFIX, queueing.PRIORITY_SPAN)
+        pipe.eval(scripts.source("pending"), 1, keys.ACTIVE_OWNERS, queueing.PRIORITY_SPAN)
         pipe.scard(keys.RUNNING)
         pipe.zrange(keys.WORKERS, 0, -1)
         raw_stats, gen_len, gen_head, hook_len, hook_head, (pending_len, pending_oldest), running, wids = pipe.execute()

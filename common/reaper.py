@@ -8,26 +8,12 @@ import time
 
 import redis
 
+from common import scripts
 from common.contract import keys
 from common.settings import CommonSettings
 from common.state import GenerationState
 
 log = logging.getLogger("common.reaper")
-
-# KEYS: rq intermediate list, rq queue list, gen hash. ARGV: rq job id. A worker killed between rq's dequeue
-# (LMOVE into the intermediate list) and its start CAS leaves a queued generation nobody will run: put its job
-# back at the front of the queue, once (LREM == 1 decides between racing reapers).
-RESCUE = """
-if redis.call('HGET', KEYS[3], 'status') ~= 'queued' or redis.call('HGET', KEYS[3], 'rq_job_id') ~= ARGV[1] then
-  return 0
-end
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('LPUSH', KEYS[2], ARGV[1])
-return 1
-"""
-
-
-
 
 def no_image_urls(gen_id: str, img: dict[str, object]) -> str:
     raise AssertionError(f"a reaped generation has no images ({gen_id})")
@@ -41,7 +27,7 @@ class Reaper:
         self.state = state or GenerationState(r, settings, no_image_urls)
         # seconds a dequeued job may go unstarted before it is put back
         self.stranded_after = settings.lease_seconds if stranded_after is None else stranded_after
-        self._rescue = r.register_script(RESCUE)
+        self._rescue = scripts.register(r, "rescue")
 
     def orphans(self) -> list[str]:
         ids = [m.decode() for m in self.r.smembers(keys.RUNNING)]  # type: ignore[union-attr]

@@ -1,6 +1,6 @@
 """The one owner of generation state: every transition, each with its event, for every process.
 
-A transition is a compare-and-set Lua script (common/contract/records.py, queueing.py, events.py), so an API
+A transition is a compare-and-set Lua script (common/lua/, loaded by common/scripts.py), so an API
 cancel, a worker's finish and a reaper's requeue never interleave into an impossible state, and a worker whose
 ownership token is stale writes nothing. Events (the Redis stream behind SSE and long-polls, plus the webhook
 job) are appended by the same calls; an event or webhook failure never fails a generation.
@@ -23,32 +23,16 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from common.contract import keys, queueing, stats
-from common.contract.events import STREAM_MAXLEN, TRANSITION_EMIT, EventType, emit_record, enqueue_webhook
+from common import scripts
+from common.contract import keys, stats
+from common.contract.events import STREAM_MAXLEN, EventType, emit_record, enqueue_webhook
 from common.contract.params import JobPayload
-from common.contract.records import (
-    START,
-    TRANSITION,
-    TRANSITION_READ,
-    as_str,
-    decode,
-    encode,
-    flatten,
-    read_answer,
-)
+from common.contract.records import as_str, decode, encode, flatten, read_answer
 from common.contract.resource import ImageUrl, render
 from common.contract.status import ErrorType, GenerationStatus, Stage
 from common.settings import CommonSettings
 
 log = logging.getLogger("common.state")
-
-# The start and the FEED that refills the rq queue behind the job just taken, in one script.
-# KEYS: START's three, FEED's two. ARGV: FEED's two (depth, prefix), then START's.
-START_AND_FEED = queueing.lua_function("start", START) + queueing.lua_function("feed", queueing.FEED) + """
-local res = start({KEYS[1], KEYS[2], KEYS[3]}, {unpack(ARGV, 3)})
-feed({KEYS[4], KEYS[5]}, {ARGV[1], ARGV[2]})
-return res
-"""
 
 RUNNING = GenerationStatus.running.value
 QUEUED_PROGRESS = {"step": 0, "total_steps": 0, "stage": Stage.queued.value, "eta_seconds": None}
@@ -85,13 +69,13 @@ class GenerationState:
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
         # called directly, never inside a pipeline: redis-py then sends EVALSHA alone, not SCRIPT EXISTS first
-        self._transition = r.register_script(TRANSITION)
-        self._transition_read = r.register_script(TRANSITION_READ)
-        self._transition_emit = r.register_script(TRANSITION_EMIT)
-        self._start = r.register_script(START_AND_FEED)
-        self._feed = r.register_script(queueing.FEED)
-        self._cancel = r.register_script(queueing.CANCEL)
-        self._requeue = r.register_script(queueing.REQUEUE)
+        self._transition = scripts.register(r, "transition")
+        self._transition_read = scripts.register(r, "transition_read")
+        self._transition_emit = scripts.register(r, "transition_emit")
+        self._start = scripts.register(r, "start_and_feed")
+        self._feed = scripts.register(r, "feed")
+        self._cancel = scripts.register(r, "cancel")
+        self._requeue = scripts.register(r, "requeue")
 
     # --- events -----------------------------------------------------------------------------------
     def emit(self, gen_id: str, event: EventType) -> None:
@@ -113,7 +97,7 @@ class GenerationState:
     def feed(self) -> int:
         """Refill the rq queue from the per-owner lines (fair share)."""
         return int(self._feed(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
-                              args=[self.settings.queue_feed_depth, keys.PREFIX]))
+                              args=[self.settings.queue_feed_depth]))
 
     # --- the worker's transitions -----------------------------------------------------------------
     def start(self, a: Owned, worker_id: str, now: float) -> str:
@@ -122,7 +106,7 @@ class GenerationState:
         outcome, rec = read_answer(self._start(
             keys=[keys.generation(a.gen_id), keys.lease(a.gen_id), keys.RUNNING, keys.RQ_QUEUE_KEY,
                   keys.ACTIVE_OWNERS],
-            args=[self.settings.queue_feed_depth, keys.PREFIX, a.token, worker_id, self.settings.lease_seconds, now,
+            args=[self.settings.queue_feed_depth, a.token, worker_id, self.settings.lease_seconds, now,
                   *flatten({"status": RUNNING, "started_at": now, "worker_id": worker_id,
                             "progress": {"step": 0, "total_steps": 0, "stage": Stage.base.value,
                                          "eta_seconds": None}})],
@@ -246,7 +230,7 @@ class GenerationState:
                                     timeout=self.settings.job_timeout_seconds, result_ttl=600, ttl=ttl)
         job.save()
         outcome = as_str(self._requeue(keys=[keys.generation(gen_id), keys.ACTIVE_OWNERS],
-                                       args=[expected_token, token, rq_job_id, keys.PREFIX,
+                                       args=[expected_token, token, rq_job_id,
                                              self.settings.max_attempts + int(spare_attempt), time.time()]))
         if outcome != "requeued":
             job.delete()
@@ -265,7 +249,7 @@ class GenerationState:
         next); a running one is flagged, and its worker hears it by pub/sub within a step. The status after the
         call: 'canceled', 'running', '' (gone) or the final status that makes a cancel a conflict."""
         result = as_str(self._cancel(keys=[keys.generation(gen_id), keys.RQ_QUEUE_KEY],
-                                     args=[keys.PREFIX, time.time()]))
+                                     args=[time.time()]))
         if result == "canceled:new":
             self.emit(gen_id, EventType.canceled)
             self.feed()

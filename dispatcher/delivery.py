@@ -25,7 +25,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from standardwebhooks import Webhook
 
-from common import ssrf
+from common import scripts, ssrf
 from common.contract import keys, stats
 from common.contract.events import EventType
 from common.contract.records import rfc3339
@@ -35,15 +35,6 @@ log = logging.getLogger("dispatcher.delivery")
 JOB_TIMEOUT = 60  # rq's limit on one attempt (emit() uses the same); the HTTP timeout stays well under it
 LOG_MAX = 500  # attempts kept per generation
 USER_AGENT = "sdxl-service-webhooks/1.0"
-
-# Claim due retries for `lease` seconds: a dispatcher that dies between claim and enqueue loses nothing,
-# the entry comes back when the lease ends (at-least-once; receivers dedupe on webhook-id).
-CLAIM = """
-local items = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, m in ipairs(items) do redis.call('ZADD', KEYS[1], ARGV[2], m) end
-return items
-"""
-
 
 class DispatcherSettings(BaseSettings):
     """The dispatcher process's settings (`SDXL_*`)."""
@@ -294,7 +285,7 @@ class DuePump(threading.Thread):
         self.interval = interval
         self.lease_seconds = lease_seconds
         self.queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
-        self._claim = r.register_script(CLAIM)
+        self._claim = scripts.register(r, "webhook_claim")
         self.stopping = threading.Event()
 
     def pump_once(self, now: float | None = None) -> int:

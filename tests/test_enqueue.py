@@ -13,7 +13,8 @@ from rq.serializers import JSONSerializer
 
 from app.enqueue import Enqueuer
 from app.settings import Settings
-from common.contract import keys, queueing
+from common import scripts
+from common.contract import keys
 from common.contract.keys import RQ_FUNCTION
 from common.contract.params import GenerationParams, JobPayload
 from common.contract.records import decode
@@ -63,8 +64,8 @@ def test_record_and_line(redis_client: redis.Redis) -> None:
     for _ in range(6):
         subs.append(enq.submit(PARAMS, owner="key:a", priority=0, deadline=30, token_counts={"text_encoder": 4}))
         # the position in the answer is POSITION's, as GET computes it
-        positions.append(redis_client.eval(queueing.POSITION, 2, keys.generation(subs[-1].gen_id),
-                                           keys.RQ_QUEUE_KEY, keys.PREFIX))
+        positions.append(redis_client.eval(scripts.source("position"), 2, keys.generation(subs[-1].gen_id),
+                                           keys.RQ_QUEUE_KEY))
     first = subs[0]
     rec = decode(redis_client.hgetall(keys.generation(first.gen_id)))
     assert rec == decode({k: v for k, v in _encoded(first.record).items()})

@@ -14,29 +14,13 @@ import redis
 from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
-from common import logs
+from common import logs, scripts
 from common.contract import keys
 from common.reaper import Reaper
 from worker.runner import Runner
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker")
-
-# Renew one attempt's lease and read its flags. KEYS: lease, generation hash. ARGV: worker id, token, seconds.
-# A lease that lapsed (this process stalled, or Redis was away longer than the lease) stays lapsed: a reaper
-# may already be requeueing the generation, so the attempt is lost and the next one runs it.
-# Answers {token still ours (0/1), cancel flag (0/1), renewed (0/1)}.
-RENEW = """
-local rec = redis.call('HMGET', KEYS[2], 'token', 'cancel')
-local mine = rec[1] == ARGV[2]
-local renewed = 0
-if mine and redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], ARGV[3])
-  renewed = 1
-end
-return {mine and 1 or 0, rec[2] == '1' and 1 or 0, renewed}
-"""
-
 
 class Registry:
     """`sdxl:worker:<id>` hash + `sdxl:workers` zset of heartbeats: what /readyz and metrics read."""
@@ -90,7 +74,7 @@ class Heartbeat(threading.Thread):
         self.worker = worker
         self.settings = settings
         self.stop = threading.Event()
-        self._renew = worker.connection.register_script(RENEW)
+        self._renew = scripts.register(worker.connection, "renew")  # a lapsed lease stays lapsed
 
     def run(self) -> None:
         while not self.stop.wait(self.settings.heartbeat_seconds):

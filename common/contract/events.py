@@ -12,8 +12,7 @@ from typing import Any
 import redis
 
 from common.contract import keys, stats
-from common.contract.queueing import lua_function
-from common.contract.records import TRANSITION, as_str, decode
+from common.contract.records import as_str, decode
 from common.contract.resource import ImageUrl, render
 
 
@@ -32,23 +31,6 @@ class EventType(StrEnum):
 
 TERMINAL_EVENT = {"succeeded": EventType.succeeded, "failed": EventType.failed, "canceled": EventType.canceled}
 STREAM_MAXLEN = 2000
-
-# A state change and its event in one round trip, for a writer that already knows the record after the change
-# (the worker keeps the record START answered and renders the resource itself): the event is appended only
-# when the compare-and-set succeeds. KEYS: generation hash, its event stream. ARGV: token, allowed statuses,
-# stream maxlen, stream ttl, event type, event body (the resource JSON), then field/value pairs. An optional
-# KEYS[3], a list, has its length answered too (the worker asks how many jobs wait in the rq queue).
-# Returns {'OK', event id, length} or {TRANSITION's refusal, '', length}; length -1 without KEYS[3].
-TRANSITION_EMIT = lua_function("transition", TRANSITION) + """
-local res = transition({KEYS[1]}, {ARGV[1], ARGV[2], unpack(ARGV, 7)})
-local length = -1
-if KEYS[3] then length = redis.call('LLEN', KEYS[3]) end
-if res ~= 'OK' then return {res, '', length} end
-local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[5], 'data', ARGV[6])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return {'OK', id, length}
-"""
-
 
 def emit(
     r: redis.Redis,
