@@ -23,15 +23,17 @@ from app.settings import Settings
 from app.tokens import counter_for
 from common import scripts, ssrf
 from common.contract import keys
+from common.contract.events import EventType
 from common.contract.records import as_str, decode
 from common.contract.resource import render
+from common.contract.status import TERMINAL_STATUSES
 from common.retention import purge
 from common.state import GenerationState
 from common.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 
 ID_RE = re.compile(r"^gen_[A-Za-z0-9_-]{22}$")
-TERMINAL = {"succeeded", "failed", "canceled"}
-TERMINAL_EVENTS = {"generation.succeeded", "generation.failed", "generation.canceled"}
+TERMINAL = {s.value for s in TERMINAL_STATUSES}
+TERMINAL_EVENTS = {e.value for e in EventType if e.is_terminal}
 IMAGE_FIELDS = ("owner", "expires_at", "images")  # all an image download reads of the record
 INLINE_READ_MAX_BYTES = 512 * 1024  # local images up to this size are read on the event loop
 
@@ -257,7 +259,7 @@ class GenerationService:
 
     # --- workers ----------------------------------------------------------------------------------
     async def live_workers(self) -> list[dict[str, str]]:
-        cutoff = time.time() - 15
+        cutoff = time.time() - keys.WORKER_LIVE_SECONDS
         ids = await self.ar.zrangebyscore(keys.WORKERS, cutoff, "+inf")
         workers = []
         for wid in ids:

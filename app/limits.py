@@ -96,7 +96,7 @@ class Limiter:
         """(live workers, generations per second they finish while busy), from counters every worker already
         publishes in its registry hash each heartbeat (jobs_done / busy_seconds). Busy seconds are pipeline
         time, so this is the rate of a saturated fleet, which is the case whenever the queue is full."""
-        ids = await self.ar.zrangebyscore(keys.WORKERS, time.time() - 15, "+inf")
+        ids = await self.ar.zrangebyscore(keys.WORKERS, time.time() - keys.WORKER_LIVE_SECONDS, "+inf")
         if not ids:
             return 0, 0.0
         pipe = self.ar.pipeline(transaction=False)

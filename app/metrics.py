@@ -40,7 +40,6 @@ log = logging.getLogger("app.access")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug: gateways poll them every few seconds
-STALE_AFTER = 15.0  # seconds without a heartbeat before a worker no longer counts as live (as /readyz)
 WEBHOOK_QUEUE_KEY = f"rq:queue:{keys.WEBHOOK_QUEUE}"
 
 
@@ -254,7 +253,7 @@ class ClusterCollector(Collector):
         for w in hashes:
             wid = w.get("id", "?")
             age = max(0.0, now - (_float(w.get("heartbeat")) or 0.0))
-            fresh = age <= STALE_AFTER
+            fresh = age <= keys.WORKER_LIVE_SECONDS
             is_ready = fresh and w.get("state") in ("ready", "busy")
             live_n += fresh
             ready_n += is_ready

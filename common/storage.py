@@ -67,10 +67,8 @@ class ObjectStore(Protocol):
         ...
 
 
-# The content type of a key the codebase writes (`image_key` ends in the output format's extension): no
-# sidecar file to create on put or to open on get.
+# LocalStore keeps no content type: a key's extension names it (`image_key` ends in the output format's)
 EXTENSION_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "jpg": "image/jpeg", "webp": "image/webp"}
-LEGACY_TYPE_SUFFIX = ".type"  # stores written before EXTENSION_TYPES keep a `<key>.type` file per image
 
 
 def extension_type(key: str) -> str | None:
@@ -116,9 +114,6 @@ class LocalStore:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.replace(tmp, path)
-            if extension_type(key) is None:  # image keys end in their format's extension: no sidecar
-                with open(path + LEGACY_TYPE_SUFFIX, "w") as f:
-                    f.write(content_type)
         except OSError as exc:  # full disk, read-only mount, permissions
             raise _local_error(f"local store write failed for {key}", exc) from exc
 
@@ -126,7 +121,7 @@ class LocalStore:
         path = self._file(key)
         try:
             data = _read_file(path)
-            ctype = extension_type(key) or _legacy_type(path) or "application/octet-stream"
+            ctype = extension_type(key) or "application/octet-stream"
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
         except OSError as exc:
@@ -137,7 +132,7 @@ class LocalStore:
         path = self._path(prefix.rstrip("/"))
         if not path.exists():
             return 0
-        count = sum(1 for p in path.rglob("*") if p.is_file() and not p.name.endswith(LEGACY_TYPE_SUFFIX))
+        count = sum(1 for p in path.rglob("*") if p.is_file())
         shutil.rmtree(path, ignore_errors=True)
         return count
 
@@ -159,15 +154,6 @@ def _read_file(path: str) -> bytes:
     """Unbuffered: FileIO.readall sizes its buffer from fstat, without the buffered layer's isatty probe."""
     with open(path, "rb", buffering=0) as f:
         return f.readall()
-
-
-def _legacy_type(path: str) -> str | None:
-    """The `.type` sidecar an older LocalStore wrote next to the file, if there is one."""
-    try:
-        with open(path + LEGACY_TYPE_SUFFIX) as f:
-            return f.read() or None
-    except FileNotFoundError:
-        return None
 
 
 MAX_RETRY_DELAY = 5.0  # seconds between two attempts at most

@@ -88,22 +88,12 @@ def test_put_then_get_round_trips_without_a_sidecar(store: LocalStore, ext: str,
         store.get(f"generations/{GEN_ID}/9.{ext}")
 
 
-def test_legacy_sidecars_are_honoured_and_skipped_by_delete(store: LocalStore) -> None:
-    folder = store.root / "generations" / GEN_ID
-    folder.mkdir(parents=True)
-    (folder / "0.png").write_bytes(PNG)  # as an older LocalStore left it
-    (folder / "0.png.type").write_text("image/png")
-    (folder / "1.bin").write_bytes(b"gif")
-    (folder / "1.bin.type").write_text("image/gif")
-    (folder / "2.bin").write_bytes(b"?")
-    assert store.get(f"generations/{GEN_ID}/0.png") == StoredObject(PNG, "image/png")
-    assert store.get(f"generations/{GEN_ID}/1.bin").content_type == "image/gif"
-    assert store.get(f"generations/{GEN_ID}/2.bin").content_type == "application/octet-stream"
-    # a key whose extension says nothing keeps its type the old way
+def test_a_key_without_an_image_extension_reads_as_octet_stream(store: LocalStore) -> None:
+    """The extension names the type; nothing else is kept next to the file."""
     store.put(f"generations/{GEN_ID}/3.bin", b"x", "image/gif", {})
-    assert store.get(f"generations/{GEN_ID}/3.bin").content_type == "image/gif"
-    assert store.delete_prefix(f"generations/{GEN_ID}/") == 4  # images only, not their sidecars
-    assert not folder.exists()
+    assert store.get(f"generations/{GEN_ID}/3.bin") == StoredObject(b"x", "application/octet-stream")
+    assert sidecars(store.root) == []
+    assert store.delete_prefix(f"generations/{GEN_ID}/") == 1
     assert store.delete_prefix(f"generations/{GEN_ID}/") == 0
 
 

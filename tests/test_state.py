@@ -23,8 +23,9 @@ from common.contract.resource import render
 from common.contract.status import ErrorType
 from tests.procs import RedisServer
 from tests.test_runner_oom import OOMEngine, make_runner, record, submit
+from worker.attempt import Member, progress_value
 from worker.pipeline import Progress, StageTimes
-from worker.runner import Member, Runner, progress_value
+from worker.runner import Runner
 
 
 def prog(step: int, total: int, stage: str) -> dict[str, Any]:

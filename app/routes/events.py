@@ -15,7 +15,7 @@ from fastapi.responses import Response, StreamingResponse
 from app import openapi as oas
 from app.deps import PrincipalDep, ServiceDep
 from app.errors import field_error
-from app.generations import TERMINAL, GenerationService, resource_json
+from app.generations import TERMINAL, TERMINAL_EVENTS, GenerationService, resource_json
 from app.routes.generations import GenId
 from common.contract import keys
 from common.contract.events import EventType
@@ -24,7 +24,6 @@ from common.contract.records import as_str, decode
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-TERMINAL_EVENTS = {f"generation.{s}" for s in TERMINAL}
 BLOCK_MS = 5000  # one XREAD wait; well under the async client's socket timeout
 KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SETTLE_MS = 1000  # status is final but its event not yet in the stream: the emitter is a few ms behind

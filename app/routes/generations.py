@@ -12,6 +12,7 @@ from app.errors import Problem
 from app.idempotency import create_once
 from app.listing import list_generations as list_page
 from app.schemas import Generation, GenerationCreate, GenerationList
+from common.contract.status import TERMINAL_STATUSES
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
@@ -78,7 +79,7 @@ async def create_generation(
     if wait:
         # the resource was just created (or read, on a replay) for this principal: no second read first
         resource = await service.wait(resource["id"], principal, wait, created=resource)
-        if resource["status"] in ("succeeded", "failed", "canceled"):
+        if resource["status"] in TERMINAL_STATUSES:
             headers["Preference-Applied"] = f"wait={wait}"
             return JSONResponse(resource, status_code=200 if replayed else 201, headers=headers)
     return JSONResponse(resource, status_code=200 if replayed else 202, headers=headers)

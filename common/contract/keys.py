@@ -13,6 +13,8 @@ rq_job = rq_internals.job_key
 RQ_FUNCTION = "worker.tasks.run_generation"  # what rq runs, by dotted path: the API never imports worker code
 
 WORKERS = f"{PREFIX}:workers"  # zset: worker id -> last heartbeat (unix seconds)
+# a worker whose last heartbeat is older no longer counts as live: the default lease (12 s) plus one beat (3 s)
+WORKER_LIVE_SECONDS = 15.0
 RUNNING = f"{PREFIX}:running"  # set of generation ids currently running somewhere
 ACTIVE_OWNERS = f"{PREFIX}:owners"  # zset of owners with pending work, scored by their turn
 EXPIRY = f"{PREFIX}:expiry"  # zset: generation id -> expires_at (unix seconds)
