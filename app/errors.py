@@ -68,6 +68,8 @@ def problem_response(p: Problem, request: Request | None = None) -> JSONResponse
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
+    if loc[:1] == ("header",):  # header names are case-insensitive: named as they arrive (lowercase)
+        return ".".join(str(x).lower() for x in loc[1:])
     parts = [str(x) for x in loc if x not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 

@@ -249,24 +249,13 @@ PROBLEM_SCHEMAS: dict[str, Any] = {
 
 # Canonical header names and examples: declarable in the route signatures (Header(alias=..., example=...)), which
 # this module's change leaves alone; until they carry them, (in, name) -> what is set here
-PARAMETERS: dict[tuple[str, str], dict[str, Any]] = {
-    ("header", "prefer"): {"name": "Prefer", "example": "wait=30"},
-    ("header", "idempotency-key"): {"name": "Idempotency-Key"},
-    ("header", "last-event-id"): {"name": "Last-Event-ID", "example": "1700000000000-0"},
-    ("path", "gen_id"): {"example": GEN},
-}
-
-
 def install(app: FastAPI) -> None:
-    """Serve FastAPI's document plus what the declarations do not give: the problem schemas and `PARAMETERS`."""
+    """Serve FastAPI's document plus the one thing declarations cannot give: the problem schemas (FastAPI adds a
+    model's schema under the route's own media type only, never under application/problem+json)."""
 
     def openapi() -> dict[str, Any]:
         doc = FastAPI.openapi(app)  # cached by FastAPI until the routes change; the additions below are idempotent
         doc.setdefault("components", {}).setdefault("schemas", {}).update(PROBLEM_SCHEMAS)
-        for item in doc["paths"].values():
-            for op in item.values():
-                for param in op.get("parameters", []):
-                    param.update(PARAMETERS.get((param["in"], param["name"]), {}))
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

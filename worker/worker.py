@@ -175,20 +175,11 @@ class SDXLWorker(SimpleWorker):
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
 
-    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        """rq's heartbeat (HSET + 2 EXPIREs) in one round trip: rq beats several times around every job."""
-        if pipeline is not None:
-            super().heartbeat(timeout, pipeline)
-            return
-        pipe = self.connection.pipeline(transaction=False)
-        super().heartbeat(timeout, pipe)
-        pipe.execute()
-
     def execute_job(self, job: Any, queue: Queue) -> None:
         payload = job.args[0] if job.args and isinstance(job.args[0], dict) else {}
         # rq's own lines about this job carry the ids too, not just ours
         with logs.bind(request_id=payload.get("request_id"), generation_id=payload.get("generation_id")):
-            # in memory only: the heartbeat thread publishes it (two round trips fewer between two jobs)
+            # in memory only: the heartbeat thread publishes it within a beat
             self.publish_state("busy")
             try:
                 super().execute_job(job, queue)

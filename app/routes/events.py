@@ -130,7 +130,8 @@ async def stream_generation_events(
     service: ServiceDep,
     principal: PrincipalDep,
     last_event_id: Annotated[
-        str | None, Header(description="Resume after this event id (sent automatically by EventSource)")
+        str | None, Header(alias="Last-Event-ID", openapi_examples={"id": {"value": "1700000000000-0"}},
+                           description="Resume after this event id (sent automatically by EventSource)")
     ] = None,
 ) -> Response:
     rec = await service.record(gen_id, principal)  # owner check before the stream starts: a plain 404 problem

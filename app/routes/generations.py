@@ -17,7 +17,8 @@ from common.contract.status import TERMINAL_STATUSES
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
 PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)")
-GenId = Annotated[str, Path(description="Generation id", max_length=64)]
+GenId = Annotated[str, Path(description="Generation id", max_length=64,
+                             openapi_examples={"id": {"value": "gen_3q2Vd0yq8zS0mN6pW1xYbA"}})]
 
 
 def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
@@ -59,8 +60,10 @@ async def create_generation(
     service: ServiceDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    prefer: Annotated[str | None, Header(description="`wait=N` (N <= 60): answer 201 when done within N s")] = None,
+    prefer: Annotated[str | None, Header(alias="Prefer", openapi_examples={"wait": {"value": "wait=30"}},
+                                         description="`wait=N` (N <= 60): answer 201 when done within N s")] = None,
     idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key",
         description="Repeat-safe submit: the same key and body return the first generation (200), a different "
                     "body 409. Scoped to the API key; kept as long as the generation.", max_length=255,
         json_schema_extra={"pattern": r"^[\x20-\x7e]{1,255}$"})] = None,  # documents app.idempotency.KEY_RE
@@ -117,7 +120,8 @@ async def get_generation(
     service: ServiceDep,
     principal: PrincipalDep,
     settings: SettingsDep,
-    prefer: Annotated[str | None, Header(description="`wait=N`: answer when final or after N s")] = None,
+    prefer: Annotated[str | None, Header(alias="Prefer", openapi_examples={"wait": {"value": "wait=30"}},
+                                         description="`wait=N`: answer when final or after N s")] = None,
 ) -> dict[str, Any]:
     wait = prefer_wait(prefer, settings.max_wait_seconds)
     if wait:

@@ -58,7 +58,7 @@ def emit_record(
     progress_interval: float = 2.0,
     also: Callable[[Any], None] | None = None,
 ) -> str:
-    """`emit` for a record the caller has just read (a transition script returns it): one round trip fewer.
+    """`emit` for a record the caller has just read (a transition script answers it).
 
     `also` adds the caller's own commands to the same pipeline."""
     gen_id = rec["id"]

@@ -1,10 +1,11 @@
-"""API keys end to end: 401s, per-key isolation (404 for other keys' generations), keys file + CLI, open mode,
-and the refusal to serve without keys on a non-loopback address."""
+"""API keys: 401s, per-key isolation (404 for other keys' generations), keys file + CLI, open mode, and the
+refusal to build an app without keys on a non-loopback address. In-process apps (tests/api/conftest.py); what
+needs a worker or the API process itself is in tests/test_auth.py."""
 
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -13,17 +14,16 @@ import pytest
 from app.auth import ConfigError, KeyRing
 from app.main import create_app
 from app.settings import Settings
-from tests.access import BLOCKER, TINY, Key, cancel, get, keys_env, post, service_with, wait_status
-from tests.procs import ROOT, Proc, Service, free_port, wait_for
+from tests.client import TINY, Key, cancel, create, get, keys_env
+from tests.procs import ROOT
 
 ALICE = Key("alice")
 BOB = Key("bob")
 
 
-@pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with service_with(tiny_model, tmp_path_factory.mktemp("auth"), 1, {"SDXL_API_KEYS": keys_env(ALICE, BOB)}) as s:
-        yield s
+@pytest.fixture
+def api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(api_keys=keys_env(ALICE, BOB))
 
 
 def assert_401(r: httpx.Response, error: str | None) -> None:
@@ -38,57 +38,48 @@ def assert_401(r: httpx.Response, error: str | None) -> None:
     assert r.json()["status"] == 401
 
 
-def test_missing_key_is_401_with_bearer_challenge(svc: Service) -> None:
-    assert_401(httpx.get(f"{svc.url}/v1/generations"), None)
-    assert_401(httpx.post(f"{svc.url}/v1/generations", json={"prompt": "x", **TINY}), None)
-    assert_401(httpx.get(f"{svc.url}/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA"), None)
-    assert_401(httpx.post(f"{svc.url}/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA/cancel"), None)
+def test_missing_key_is_401_with_bearer_challenge(api: httpx.Client) -> None:
+    assert_401(api.get("/v1/generations"), None)
+    assert_401(api.post("/v1/generations", json={"prompt": "x", **TINY}), None)
+    assert_401(api.get("/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA"), None)
+    assert_401(api.post("/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA/cancel"), None)
 
 
-def test_wrong_key_or_scheme_is_401(svc: Service) -> None:
-    assert_401(httpx.get(f"{svc.url}/v1/generations", headers={"Authorization": "Bearer sdxl_wrong"}), "invalid_token")
+def test_wrong_key_or_scheme_is_401(api: httpx.Client) -> None:
+    assert_401(api.get("/v1/generations", headers={"Authorization": "Bearer sdxl_wrong"}), "invalid_token")
     # the sha256 itself is not a key: only its preimage is
     stolen = {"Authorization": f"Bearer {ALICE.entry['sha256']}"}
-    assert_401(httpx.get(f"{svc.url}/v1/generations", headers=stolen), "invalid_token")
+    assert_401(api.get("/v1/generations", headers=stolen), "invalid_token")
     basic = {"Authorization": f"Basic {ALICE.secret}"}
-    assert_401(httpx.get(f"{svc.url}/v1/generations", headers=basic), "invalid_request")
+    assert_401(api.get("/v1/generations", headers=basic), "invalid_request")
 
 
-def test_health_and_playground_need_no_key(svc: Service) -> None:
-    assert httpx.get(f"{svc.url}/healthz").status_code == 200
-    assert httpx.get(f"{svc.url}/readyz").status_code == 200
-    assert httpx.get(f"{svc.url}/").status_code != 401  # the playground page (if mounted) is public
+def test_health_and_playground_need_no_key(api: httpx.Client) -> None:
+    assert api.get("/healthz").status_code == 200
+    assert api.get("/readyz").status_code == 200
+    assert api.get("/").status_code != 401  # the playground page (if mounted) is public
 
 
-def test_a_generation_is_invisible_to_other_keys(svc: Service) -> None:
-    r = post(svc.url, {"prompt": "alice's lighthouse", **TINY}, ALICE, Prefer="wait=60")
-    assert r.status_code == 201, r.text
-    gen = r.json()
-    gid = gen["id"]
-    assert gen["status"] == "succeeded"
+def test_a_generation_is_invisible_to_other_keys(api: httpx.Client, succeed: Callable[[str], None]) -> None:
+    r = create(api, {"prompt": "alice's lighthouse", **TINY}, ALICE)
+    assert r.status_code == 202, r.text
+    gid = r.json()["id"]
+    succeed(gid)  # no worker here: the record and image it would leave
     path = f"/v1/generations/{gid}"
-    assert get(svc.url, path, ALICE).status_code == 200
-    assert get(svc.url, f"{path}/images/0", ALICE).status_code == 200
+    gen = get(api, path, ALICE)
+    assert gen.status_code == 200 and gen.json()["status"] == "succeeded"
+    assert get(api, f"{path}/images/0", ALICE).status_code == 200
 
-    missing = get(svc.url, "/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA", BOB)
-    for r in (get(svc.url, path, BOB), get(svc.url, f"{path}/images/0", BOB), cancel(svc.url, gid, BOB)):
+    missing = get(api, "/v1/generations/gen_AAAAAAAAAAAAAAAAAAAAAA", BOB)
+    for r in (get(api, path, BOB), get(api, f"{path}/images/0", BOB), cancel(api, gid, BOB)):
         assert r.status_code == 404, r.text
         # the same answer as for an id that never existed: nothing tells bob that alice's exists
         assert r.json()["type"] == missing.json()["type"]
-    assert gid in [g["id"] for g in get(svc.url, "/v1/generations", ALICE).json()["data"]]
-    assert gid not in [g["id"] for g in get(svc.url, "/v1/generations", BOB).json()["data"]]
+    assert gid in [g["id"] for g in get(api, "/v1/generations", ALICE).json()["data"]]
+    assert gid not in [g["id"] for g in get(api, "/v1/generations", BOB).json()["data"]]
 
 
-def test_another_key_cannot_cancel_running_work(svc: Service) -> None:
-    gid = post(svc.url, BLOCKER, ALICE).json()["id"]
-    wait_status(svc.url, gid, ALICE, {"running"})
-    assert cancel(svc.url, gid, BOB).status_code == 404
-    assert get(svc.url, f"/v1/generations/{gid}", ALICE).json()["status"] == "running"
-    assert cancel(svc.url, gid, ALICE).status_code == 202
-    assert wait_status(svc.url, gid, ALICE, {"canceled", "succeeded", "failed"})["status"] == "canceled"
-
-
-def test_keys_created_by_the_cli_work_from_a_keys_file(svc: Service, tmp_path: Path) -> None:
+def test_keys_created_by_the_cli_work_from_a_keys_file(make_api: Callable[..., httpx.Client], tmp_path: Path) -> None:
     keys_file = tmp_path / "keys.json"
     out = subprocess.run(
         [sys.executable, "-m", "cli.apikeys", "create", "carol", "--burst", "7", "--file", str(keys_file), "--json"],
@@ -105,21 +96,22 @@ def test_keys_created_by_the_cli_work_from_a_keys_file(svc: Service, tmp_path: P
         check=True)
     assert hashed.stdout.strip() == created["entry"]["sha256"]
 
-    url = svc.start_api(SDXL_API_KEYS="", SDXL_API_KEYS_FILE=str(keys_file))
+    from_file = make_api(api_keys="", api_keys_file=keys_file)
     carol = {"Authorization": f"Bearer {created['key']}"}
-    r = httpx.get(f"{url}/v1/generations", headers=carol)
+    r = from_file.get("/v1/generations", headers=carol)
     assert r.status_code == 200 and r.headers["ratelimit-limit"] == "7"
-    assert_401(httpx.get(f"{url}/v1/generations", headers=ALICE.headers), "invalid_token")  # not in the file
+    assert_401(from_file.get("/v1/generations", headers=ALICE.headers), "invalid_token")  # not in the file
 
 
-def test_open_mode_on_loopback_needs_no_key_and_sees_no_keyed_work(svc: Service) -> None:
-    alice_gen = post(svc.url, {"prompt": "alice again", **TINY}, ALICE).json()["id"]
-    url = svc.start_api(SDXL_API_KEYS="")
-    r = httpx.post(f"{url}/v1/generations", json={"prompt": "open", **TINY}, timeout=30)
+def test_open_mode_on_loopback_needs_no_key_and_sees_no_keyed_work(
+        api: httpx.Client, make_api: Callable[..., httpx.Client]) -> None:
+    alice_gen = create(api, {"prompt": "alice again", **TINY}, ALICE).json()["id"]
+    open_api = make_api(api_keys="")  # another replica on the same Redis, without keys
+    r = open_api.post("/v1/generations", json={"prompt": "open", **TINY}, timeout=30)
     assert r.status_code == 202, r.text
-    listed = [g["id"] for g in httpx.get(f"{url}/v1/generations").json()["data"]]
+    listed = [g["id"] for g in open_api.get("/v1/generations").json()["data"]]
     assert r.json()["id"] in listed and alice_gen not in listed
-    assert httpx.get(f"{url}/v1/generations/{alice_gen}").status_code == 404
+    assert open_api.get(f"/v1/generations/{alice_gen}").status_code == 404
 
 
 def test_open_mode_is_refused_on_a_non_loopback_host(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,20 +126,6 @@ def test_open_mode_is_refused_on_a_non_loopback_host(monkeypatch: pytest.MonkeyP
     create_app(Settings(host="0.0.0.0", api_keys=keys_env(ALICE)))  # keys required: fine
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         create_app(Settings(host=host, api_keys=None))
-
-
-def test_open_non_loopback_api_process_exits_with_the_reason(tmp_path: Path, tiny_model: Path) -> None:
-    from tests.procs import base_env
-
-    port = free_port()
-    env = base_env("redis://127.0.0.1:1/0", tiny_model, tmp_path, SDXL_HOST="0.0.0.0", SDXL_PORT=str(port))
-    api = Proc([sys.executable, "-m", "app"], env, tmp_path / "api.log")
-    try:
-        wait_for(lambda: api.proc.poll() is not None, 30, "the API to refuse to start")
-        assert api.proc.returncode != 0
-        assert "refusing to start" in api.output() and "SDXL_HOST='0.0.0.0'" in api.output()
-    finally:
-        api.stop()
 
 
 def test_broken_key_config_is_refused_naming_the_setting(tmp_path: Path) -> None:

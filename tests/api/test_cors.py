@@ -1,15 +1,13 @@
 """CORS for browser apps: allowed origins get preflights answered and may read Location, RateLimit-*,
 Retry-After and X-Request-ID; other origins, and deployments without SDXL_CORS_ORIGINS, get no CORS headers."""
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from app.settings import Settings
-from tests.access import TINY, Key, keys_env, service_with
-from tests.procs import Service
+from tests.client import TINY, Key, keys_env
 
 APP = "https://app.example"
 KEY = Key("browser")
@@ -19,20 +17,23 @@ PREFLIGHT = {
 }
 
 
-@pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(KEY), "SDXL_CORS_ORIGINS": f"{APP}, https://other.example"}
-    with service_with(tiny_model, tmp_path_factory.mktemp("cors"), 0, env) as s:
-        s.plain = s.start_api(SDXL_CORS_ORIGINS="")  # type: ignore[attr-defined]
-        yield s
+@pytest.fixture
+def api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(api_keys=keys_env(KEY), cors_origins=f"{APP}, https://other.example")
+
+
+@pytest.fixture
+def plain(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    """The same keys, SDXL_CORS_ORIGINS empty."""
+    return make_api(api_keys=keys_env(KEY), cors_origins="")
 
 
 def exposed(res: httpx.Response) -> set[str]:
     return {h.strip().lower() for h in res.headers.get("access-control-expose-headers", "").split(",")}
 
 
-def test_preflight_from_an_allowed_origin(svc: Service) -> None:
-    res = httpx.options(f"{svc.url}/v1/generations", headers={"Origin": APP, **PREFLIGHT})
+def test_preflight_from_an_allowed_origin(api: httpx.Client) -> None:
+    res = api.options("/v1/generations", headers={"Origin": APP, **PREFLIGHT})
     assert res.status_code == 200, res.text
     assert res.headers["access-control-allow-origin"] == APP
     assert "POST" in res.headers["access-control-allow-methods"]
@@ -42,9 +43,9 @@ def test_preflight_from_an_allowed_origin(svc: Service) -> None:
     assert "access-control-allow-credentials" not in res.headers  # keys go in Authorization, not cookies
 
 
-def test_browser_can_read_location_limits_and_request_id(svc: Service) -> None:
-    res = httpx.post(
-        f"{svc.url}/v1/generations", json={"prompt": "from a browser", **TINY}, headers={"Origin": APP, **KEY.headers}
+def test_browser_can_read_location_limits_and_request_id(api: httpx.Client) -> None:
+    res = api.post(
+        "/v1/generations", json={"prompt": "from a browser", **TINY}, headers={"Origin": APP, **KEY.headers}
     )
     assert res.status_code == 202, res.text
     assert res.headers["access-control-allow-origin"] == APP
@@ -53,25 +54,24 @@ def test_browser_can_read_location_limits_and_request_id(svc: Service) -> None:
     assert {"location", "ratelimit-limit", "x-request-id"} <= set(res.headers)
 
 
-def test_error_answers_carry_cors_headers_too(svc: Service) -> None:
-    res = httpx.get(f"{svc.url}/v1/generations", headers={"Origin": APP})
+def test_error_answers_carry_cors_headers_too(api: httpx.Client) -> None:
+    res = api.get("/v1/generations", headers={"Origin": APP})
     assert res.status_code == 401
     assert res.headers["access-control-allow-origin"] == APP  # so the page can read the problem
 
 
-def test_other_origins_get_nothing(svc: Service) -> None:
-    pre = httpx.options(f"{svc.url}/v1/generations", headers={"Origin": "https://evil.example", **PREFLIGHT})
+def test_other_origins_get_nothing(api: httpx.Client) -> None:
+    pre = api.options("/v1/generations", headers={"Origin": "https://evil.example", **PREFLIGHT})
     assert pre.status_code == 400
     assert "access-control-allow-origin" not in pre.headers
-    res = httpx.get(f"{svc.url}/v1/generations", headers={"Origin": "https://evil.example", **KEY.headers})
+    res = api.get("/v1/generations", headers={"Origin": "https://evil.example", **KEY.headers})
     assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
 
 
-def test_no_cors_unless_configured(svc: Service) -> None:
-    plain: str = svc.plain  # type: ignore[attr-defined]
-    pre = httpx.options(f"{plain}/v1/generations", headers={"Origin": APP, **PREFLIGHT})
+def test_no_cors_unless_configured(plain: httpx.Client) -> None:
+    pre = plain.options("/v1/generations", headers={"Origin": APP, **PREFLIGHT})
     assert "access-control-allow-origin" not in pre.headers
-    res = httpx.get(f"{plain}/v1/generations", headers={"Origin": APP, **KEY.headers})
+    res = plain.get("/v1/generations", headers={"Origin": APP, **KEY.headers})
     assert res.status_code == 200 and "access-control-allow-origin" not in res.headers
 
 

@@ -1,12 +1,11 @@
 """Every 4xx and 5xx the API can produce is RFC 9457 problem+json with a stable `type`, and the spec declares it.
 
-Live services (real uvicorn, worker, Redis) for everything but the unexpected 500, which is provoked in-process
-through a test-only route on an app built by create_app.
+In-process apps (tests/api/conftest.py) on a real Redis, no worker; the unexpected 500 is provoked through a
+test-only route on an app built by create_app whose lifespan never runs.
 """
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -16,8 +15,8 @@ from starlette.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.access import Key, keys_env, service_with
-from tests.procs import ROOT, RedisServer, Service
+from tests.client import Key, keys_env
+from tests.procs import ROOT, RedisServer
 
 SPEC = json.loads((ROOT / "openapi" / "openapi.json").read_text())
 PROBLEM_SCHEMA = {"$ref": "#/components/schemas/ProblemDetails", "components": SPEC["components"]}
@@ -49,39 +48,37 @@ def assert_problem(r: Any, status: int, kind: str, op: tuple[str, str] | None = 
     return body
 
 
-@pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(MAIN, TIGHT), "SDXL_MAX_BODY_BYTES": str(MAX_BODY)}
-    with service_with(tiny_model, tmp_path_factory.mktemp("errors"), workers=1, env=env) as s:
-        yield s
+@pytest.fixture
+def api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(api_keys=keys_env(MAIN, TIGHT), max_body_bytes=MAX_BODY)
 
 
-def call(svc: Service, method: str, path: str, key: Key | None = MAIN, **kw: Any) -> httpx.Response:
+def call(c: httpx.Client, method: str, path: str, key: Key | None = MAIN, **kw: Any) -> httpx.Response:
     headers = {**(key.headers if key else {}), **kw.pop("headers", {})}
-    return httpx.request(method, f"{svc.url}{path}", headers=headers, timeout=60, **kw)
+    return c.request(method, path, headers=headers, timeout=60, **kw)
 
 
-def test_404_from_routing_and_for_a_missing_generation(svc: Service) -> None:
-    assert_problem(call(svc, "GET", "/v1/nothing-here"), 404, "not-found")
-    r = call(svc, "GET", f"/v1/generations/{MISSING}")
+def test_404_from_routing_and_for_a_missing_generation(api: httpx.Client) -> None:
+    assert_problem(call(api, "GET", "/v1/nothing-here"), 404, "not-found")
+    r = call(api, "GET", f"/v1/generations/{MISSING}")
     assert_problem(r, 404, "generation-not-found", ("get", "/v1/generations/{gen_id}"))
-    r = call(svc, "GET", f"/v1/generations/{MISSING}/images/0")
+    r = call(api, "GET", f"/v1/generations/{MISSING}/images/0")
     assert_problem(r, 404, "generation-not-found", ("get", "/v1/generations/{gen_id}/images/{index}"))
 
 
-def test_405_names_every_allowed_method(svc: Service) -> None:
-    r = call(svc, "PATCH", "/v1/generations")
+def test_405_names_every_allowed_method(api: httpx.Client) -> None:
+    r = call(api, "PATCH", "/v1/generations")
     assert_problem(r, 405, "method-not-allowed")
     assert r.headers["allow"] == "GET, POST"
-    r = call(svc, "PUT", f"/v1/generations/{MISSING}")
+    r = call(api, "PUT", f"/v1/generations/{MISSING}")
     assert_problem(r, 405, "method-not-allowed")
     assert r.headers["allow"] == "DELETE, GET"
 
 
-def test_413_over_the_body_limit_declared_or_streamed(svc: Service) -> None:
+def test_413_over_the_body_limit_declared_or_streamed(api: httpx.Client) -> None:
     big = {**TINY, "prompt": "x" * MAX_BODY}
     assert_problem(
-        call(svc, "POST", "/v1/generations", json=big), 413, "payload-too-large", ("post", "/v1/generations")
+        call(api, "POST", "/v1/generations", json=big), 413, "payload-too-large", ("post", "/v1/generations")
     )
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: the guard counts the bytes as they arrive
@@ -90,69 +87,67 @@ def test_413_over_the_body_limit_declared_or_streamed(svc: Service) -> None:
             yield b"y" * 256
         yield b'"}'
 
-    r = call(svc, "POST", "/v1/generations", content=chunks(), headers={"Content-Type": "application/json"})
+    r = call(api, "POST", "/v1/generations", content=chunks(), headers={"Content-Type": "application/json"})
     assert "content-length" not in r.request.headers
     assert_problem(r, 413, "payload-too-large")
 
 
-def test_415_for_a_body_that_is_not_json(svc: Service) -> None:
-    r = call(svc, "POST", "/v1/generations", content=b"prompt=hi", headers={"Content-Type": "text/plain"})
+def test_415_for_a_body_that_is_not_json(api: httpx.Client) -> None:
+    r = call(api, "POST", "/v1/generations", content=b"prompt=hi", headers={"Content-Type": "text/plain"})
     assert_problem(r, 415, "unsupported-media-type", ("post", "/v1/generations"))
 
 
-def test_422_names_the_field_and_the_value(svc: Service) -> None:
-    r = call(svc, "POST", "/v1/generations", json={**TINY, "width": 100})
+def test_422_names_the_field_and_the_value(api: httpx.Client) -> None:
+    r = call(api, "POST", "/v1/generations", json={**TINY, "width": 100})
     body = assert_problem(r, 422, "validation-error", ("post", "/v1/generations"))
     assert [(e["field"], e["value"]) for e in body["errors"]] == [("width", 100)]
     assert "multiple of 8" in body["errors"][0]["message"]
     for raw in (b'{"prompt": ', b'{"prompt": "\xff"}'):  # not JSON; not even UTF-8
-        r = call(svc, "POST", "/v1/generations", content=raw, headers={"Content-Type": "application/json"})
+        r = call(api, "POST", "/v1/generations", content=raw, headers={"Content-Type": "application/json"})
         assert assert_problem(r, 422, "validation-error")["errors"][0]["field"] == "body"
-    r = call(svc, "GET", "/v1/generations", params={"limit": 0})
+    r = call(api, "GET", "/v1/generations", params={"limit": 0})
     assert assert_problem(r, 422, "validation-error", ("get", "/v1/generations"))["errors"][0]["field"] == "limit"
 
 
-def test_409_cancel_of_a_finished_generation(svc: Service) -> None:
-    done = call(svc, "POST", "/v1/generations", json=TINY, headers={"Prefer": "wait=30"}).json()
+def test_409_cancel_of_a_finished_generation(api: httpx.Client, succeed: Callable[[str], None]) -> None:
+    gid = call(api, "POST", "/v1/generations", json=TINY).json()["id"]
+    succeed(gid)  # no worker here: the records it would leave
+    done = call(api, "GET", f"/v1/generations/{gid}").json()
     assert done["status"] == "succeeded"
-    r = call(svc, "POST", f"/v1/generations/{done['id']}/cancel")
+    r = call(api, "POST", f"/v1/generations/{done['id']}/cancel")
     assert_problem(r, 409, "generation-final", ("post", "/v1/generations/{gen_id}/cancel"))
 
 
-def test_401_without_or_with_a_wrong_key(svc: Service) -> None:
-    r = call(svc, "GET", "/v1/generations", key=None)
+def test_401_without_or_with_a_wrong_key(api: httpx.Client) -> None:
+    r = call(api, "GET", "/v1/generations", key=None)
     assert_problem(r, 401, "unauthorized", ("get", "/v1/generations"))
     assert r.headers["www-authenticate"] == 'Bearer realm="sdxl"'
-    r = call(svc, "POST", "/v1/generations", key=None, json=TINY, headers={"Authorization": "Bearer nope"})
+    r = call(api, "POST", "/v1/generations", key=None, json=TINY, headers={"Authorization": "Bearer nope"})
     assert_problem(r, 401, "unauthorized", ("post", "/v1/generations"))
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
 
 
-def test_429_over_the_rate_limit(svc: Service) -> None:
-    assert call(svc, "GET", "/v1/generations", key=TIGHT).status_code == 200
-    r = call(svc, "GET", "/v1/generations", key=TIGHT)
+def test_429_over_the_rate_limit(api: httpx.Client) -> None:
+    assert call(api, "GET", "/v1/generations", key=TIGHT).status_code == 200
+    r = call(api, "GET", "/v1/generations", key=TIGHT)
     assert_problem(r, 429, "rate-limited", ("get", "/v1/generations"))
     assert r.headers["ratelimit-limit"] == "1" and r.headers["ratelimit-remaining"] == "0"
 
 
+IDLE = {"api_keys": keys_env(MAIN, CAPPED), "max_queue_depth": 1}  # no worker: what is submitted stays queued
+
+
 @pytest.fixture
-def idle_service(tiny_model: Path, tmp_path: Path) -> Iterator[Service]:
-    """An API with no worker, so what is submitted stays queued; a private Redis the test may stop."""
+def stoppable_redis() -> Iterator[RedisServer]:
+    """A private Redis the test may stop (not the session's)."""
     server = RedisServer()
     server.start()
-    svc = Service(
-        server.url, tiny_model, tmp_path, {"SDXL_API_KEYS": keys_env(MAIN, CAPPED), "SDXL_MAX_QUEUE_DEPTH": "1"}
-    )
-    try:
-        svc.start_api()
-        svc.redis_server = server  # type: ignore[attr-defined]
-        yield svc
-    finally:
-        svc.stop()
-        server.stop()
+    yield server
+    server.stop()
 
 
-def test_429_unfinished_cap_and_503_queue_full(idle_service: Service) -> None:
+def test_429_unfinished_cap_and_503_queue_full(make_api: Callable[..., httpx.Client]) -> None:
+    idle_service = make_api(**IDLE)
     assert call(idle_service, "POST", "/v1/generations", key=CAPPED, json=TINY).status_code == 202
     r = call(idle_service, "POST", "/v1/generations", key=CAPPED, json=TINY)
     assert_problem(r, 429, "too-many-unfinished", ("post", "/v1/generations"))
@@ -160,9 +155,11 @@ def test_429_unfinished_cap_and_503_queue_full(idle_service: Service) -> None:
     assert_problem(r, 503, "queue-full", ("post", "/v1/generations"))
 
 
-def test_503_with_retry_after_when_redis_is_down(idle_service: Service) -> None:
+def test_503_with_retry_after_when_redis_is_down(make_api: Callable[..., httpx.Client],
+                                                 stoppable_redis: RedisServer) -> None:
+    idle_service = make_api(redis_url=stoppable_redis.url, **IDLE)
     gen = call(idle_service, "POST", "/v1/generations", key=MAIN, json=TINY).json()
-    idle_service.redis_server.stop()  # type: ignore[attr-defined]
+    stoppable_redis.stop()
     r = call(idle_service, "GET", f"/v1/generations/{gen['id']}")
     assert_problem(r, 503, "store-unavailable", ("get", "/v1/generations/{gen_id}"))
     r = call(idle_service, "POST", "/v1/generations", json=TINY)

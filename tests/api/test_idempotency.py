@@ -4,9 +4,8 @@ No worker runs, so every generation stays queued and the Redis counts are exact.
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -14,8 +13,7 @@ import redis
 
 from app.idempotency import fingerprint
 from common.contract import keys
-from tests.access import TINY, Key, keys_env, post, service_with
-from tests.procs import Service
+from tests.client import TINY, Key, create, keys_env
 
 ALICE = Key("alice")
 BOB = Key("bob")
@@ -23,12 +21,9 @@ BODY = {"prompt": "a lighthouse", "seed": 3, **TINY}
 TTL = 3600
 
 
-@pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(ALICE, BOB), "SDXL_GENERATION_TTL_SECONDS": str(TTL)}
-    with service_with(tiny_model, tmp_path_factory.mktemp("idem"), 0, env) as s:
-        yield s
-
+@pytest.fixture
+def api(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    return make_api(api_keys=keys_env(ALICE, BOB), generation_ttl_seconds=TTL)
 
 
 def jobs(r: redis.Redis) -> tuple[int, int]:
@@ -37,15 +32,15 @@ def jobs(r: redis.Redis) -> tuple[int, int]:
     return len(r.keys("sdxl:gen:*")), waiting
 
 
-def test_replay_returns_the_original_with_200_and_enqueues_nothing(svc: Service, r: redis.Redis) -> None:
-    first = post(svc.url, BODY, ALICE, Idempotency_Key="order-17")
+def test_replay_returns_the_original_with_200_and_enqueues_nothing(api: httpx.Client, r: redis.Redis) -> None:
+    first = create(api, BODY, ALICE, Idempotency_Key="order-17")
     assert first.status_code == 202, first.text
     after_first = jobs(r)
     assert after_first == (1, 1)
     # the same JSON with other key order and whitespace is the same body
     raw = json.dumps(dict(reversed(list(BODY.items()))), indent=2)
-    again = httpx.post(
-        f"{svc.url}/v1/generations",
+    again = api.post(
+        "/v1/generations",
         content=raw,
         timeout=30,
         headers={**ALICE.headers, "Content-Type": "application/json", "Idempotency-Key": "order-17"},
@@ -57,24 +52,24 @@ def test_replay_returns_the_original_with_200_and_enqueues_nothing(svc: Service,
     assert jobs(r) == after_first
 
 
-def test_same_key_with_another_body_is_409(svc: Service, r: redis.Redis) -> None:
-    assert post(svc.url, BODY, ALICE, Idempotency_Key="k").status_code == 202
+def test_same_key_with_another_body_is_409(api: httpx.Client, r: redis.Redis) -> None:
+    assert create(api, BODY, ALICE, Idempotency_Key="k").status_code == 202
     before = jobs(r)
-    res = post(svc.url, {**BODY, "seed": 4}, ALICE, Idempotency_Key="k")
+    res = create(api, {**BODY, "seed": 4}, ALICE, Idempotency_Key="k")
     assert res.status_code == 409, res.text
     assert res.json()["type"] == "urn:sdxl:problem:idempotency-key-reused"
     assert jobs(r) == before
 
 
-def test_keys_are_scoped_per_api_key(svc: Service, r: redis.Redis) -> None:
-    a = post(svc.url, BODY, ALICE, Idempotency_Key="shared")
-    b = post(svc.url, BODY, BOB, Idempotency_Key="shared")
+def test_keys_are_scoped_per_api_key(api: httpx.Client, r: redis.Redis) -> None:
+    a = create(api, BODY, ALICE, Idempotency_Key="shared")
+    b = create(api, BODY, BOB, Idempotency_Key="shared")
     assert a.status_code == b.status_code == 202
     assert a.json()["id"] != b.json()["id"]
 
 
-def test_entry_expires_with_the_generation(svc: Service, r: redis.Redis) -> None:
-    post(svc.url, BODY, ALICE, Idempotency_Key="ttl")
+def test_entry_expires_with_the_generation(api: httpx.Client, r: redis.Redis) -> None:
+    create(api, BODY, ALICE, Idempotency_Key="ttl")
     entry = keys.idempotency(ALICE.owner, hashlib.sha256(b"ttl").hexdigest())
     assert TTL - 60 < r.ttl(entry) <= TTL
     held = r.get(entry)
@@ -84,23 +79,23 @@ def test_entry_expires_with_the_generation(svc: Service, r: redis.Redis) -> None
     assert r.exists(keys.generation(held_id))
 
 
-def test_concurrent_identical_requests_create_one_generation(svc: Service, r: redis.Redis) -> None:
+def test_concurrent_identical_requests_create_one_generation(api: httpx.Client, r: redis.Redis) -> None:
     with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda _: post(svc.url, BODY, ALICE, Idempotency_Key="race"), range(8)))
+        answers = list(pool.map(lambda _: create(api, BODY, ALICE, Idempotency_Key="race"), range(8)))
     assert sorted(a.status_code for a in answers) == [200] * 7 + [202], [a.text for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1
     assert jobs(r) == (1, 1)
 
 
-def test_a_refused_request_does_not_hold_the_key(svc: Service, r: redis.Redis) -> None:
-    too_big = post(svc.url, {**BODY, "width": 4096}, ALICE, Idempotency_Key="retry-me")
+def test_a_refused_request_does_not_hold_the_key(api: httpx.Client, r: redis.Redis) -> None:
+    too_big = create(api, {**BODY, "width": 4096}, ALICE, Idempotency_Key="retry-me")
     assert too_big.status_code == 422  # refused after the key was claimed: the claim is given back
-    fixed = post(svc.url, BODY, ALICE, Idempotency_Key="retry-me")
+    fixed = create(api, BODY, ALICE, Idempotency_Key="retry-me")
     assert fixed.status_code == 202, fixed.text
 
 
-def test_malformed_key_is_422(svc: Service, r: redis.Redis) -> None:
-    res = post(svc.url, BODY, ALICE, Idempotency_Key="x" * 256)
+def test_malformed_key_is_422(api: httpx.Client, r: redis.Redis) -> None:
+    res = create(api, BODY, ALICE, Idempotency_Key="x" * 256)
     assert res.status_code == 422
     assert res.json()["errors"][0]["field"] == "idempotency-key"
     assert jobs(r) == (0, 0)

@@ -1,34 +1,23 @@
 """Refused requests: RFC 9457 problem details naming the field and value, and nothing enqueued."""
 
-from collections.abc import Iterator
-from pathlib import Path
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-
-from tests.procs import RedisServer, Service
+import redis
 
 OK: dict[str, Any] = {"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 4}
 
 
-@pytest.fixture(scope="module")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, RedisServer]]:
-    """API processes only (no worker): one with the refiner configured, one without."""
-    server = RedisServer()
-    server.start()
-    svc = Service(server.url, tiny_model, tmp_path_factory.mktemp("val"))
-    try:
-        svc.start_api()
-        svc.no_refiner_url = svc.start_api(SDXL_REFINER_MODEL="")  # type: ignore[attr-defined]
-        yield svc, server
-    finally:
-        svc.stop()
-        server.stop()
+@pytest.fixture
+def no_refiner(make_api: Callable[..., httpx.Client]) -> httpx.Client:
+    """An app without the refiner configured (`api` has one)."""
+    return make_api(refiner_model="")
 
 
-def assert_nothing_enqueued(server: RedisServer) -> None:
-    r = server.client()
+def assert_nothing_enqueued(r: redis.Redis) -> None:
     assert r.llen("rq:queue:sdxl-generations") == 0
     assert list(r.scan_iter("sdxl:gen:*")) == []
     assert list(r.scan_iter("sdxl:pending:*")) == []
@@ -60,90 +49,75 @@ CASES = [
 ]
 
 
-def test_clip_skip_is_bound_by_the_loaded_model(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", json={**OK, "clip_skip": 4})
-    assert r.status_code == 422 and "at most 3 for this model" in r.json()["errors"][0]["message"], r.text
-    assert_nothing_enqueued(server)
-    r = httpx.post(f"{svc.url}/v1/generations", json={**OK, "clip_skip": 3})
-    assert r.status_code == 202, r.text
-    server.client().flushdb()  # no worker here: the accepted job would stay queued for the next test
+def test_clip_skip_is_bound_by_the_loaded_model(api: httpx.Client, r: redis.Redis) -> None:
+    res = api.post("/v1/generations", json={**OK, "clip_skip": 4})
+    assert res.status_code == 422 and "at most 3 for this model" in res.json()["errors"][0]["message"], res.text
+    assert_nothing_enqueued(r)
+    res = api.post("/v1/generations", json={**OK, "clip_skip": 3})
+    assert res.status_code == 202, res.text  # stays queued (no worker); Redis is flushed before the next test
 
 
 @pytest.mark.parametrize("name,body,field,value", CASES, ids=[c[0] for c in CASES])
-def test_invalid_input_names_field_and_value(api: tuple[Service, RedisServer], name: str, body: dict,
+def test_invalid_input_names_field_and_value(api: httpx.Client, r: redis.Redis, name: str, body: dict,
                                              field: str, value: Any) -> None:
-    svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", json=body)
-    assert r.status_code == 422, r.text
-    assert r.headers["content-type"] == "application/problem+json"
-    problem = r.json()
+    res = api.post("/v1/generations", json=body)
+    assert res.status_code == 422, res.text
+    assert res.headers["content-type"] == "application/problem+json"
+    problem = res.json()
     assert problem["type"].startswith("urn:sdxl:problem:") and problem["status"] == 422
     assert problem["title"] and problem["detail"]
     fields = {e["field"]: e for e in problem["errors"]}
     assert field in fields, problem
     if value is not None:
         assert fields[field]["value"] == value
-    assert_nothing_enqueued(server)
+    assert_nothing_enqueued(r)
 
 
-def test_malformed_json(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", content=b'{"prompt": "x",',
+def test_malformed_json(api: httpx.Client, r: redis.Redis) -> None:
+    res = api.post("/v1/generations", content=b'{"prompt": "x",', headers={"content-type": "application/json"})
+    assert res.status_code == 422 and res.json()["errors"][0]["field"] == "body"
+    assert_nothing_enqueued(r)
+
+
+def test_non_json_media_type_is_415(api: httpx.Client, r: redis.Redis) -> None:
+    res = api.post("/v1/generations", content=b"prompt=x", headers={"content-type": "text/plain"})
+    assert res.status_code == 415 and res.json()["type"] == "urn:sdxl:problem:unsupported-media-type"
+    assert_nothing_enqueued(r)
+
+
+def test_oversized_body_is_413(api: httpx.Client, r: redis.Redis) -> None:
+    res = api.post("/v1/generations", content=b'{"prompt": "' + b"x" * 70000 + b'"}',
                    headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body"
-    assert_nothing_enqueued(server)
+    assert res.status_code == 413 and res.headers["content-type"] == "application/problem+json"
+    assert_nothing_enqueued(r)
 
 
-def test_non_json_media_type_is_415(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", content=b"prompt=x", headers={"content-type": "text/plain"})
-    assert r.status_code == 415 and r.json()["type"] == "urn:sdxl:problem:unsupported-media-type"
-    assert_nothing_enqueued(server)
-
-
-def test_oversized_body_is_413(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    r = httpx.post(f"{svc.url}/v1/generations", content=b'{"prompt": "' + b"x" * 70000 + b'"}',
-                   headers={"content-type": "application/json"})
-    assert r.status_code == 413 and r.headers["content-type"] == "application/problem+json"
-    assert_nothing_enqueued(server)
-
-
-def test_refiner_refused_at_submit_without_a_refiner(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    base = svc.no_refiner_url  # type: ignore[attr-defined]
+def test_refiner_refused_at_submit_without_a_refiner(no_refiner: httpx.Client, r: redis.Redis) -> None:
     for mode in ("ensemble", "img2img"):
-        r = httpx.post(f"{base}/v1/generations", json={**OK, "refiner": {"mode": mode}})
-        assert r.status_code == 422
-        assert r.json()["errors"][0] == {"field": "refiner.mode", "message": r.json()["errors"][0]["message"],
-                                         "value": mode}
-    assert_nothing_enqueued(server)
+        res = no_refiner.post("/v1/generations", json={**OK, "refiner": {"mode": mode}})
+        assert res.status_code == 422
+        assert res.json()["errors"][0] == {"field": "refiner.mode", "message": res.json()["errors"][0]["message"],
+                                           "value": mode}
+    assert_nothing_enqueued(r)
     # without a refiner the default mode is none, and that is accepted
-    ok = httpx.post(f"{base}/v1/generations", json=OK)
+    ok = no_refiner.post("/v1/generations", json=OK)
     assert ok.status_code == 202 and ok.json()["params"]["refiner"]["mode"] == "none"
-    server.client().flushdb()  # our private server: leave it empty for the next test
 
 
-def test_refiner_refused_when_registered_workers_have_none(api: tuple[Service, RedisServer]) -> None:
-    svc, server = api
-    r = server.client()
-    import time
-
+def test_refiner_refused_when_registered_workers_have_none(api: httpx.Client, r: redis.Redis) -> None:
     r.hset("sdxl:worker:fake", mapping={"id": "fake", "state": "ready", "has_refiner": "0"})
     r.zadd("sdxl:workers", {"fake": time.time()})
     time.sleep(1.5)  # each API replica re-reads the worker registry once a second, in the background
     try:
-        res = httpx.post(f"{svc.url}/v1/generations", json={**OK, "refiner": {"mode": "ensemble"}})
+        res = api.post("/v1/generations", json={**OK, "refiner": {"mode": "ensemble"}})
         assert res.status_code == 422 and res.json()["errors"][0]["field"] == "refiner.mode"
     finally:
         r.delete("sdxl:worker:fake")
         r.zrem("sdxl:workers", "fake")
 
 
-def test_routing_errors_use_the_problem_format(api: tuple[Service, RedisServer]) -> None:
-    svc, _ = api
-    r = httpx.get(f"{svc.url}/nowhere")
-    assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
-    r = httpx.delete(f"{svc.url}/healthz")
-    assert r.status_code == 405 and r.json()["status"] == 405
+def test_routing_errors_use_the_problem_format(api: httpx.Client) -> None:
+    res = api.get("/nowhere")
+    assert res.status_code == 404 and res.headers["content-type"] == "application/problem+json"
+    res = api.delete("/healthz")
+    assert res.status_code == 405 and res.json()["status"] == 405
