@@ -15,11 +15,12 @@ from app.errors import Problem, field_error
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
-from common import scripts
 from common.contract import keys, queueing
 from common.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
 from common.contract.records import encode
+from common.contract.status import GenerationStatus, Stage
 from common.retention import RECORD_GRACE_SECONDS
+from common.state import GenerationState, no_image_urls
 
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
@@ -113,19 +114,17 @@ def rq_job_fields(queue: Queue, job_id: str, payload: Any, timeout: int, ttl: in
 
 
 class Enqueuer:
-    """Writes everything one submission needs in one round trip (CREATE): record, rq job, fair-share line."""
+    """Prepares a submission (record, rq job, fair-share line) for `GenerationState.submit`."""
 
-    def __init__(self, r: redis.Redis, settings: Settings, ar: aredis.Redis | None = None) -> None:
+    def __init__(self, r: redis.Redis, settings: Settings, ar: aredis.Redis | None = None,
+                 state: GenerationState | None = None) -> None:
         self.r = r
         self.settings = settings
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
-        self._create = scripts.register(r, "create")  # the whole submit, atomic: common/lua/create.lua
-        self._acreate = scripts.register(ar, "create") if ar is not None else None
-        self.feed_script = scripts.register(r, "feed")
+        self.state = state or GenerationState(r, settings, no_image_urls, ar)
 
     def feed(self) -> int:
-        return int(self.feed_script(keys=[keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS],
-                                    args=[self.settings.queue_feed_depth]))
+        return self.state.feed()
 
     def prepare(
         self,
@@ -152,9 +151,9 @@ class Enqueuer:
         fields = {
             "id": gen_id,
             "owner": owner,
-            "status": "queued",
+            "status": GenerationStatus.queued.value,
             "params": params_json,
-            "progress": {"step": 0, "total_steps": 0, "stage": "queued", "eta_seconds": None},
+            "progress": {"step": 0, "total_steps": 0, "stage": Stage.queued.value, "eta_seconds": None},
             "images": [],
             "timings": {},
             "token": token,
@@ -193,10 +192,8 @@ class Enqueuer:
         """Blocking submit without admission limits (tools and tests)."""
         fields, create_keys, args = self.prepare(params, owner, priority, deadline, webhook, token_counts,
                                                  request_id, extra, gen_id)
-        return self._submission(fields, self._create(keys=create_keys, args=args))
+        return self._submission(fields, self.state.submit(create_keys, args))
 
     async def submit_async(self, fields: dict[str, Any], create_keys: list[str], args: list[Any]) -> Submission:
         """The API's submit: `prepare(..., limits=...)` then this, on the event loop (no thread hop)."""
-        if self._acreate is None:
-            raise RuntimeError("Enqueuer was built without an async Redis client")
-        return self._submission(fields, await self._acreate(keys=create_keys, args=args))
+        return self._submission(fields, await self.state.submit_async(create_keys, args))

@@ -26,8 +26,7 @@ from common.contract import keys
 from common.contract.events import EventType
 from common.contract.records import as_str, decode
 from common.contract.resource import render
-from common.contract.status import TERMINAL_STATUSES
-from common.retention import purge
+from common.contract.status import TERMINAL_STATUSES, GenerationStatus
 from common.state import GenerationState
 from common.storage import ObjectNotFound, ObjectStore, StorageUnavailable, image_url, reads_inline
 
@@ -50,11 +49,11 @@ class GenerationService:
         self.ar = ar
         self.settings = settings
         self.store = store
-        self.enqueuer = Enqueuer(r, settings, ar)
         self.model_limits = LimitsCache(settings.base_model, settings.refiner_model)
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
         self._position = scripts.register(ar, "position")
-        self.state = GenerationState(r, settings, self.image_url)
+        self.state = GenerationState(r, settings, self.image_url, ar)
+        self.enqueuer = Enqueuer(r, settings, ar, self.state)
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
@@ -153,7 +152,7 @@ class GenerationService:
         return int(pos) if pos is not None and int(pos) >= 0 else None
 
     async def resource(self, rec: dict[str, Any]) -> dict[str, Any]:
-        pos = await self._queue_position(rec["id"]) if rec["status"] == "queued" else None
+        pos = await self._queue_position(rec["id"]) if rec["status"] == GenerationStatus.queued else None
         return render(rec, self.image_url, pos)
 
     async def get(self, gen_id: str, principal: Principal) -> dict[str, Any]:
@@ -206,7 +205,7 @@ class GenerationService:
     async def cancel(self, gen_id: str, principal: Principal) -> dict[str, Any]:
         rec = await self.record(gen_id, principal)
         outcome = await run_in_threadpool(self._cancel_sync, gen_id)
-        if outcome in ("succeeded", "failed"):
+        if outcome in (GenerationStatus.succeeded, GenerationStatus.failed):
             raise Problem(409, f"generation `{gen_id}` already {outcome}; it cannot be canceled",
                           kind="generation-final")
         rec = await self.record(gen_id, principal)
@@ -214,14 +213,8 @@ class GenerationService:
 
     # --- delete -----------------------------------------------------------------------------------
     def _delete_sync(self, gen_id: str, rec: dict[str, Any]) -> None:
-        worker_active = False
-        if rec["status"] not in TERMINAL:
-            worker_active = self._cancel_sync(gen_id) == "running"
-        # a running job stops at its next step but may be past the last one and still upload: an expiry
-        # entry makes the cleanup process sweep its prefix again once any such upload has ended
-        again = time.time() + self.settings.job_timeout_seconds if worker_active else None
         try:
-            purge(self.r, self.store, self.settings.storage_prefix, gen_id, rec, worker_active, again)
+            self.state.delete(self.store, gen_id, rec)
         except StorageUnavailable as exc:
             raise Problem(503, "object storage is unavailable; the generation was not deleted",
                           kind="storage-unavailable", headers={"Retry-After": "5"}) from exc

@@ -23,10 +23,9 @@ import redis
 
 from common.contract import keys
 from common.contract.records import as_str, decode
-from common.contract.status import ErrorType
+from common.contract.status import ErrorType, GenerationStatus
 from common.logs import configure
 from common.reaper import Reaper
-from common.retention import purge
 from common.settings import CommonSettings
 from common.state import GenerationState
 from common.storage import ObjectStore, StorageUnavailable, build_store, image_url
@@ -64,11 +63,8 @@ class Cleanup:
                 if rec and rec.get("expires_at") and float(rec["expires_at"]) > now:
                     self.r.zadd(keys.EXPIRY, {gen_id: float(rec["expires_at"])})  # the record says later
                     continue
-                active = rec is not None and rec.get("status") == "running"
-                # a late upload by that worker gets swept once its job has timed out
-                again = now + self.settings.job_timeout_seconds if active else None
                 try:
-                    purge(self.r, self.store, self.settings.storage_prefix, gen_id, rec, active, again)
+                    self.state.delete(self.store, gen_id, rec)
                 except StorageUnavailable as exc:
                     log.warning("storage unavailable; expiry resumes next sweep: %s", exc)
                     return done
@@ -92,11 +88,13 @@ class Cleanup:
             pipe.hmget(keys.generation(gen_id), "status", "deadline_at", "owner", "rq_job_id")
         failed = []
         for gen_id, (status, deadline_at, owner, rq_job_id) in zip(ids, pipe.execute(), strict=True):
-            if status != b"queued" or not deadline_at or float(deadline_at) >= now:
+            if as_str(status or b"") != GenerationStatus.queued or not deadline_at or float(deadline_at) >= now:
                 continue
             # compare-and-set: a worker that started it meanwhile wins, and the job runs
-            if self.state.fail(gen_id, "", ErrorType.deadline_exceeded,
-                               "the generation could not start before its deadline", allowed="queued") != "OK":
+            outcome = self.state.fail(gen_id, "", ErrorType.deadline_exceeded,
+                                      "the generation could not start before its deadline",
+                                      allowed=GenerationStatus.queued)
+            if outcome != "OK":
                 continue
             pipe2 = self.r.pipeline(transaction=False)
             pipe2.zrem(keys.pending(as_str(owner)), gen_id)

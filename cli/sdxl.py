@@ -17,8 +17,10 @@ from typing import Any, NoReturn, TextIO
 
 import httpx
 
+from common.contract.status import TERMINAL_STATUSES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL = tuple(s.value for s in TERMINAL_STATUSES)
 INVALID_REQUEST = (400, 413, 415, 422)  # the request was refused as written: a usage error, exit 2
 FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}

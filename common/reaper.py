@@ -11,13 +11,9 @@ import redis
 from common import scripts
 from common.contract import keys
 from common.settings import CommonSettings
-from common.state import GenerationState
+from common.state import GenerationState, no_image_urls
 
 log = logging.getLogger("common.reaper")
-
-def no_image_urls(gen_id: str, img: dict[str, object]) -> str:
-    raise AssertionError(f"a reaped generation has no images ({gen_id})")
-
 
 class Reaper:
     def __init__(self, r: redis.Redis, settings: CommonSettings, state: GenerationState | None = None,

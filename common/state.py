@@ -7,8 +7,9 @@ job) are appended by the same calls; an event or webhook failure never fails a g
 
     worker:  start -> progress* -> finish (succeeded | failed | canceled), or fail (never started)
     reaper:  requeue (a lost worker's attempt: queued again with a new token, or failed `worker_lost`)
-    API:     cancel (queued: canceled at once; running: flagged, and the worker finishes it canceled)
-    cleanup: fail (past its deadline while queued)
+    API:     submit; cancel (queued: canceled at once; running: flagged, and the worker finishes it canceled);
+             delete
+    cleanup: fail (past its deadline while queued); delete (expired)
 """
 
 import json
@@ -29,8 +30,10 @@ from common.contract.events import STREAM_MAXLEN, EventType, emit_record, enqueu
 from common.contract.params import JobPayload
 from common.contract.records import as_str, decode, encode, flatten, read_answer
 from common.contract.resource import ImageUrl, render
-from common.contract.status import ErrorType, GenerationStatus, Stage
+from common.contract.status import TERMINAL_STATUSES, ErrorType, GenerationStatus, Stage
+from common.retention import purge
 from common.settings import CommonSettings
+from common.storage import ObjectStore
 
 log = logging.getLogger("common.state")
 
@@ -62,8 +65,9 @@ class Change:
 
 
 class GenerationState:
-    def __init__(self, r: redis.Redis, settings: CommonSettings, image_url: ImageUrl) -> None:
+    def __init__(self, r: redis.Redis, settings: CommonSettings, image_url: ImageUrl, ar: Any = None) -> None:
         self.r = r
+        self.ar = ar  # the API's asyncio client: its submit runs on the event loop
         self.settings = settings
         self.image_url = image_url
         self.webhook_queue = Queue(keys.WEBHOOK_QUEUE, connection=r, serializer=JSONSerializer)
@@ -76,6 +80,31 @@ class GenerationState:
         self._feed = scripts.register(r, "feed")
         self._cancel = scripts.register(r, "cancel")
         self._requeue = scripts.register(r, "requeue")
+        self._create = scripts.register(r, "create")
+        self._acreate = scripts.register(ar, "create") if ar is not None else None
+
+    # --- the API's transitions -------------------------------------------------------------------
+    def submit(self, create_keys: list[str], args: list[Any]) -> list[Any]:
+        """A new generation, queued, in one atomic script (common/lua/create.lua): admission (a refused submit
+        writes nothing), the rq job, the record and its indexes, the owner's fair-share line, FEED and the
+        position. app/enqueue.py prepares the keys and arguments. {admitted, count, position}."""
+        return list(self._create(keys=create_keys, args=args))
+
+    async def submit_async(self, create_keys: list[str], args: list[Any]) -> list[Any]:
+        if self._acreate is None:
+            raise RuntimeError("GenerationState was built without an asyncio Redis client")
+        return list(await self._acreate(keys=create_keys, args=args))
+
+    def delete(self, store: ObjectStore, gen_id: str, rec: dict[str, Any] | None) -> int:
+        """Remove a generation (DELETE, or its expiry): one not yet final is canceled first (a running one's
+        worker stops within a step), then its images, record, events, index entries and rq jobs go
+        (common/retention.py). That worker may be past its last step and still upload: an expiry entry makes
+        cleanup sweep the prefix again once the job has timed out. StorageUnavailable: the store is down."""
+        worker_active = False
+        if rec is not None and rec.get("status") not in TERMINAL_STATUSES:
+            worker_active = self.cancel(gen_id) == RUNNING
+        again = time.time() + self.settings.job_timeout_seconds if worker_active else None
+        return purge(self.r, store, self.settings.storage_prefix, gen_id, rec, worker_active, again)
 
     # --- events -----------------------------------------------------------------------------------
     def emit(self, gen_id: str, event: EventType) -> None:
@@ -257,6 +286,11 @@ class GenerationState:
         if result == RUNNING:
             self.r.publish(keys.CANCEL_CHANNEL, gen_id)
         return result
+
+
+def no_image_urls(gen_id: str, img: dict[str, Any]) -> str:
+    """The image URL maker of a state that renders no images (the reaper's requeues and failures, a submit)."""
+    raise AssertionError(f"no image URL expected here ({gen_id})")
 
 
 def drop_entries(gen_id: str, pipe: Any) -> None:

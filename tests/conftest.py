@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny model (built once), a private Redis, a live service."""
+"""Fixtures of every layer: the tiny model (built once) and the session's private Redis.
+
+The layers: tests/unit/ (in-process code and checks of the tree; no service processes), tests/api/ (in-process
+apps on the private Redis), tests/e2e/ (real API, worker and helper processes; their stacks in
+tests/e2e/conftest.py). `make test` runs all but the fault drills marked `slow`; `make chaos` runs those.
+"""
 
 import os
 from collections.abc import Iterator
@@ -6,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, RedisServer, Service, running_service
+from tests.procs import ROOT, RedisServer, Service
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -36,20 +41,6 @@ def redis_client(redis_server: RedisServer):  # type: ignore[no-untyped-def]
     r.flushdb()  # our own private server: flushing it is ours to do
     yield r
     r.close()
-
-
-@pytest.fixture(scope="module")
-def service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """API + one worker on a module-private Redis (so modules cannot disturb each other)."""
-    server = RedisServer()
-    server.start()
-    data = tmp_path_factory.mktemp("svc")
-    try:
-        with running_service(server.url, tiny_model, data, workers=1) as svc:
-            svc.redis_server = server  # type: ignore[attr-defined]
-            yield svc
-    finally:
-        server.stop()
 
 
 @pytest.fixture

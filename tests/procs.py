@@ -1,6 +1,8 @@
 """Real processes for end-to-end tests: a private redis-server, uvicorn API processes, SDXL workers.
 
-Every test Redis is our own on a free loopback port; the machine's Redis is never touched.
+Every test Redis is our own on a free loopback port; the machine's Redis is never touched. A `Service` is an API
+plus workers on one Redis; `Service.view` gives other API processes (their own settings) on the same Redis,
+workers and storage, which is how the end-to-end modules share one stack (tests/e2e/conftest.py).
 """
 
 import os
@@ -17,6 +19,9 @@ from typing import Any
 
 import httpx
 import redis
+from rq.registry import StartedJobRegistry
+
+from common.contract import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -102,14 +107,22 @@ class Proc:
         self.log = log
         self._fh = open(log, "ab")
         self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT)
+        self._terminated = False
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
+    def terminate(self) -> None:
+        """SIGTERM once, without waiting: `stop` then waits (and sends no second SIGTERM)."""
+        if self.proc.poll() is None and not self._terminated:
+            self.proc.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self, timeout: float = 20) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if not self._terminated:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -136,6 +149,17 @@ class Service:
         self.dispatchers: list[Proc] = []
         self.others: list[Proc] = []
         self.port = 0
+        self.owns_workers = True  # False on a view: its workers are another Service's
+        self.redis_server: RedisServer | None = None  # set where the Redis is this service's own
+
+    def view(self, **env: str) -> "Service":
+        """API processes of their own (started with `start_api`, settings `env` on top of this service's) on this
+        service's Redis, workers and storage. `stop` stops only the view's own processes."""
+        v = Service(self.redis_url, self.model_dir, self.data_dir, {**self.extra, **env})
+        v.workers = self.workers  # the same list: `v.workers[0]` is this service's first worker
+        v.owns_workers = False
+        v.redis_server = self.redis_server
+        return v
 
     def env(self, **extra: str) -> dict[str, str]:
         return base_env(self.redis_url, self.model_dir, self.data_dir, **{**self.extra, **extra})
@@ -200,8 +224,30 @@ class Service:
         assert c.proc.poll() is None, c.output()
         return c
 
-    def stop(self) -> None:
-        for p in self.others + self.dispatchers + self.workers + self.apis:
+    def wait_idle(self, timeout: float = 180) -> None:
+        """Until nothing is queued or running on this Redis (no fair-share line, nothing in rq's queue, its
+        intermediate list or its started registry, no running generation): work one test left in flight on a
+        shared stack cannot reach into the next one."""
+        r = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+        started = StartedJobRegistry(keys.GENERATION_QUEUE, connection=r).key
+
+        def idle() -> bool:
+            return (not r.exists(keys.RQ_QUEUE_KEY, keys.RQ_INTERMEDIATE_KEY, started)
+                    and not r.scard(keys.RUNNING)
+                    and next(r.scan_iter(match=keys.pending("*"), count=1000), None) is None)
+
+        try:
+            wait_for(idle, timeout, "the stack to be idle (nothing queued or running)", interval=0.05)
+        finally:
+            r.close()
+
+    def stop(self, procs: list[Proc] | None = None) -> None:
+        """Stops `procs` (default: all of this service's own processes) side by side: SIGTERM to all, then wait."""
+        if procs is None:
+            procs = self.others + self.dispatchers + (self.workers if self.owns_workers else []) + self.apis
+        for p in procs:
+            p.terminate()
+        for p in procs:
             p.stop()
 
 
@@ -210,9 +256,11 @@ def running_service(redis_url: str, model_dir: Path, data_dir: Path, workers: in
                     env: dict[str, str] | None = None) -> Iterator[Service]:
     svc = Service(redis_url, model_dir, data_dir, env)
     try:
+        # the workers load their models while the API starts: both are mostly imports, on different cores
+        started = [svc.start_worker(wait_ready=False) for _ in range(workers)]
         svc.start_api()
-        for _ in range(workers):
-            svc.start_worker()
+        for w in started:
+            svc.wait_worker_ready(w.worker_id)  # type: ignore[attr-defined]
         yield svc
     finally:
         svc.stop()

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from common import logs
 from common.contract.events import EventType
-from common.contract.status import ErrorType
+from common.contract.status import ErrorType, GenerationStatus, Stage
 from common.storage import StorageUnavailable, image_key, put_with_retry
 from worker import encode as encoding
 from worker.attempt import Member, progress_value
@@ -92,9 +92,9 @@ class Finishing:
         }
         total = m.total_steps
         outcome = self.state.finish(m, {
-            "status": "succeeded", "finished_at": now, "images": records, "timings": timings,
+            "status": GenerationStatus.succeeded.value, "finished_at": now, "images": records, "timings": timings,
             "manifest": manifest,
-            "progress": {"step": total, "total_steps": total, "stage": "done", "eta_seconds": 0},
+            "progress": {"step": total, "total_steps": total, "stage": Stage.done.value, "eta_seconds": 0},
         }, EventType.succeeded)
         self.after_final(m, outcome, EventType.succeeded)
         if outcome == "OK":
@@ -102,13 +102,15 @@ class Finishing:
             self.images_done += len(records)
 
     def finish_canceled(self: "Runner", m: Member) -> None:
-        outcome = self.state.finish(m, {"status": "canceled", "finished_at": time.time()}, EventType.canceled)
+        outcome = self.state.finish(m, {"status": GenerationStatus.canceled.value, "finished_at": time.time()},
+                                    EventType.canceled)
         self.after_final(m, outcome, EventType.canceled)
 
     def fail_all(self: "Runner", members: list[Member], etype: ErrorType, message: str) -> None:
         for m in members:
             outcome = self.state.finish(m, {
-                "status": "failed", "finished_at": time.time(), "error": {"type": etype.value, "message": message},
+                "status": GenerationStatus.failed.value, "finished_at": time.time(),
+                "error": {"type": etype.value, "message": message},
             }, EventType.failed)
             self.after_final(m, outcome, EventType.failed)
 

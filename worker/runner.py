@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 from common import logs
 from common.contract import keys
 from common.contract.params import PAYLOAD_VERSION, JobPayload
-from common.contract.status import ErrorType
+from common.contract.status import ErrorType, GenerationStatus
 from common.reaper import Reaper
 from common.state import GenerationState
 from common.storage import ObjectStore, image_url
@@ -74,7 +74,7 @@ class Runner(Claiming, Executing, Finishing):
             log.error("payload version %s not supported (max %s)", version, PAYLOAD_VERSION)
             self.state.fail(gen_id, raw_payload.get("token", ""), ErrorType.invalid_payload,
                             f"payload version {version} is newer than this worker understands")
-            return {"status": "failed"}
+            return {"status": GenerationStatus.failed.value}
         payload = JobPayload.model_validate(raw_payload)
         members = [Member(payload, rq_job_id)]
         if self.settings.batch_max > 1:

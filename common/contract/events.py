@@ -29,7 +29,6 @@ class EventType(StrEnum):
         return self in (EventType.succeeded, EventType.failed, EventType.canceled)
 
 
-TERMINAL_EVENT = {"succeeded": EventType.succeeded, "failed": EventType.failed, "canceled": EventType.canceled}
 STREAM_MAXLEN = 2000
 
 def emit(

@@ -4,7 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 from common.contract.records import rfc3339, ts_or_none
-from common.contract.status import TERMINAL_STATUSES, Stage
+from common.contract.status import TERMINAL_STATUSES, GenerationStatus, Stage
 
 ImageUrl = Callable[[str, dict[str, Any]], str]
 
@@ -19,7 +19,7 @@ def render(rec: dict[str, Any], image_url: ImageUrl, queue_position: int | None 
     return {
         "id": gen_id,
         "status": status,
-        "queue_position": queue_position if status == "queued" else None,
+        "queue_position": queue_position if status == GenerationStatus.queued else None,
         "progress": progress(status, rec.get("progress")),
         "params": rec.get("params"),
         "token_counts": rec.get("token_counts"),

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.contract.keys import METRICS
 from common.contract.records import as_str
+from common.contract.status import TERMINAL_STATUSES, GenerationStatus
 
 # seconds; upper bounds of the histogram buckets (a last, implicit +Inf bucket follows)
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
@@ -41,12 +42,12 @@ def record_event(pipe: Any, event_type: str, rec: Mapping[str, Any]) -> None:
         if created is not None and started is not None:
             observe(pipe, "queue_wait", started - created)
         return
-    if kind not in ("succeeded", "failed", "canceled"):
+    if kind not in TERMINAL_STATUSES:
         return
-    error = rec.get("error") if kind == "failed" else None
+    error = rec.get("error") if kind == GenerationStatus.failed else None
     etype = str(error.get("type", "")) if isinstance(error, dict) else ""
     pipe.hincrby(METRICS, f"gen|{kind}|{etype}", 1)
-    if kind != "succeeded":
+    if kind != GenerationStatus.succeeded:
         return
     pipe.hincrby(METRICS, "images", len(rec.get("images") or []))
     timings = rec.get("timings") or {}

@@ -278,10 +278,11 @@ def s3svc(moto: tuple[Moto, Moto], tiny_model: Path, tmp_path_factory: pytest.Te
     svc = Service(server.url, tiny_model, tmp_path_factory.mktemp("s3svc"), env)
     r = server.client()
     try:
+        w = svc.start_worker(wait_ready=False)  # loads its models while the APIs start
         api = svc.start_api()
         presigned_api = svc.start_api(SDXL_IMAGE_URL_MODE="presigned")
         short_ttl_api = svc.start_api(SDXL_GENERATION_TTL_SECONDS="3")
-        svc.start_worker()
+        svc.wait_worker_ready(w.worker_id)  # type: ignore[attr-defined]
         yield S3Service(svc, internal, public, r, api, presigned_api, short_ttl_api)
     finally:
         svc.stop()
@@ -359,6 +360,7 @@ def test_outage_mid_job_is_retried_and_the_job_succeeds(s3svc: S3Service) -> Non
     assert res.status_code == 200 and hashlib.sha256(res.content).hexdigest() == done["images"][0]["sha256"]
 
 
+@pytest.mark.slow  # an outage that outlasts the worker's whole retry budget (RETRY_BUDGET seconds)
 def test_storage_down_beyond_the_budget_fails_storage_unavailable(s3svc: S3Service) -> None:
     s3svc.internal.stop()
     try:

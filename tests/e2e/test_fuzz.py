@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.access import Key, keys_env
-from tests.procs import PY, ROOT, Proc, RedisServer, Service, free_port, wait_for
+from tests.procs import PY, ROOT, Proc, Service, free_port, wait_for
 
 # fixed, so a failure reproduces; FUZZ_SEED / FUZZ_EXAMPLES explore further by hand
 SEED = int(os.environ.get("FUZZ_SEED", "20240601"))
@@ -62,11 +62,10 @@ def key() -> Key:
 
 
 @pytest.fixture(scope="module")
-def fuzz_service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, key: Key) -> Iterator[Service]:
-    server = RedisServer()
-    server.start()
-    data = tmp_path_factory.mktemp("fuzz")
-    svc = Service(server.url, tiny_model, data, env={**LIMITS, "SDXL_API_KEYS": keys_env(key)})
+def fuzz_service(shared_stack: Service, key: Key) -> Iterator[Service]:
+    """tests/fuzz_app.py's API with LIMITS and the fuzz key, on the shared stack's Redis and worker (the limits
+    are the API's: it refuses anything bigger, so the worker only ever gets tiny jobs)."""
+    svc = shared_stack.view(**LIMITS, SDXL_API_KEYS=keys_env(key))
     try:
         port = free_port()
         api = Proc(
@@ -85,18 +84,16 @@ def fuzz_service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, key
                 "5",
             ],
             svc.env(),
-            data / "api.log",
+            svc.data_dir / f"fuzz-api-{port}.log",
         )
         svc.apis.append(api)
         svc.port = port
         import httpx
 
         wait_for(lambda: httpx.get(f"{svc.url}/healthz", timeout=1).status_code == 200, 30, "fuzz API")
-        svc.start_worker()
         yield svc
     finally:
         svc.stop()
-        server.stop()
 
 
 def test_schemathesis_finds_nothing(fuzz_service: Service, key: Key, tmp_path: Path) -> None:

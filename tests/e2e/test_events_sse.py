@@ -4,7 +4,6 @@ Last-Event-ID after a dropped connection, and a second API replica on the same R
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,24 +11,22 @@ import pytest
 import redis
 
 from app.auth import hash_key
-from tests.procs import RedisServer, Service
+from tests.procs import Service
 
 LONG = {"width": 128, "height": 128, "num_inference_steps": 12}  # many progress events (one per step here)
 TERMINAL = {"generation.succeeded", "generation.failed", "generation.canceled"}
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    server = RedisServer()
-    server.start()
-    service = Service(server.url, tiny_model, tmp_path_factory.mktemp("sse"), {"SDXL_PROGRESS_INTERVAL_SECONDS": "0"})
+def svc(shared_stack: Service) -> Iterator[Service]:
+    """This module's API on the shared stack, whose worker sends a progress event per step."""
+    assert shared_stack.extra.get("SDXL_PROGRESS_INTERVAL_SECONDS") == "0"
+    service = shared_stack.view()
     try:
         service.start_api()
-        service.start_worker()
         yield service
     finally:
         service.stop()
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,25 +5,22 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.procs import RedisServer, Service, wait_for
+from tests.procs import Service, wait_for
 
 
 @pytest.fixture(scope="module")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer()
-    server.start()
-    svc = Service(server.url, tiny_model, tmp_path_factory.mktemp("limits"))
+def api(idle_stack: Service) -> Iterator[str]:
+    """An API process of this module's own, with the limits under test, on the idle stack's Redis (no worker)."""
+    svc = idle_stack.view()
     try:
         yield svc.start_api(SDXL_BODY_READ_TIMEOUT_SECONDS="1", SDXL_MAX_CONNECTIONS="4",
                             SDXL_MAX_HEADERS="50", SDXL_MAX_HEADER_BYTES="8192")
     finally:
         svc.stop()
-        server.stop()
 
 
 def connect(url: str) -> socket.socket:

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.access import BLOCKER, Key, keys_env, service_with
+from tests.access import BLOCKER, Key, keys_env
 from tests.procs import PY, ROOT, Service
 
 OUT = ROOT / "tests" / ".generated" / "client"
@@ -80,10 +80,14 @@ def key() -> Key:
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, key: Key) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(key)}
-    with service_with(tiny_model, tmp_path_factory.mktemp("client"), workers=1, env=env) as s:
+def svc(shared_stack: Service, key: Key) -> Iterator[Service]:
+    """An API with this module's key, on the shared stack (one worker)."""
+    s = shared_stack.view(SDXL_API_KEYS=keys_env(key))
+    try:
+        s.start_api()
         yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 
 from app.tokens import TokenCounter, _load
+from tests.procs import ROOT
 
-MODEL = Path(os.environ.get("SDXL_TEST_MODEL_DIR", Path(__file__).resolve().parent.parent / ".models" / "tiny"))
+MODEL = Path(os.environ.get("SDXL_TEST_MODEL_DIR", ROOT / ".models" / "tiny"))
 TEXTS = [
     "a lighthouse at dusk, oil painting",
     "wow!!! a cat!",

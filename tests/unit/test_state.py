@@ -22,7 +22,7 @@ from common.contract.params import GenerationParams, JobPayload
 from common.contract.resource import render
 from common.contract.status import ErrorType
 from tests.procs import RedisServer
-from tests.test_runner_oom import OOMEngine, make_runner, record, submit
+from tests.unit.test_runner_oom import OOMEngine, make_runner, record, submit
 from worker.attempt import Member, progress_value
 from worker.pipeline import Progress, StageTimes
 from worker.runner import Runner

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.access import Key, get, keys_env, service_with, wait_final
+from tests.access import Key, get, keys_env, wait_final
 from tests.procs import Service
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -49,10 +49,14 @@ CHROME_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(ALICE), "SDXL_PROGRESS_INTERVAL_SECONDS": "0"}  # an event per step
-    with service_with(tiny_model, tmp_path_factory.mktemp("playground"), 1, env) as s:
+def svc(shared_stack: Service) -> Iterator[Service]:
+    """An API with keys on, on the shared stack (its worker sends a progress event per step)."""
+    s = shared_stack.view(SDXL_API_KEYS=keys_env(ALICE))
+    try:
+        s.start_api()
         yield s
+    finally:
+        s.stop()
 
 
 @pytest.fixture

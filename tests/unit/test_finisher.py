@@ -15,7 +15,7 @@ import pytest
 from common.contract import keys
 from common.storage import LocalStore
 from tests.jobs import dequeue, queue_jobs
-from tests.test_runner_oom import OOMEngine, record
+from tests.unit.test_runner_oom import OOMEngine, record
 from worker.finisher import Finisher
 from worker.runner import Runner
 from worker.settings import WorkerSettings

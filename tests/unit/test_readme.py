@@ -1,12 +1,11 @@
 """The README stays true: every setting is documented, and the two Quickstart commands are the Makefile's."""
 
 import re
-from pathlib import Path
 
 from app.settings import Settings
+from tests.procs import ROOT
 from worker.settings import WorkerSettings
 
-ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 

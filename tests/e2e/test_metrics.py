@@ -1,20 +1,18 @@
 """GET /metrics end to end: real generations on a real worker, then one scrape of the API shows the cluster.
 
 The worker-side numbers (final statuses, stage histograms, images, per-worker gauges) are written to Redis
-by the worker and read back by the API at scrape time; the HTTP numbers are the API process's own.
+by the worker and read back by the API at scrape time; the HTTP numbers are the API process's own. The cluster
+is the shared stack (one worker) and, for the queue numbers, the idle one (no worker, flushed): tests/e2e/conftest.py.
 """
 
 import re
 import time
-from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.procs import RedisServer, Service, wait_for
+from tests.procs import Service, wait_for
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -106,20 +104,6 @@ def test_generations_counted_by_status_with_stage_histograms_and_worker_gauges(s
     assert delta("sdxl_http_request_duration_seconds_count", method="POST", route="/v1/generations") == 4
     leaked = [k for k in after if any(re.search(r"gen_[A-Za-z0-9_-]{22}", v) for _, v in k[1])]
     assert not leaked, "a raw generation id leaked into a label"
-
-
-@pytest.fixture
-def idle_service(tiny_model: Path, tmp_path: Path) -> Iterator[Service]:
-    """An API with no worker, on its own Redis: whatever is submitted stays queued."""
-    server = RedisServer()
-    server.start()
-    svc = Service(server.url, tiny_model, tmp_path)
-    try:
-        svc.start_api()
-        yield svc
-    finally:
-        svc.stop()
-        server.stop()
 
 
 def created(gen: dict) -> float:

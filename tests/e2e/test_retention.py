@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from common.contract import keys
-from tests.access import BLOCKER, TINY, Key, keys_env, post, service_with, wait_status
+from tests.access import BLOCKER, TINY, Key, keys_env, post, wait_status
 from tests.procs import PY, ROOT, Service, wait_for
 
 A = Key("alice")
@@ -21,17 +21,21 @@ B = Key("bob")
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with service_with(tiny_model, tmp_path_factory.mktemp("retention"), 1, {"SDXL_API_KEYS": keys_env(A, B)}) as s:
+def svc(shared_stack: Service) -> Iterator[Service]:
+    """APIs with keys A and B on the shared stack (one worker): one as configured, one with a 3 s TTL."""
+    s = shared_stack.view(SDXL_API_KEYS=keys_env(A, B))
+    try:
+        s.start_api()
         s.short_ttl_api = s.start_api(SDXL_GENERATION_TTL_SECONDS="3")  # type: ignore[attr-defined]
         yield s
+    finally:
+        s.stop()
 
 
-@pytest.fixture(scope="module")
-def idle(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """An API with no worker: what it accepts stays queued."""
-    with service_with(tiny_model, tmp_path_factory.mktemp("idle"), 0, {}) as s:
-        yield s
+@pytest.fixture
+def idle(idle_service: Service) -> Service:
+    """An API with no worker on a flushed Redis (tests/e2e/conftest.py): what it accepts stays queued."""
+    return idle_service
 
 
 def rds(s: Service) -> redis.Redis:

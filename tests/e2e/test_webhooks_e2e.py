@@ -49,10 +49,11 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Re
     }
     service = Service(server.url, tiny_model, tmp_path_factory.mktemp("webhooks"), env)
     try:
+        w = service.start_worker(wait_ready=False)  # loads its models while the API and the dispatcher start
         service.start_api()
-        service.start_worker()
         service.start_dispatcher()
-        service.redis_server = server  # type: ignore[attr-defined]
+        service.wait_worker_ready(w.worker_id)  # type: ignore[attr-defined]
+        service.redis_server = server
         yield service
     finally:
         service.stop()

@@ -41,17 +41,19 @@ Stack = Callable[..., Service]
 
 @pytest.fixture
 def stack(tiny_model: Path, tmp_path: Path) -> Iterator[Stack]:
-    """make(appendonly=False, **env) -> a Service (API started) on a private Redis; all stopped at the end."""
+    """make(appendonly=False, api=True, **env) -> a Service (API started unless api=False) on a private Redis;
+    all stopped at the end."""
     made: list[tuple[RedisServer, Service]] = []
 
-    def make(appendonly: bool = False, **env: str) -> Service:
+    def make(appendonly: bool = False, api: bool = True, **env: str) -> Service:
         server = RedisServer(appendonly=appendonly)
         server.start()
         svc = Service(server.url, tiny_model, tmp_path / f"s{len(made)}", env)
         svc.data_dir.mkdir()
         svc.redis_server = server  # type: ignore[attr-defined]
         made.append((server, svc))
-        svc.start_api()
+        if api:
+            svc.start_api()
         return svc
 
     yield make
@@ -329,7 +331,7 @@ def health_probe(svc: Service, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_worker_health_probe_reads_the_registry(stack: Stack) -> None:
-    svc = stack()
+    svc = stack(api=False)  # the probe reads Redis only
     r = rclient(svc)
     host = socket.gethostname()
 

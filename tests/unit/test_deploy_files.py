@@ -20,7 +20,8 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.procs import ROOT
+
 DOCKERFILE, COMPOSE, ENV_EXAMPLE, PYPROJECT = "Dockerfile", "docker-compose.yml", "deploy/env.example", "pyproject.toml"
 MINIO_INIT = "deploy/minio/init.sh"
 SECRETS = ("SDXL_API_KEYS", "SDXL_WEBHOOK_SECRETS", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",

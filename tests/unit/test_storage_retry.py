@@ -18,8 +18,8 @@ import pytest
 
 from common.storage import LocalStore, StoragePermanentError, StorageUnavailable, StoredObject, put_with_retry
 from common.storage_s3 import S3Store
+from tests.e2e.test_storage_s3 import AWS_ENV, BUCKET, Moto, _ErrorHandler, s3
 from tests.procs import free_port
-from tests.test_storage_s3 import AWS_ENV, BUCKET, Moto, _ErrorHandler, s3
 
 KEY = "generations/gen_x/0.png"
 META = {"sha256": "abc", "generation-id": "gen_x"}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.access import BLOCKER, Key, get, keys_env, post, service_with, wait_final, wait_status
+from tests.access import BLOCKER, Key, get, keys_env, post, wait_final, wait_status
 from tests.procs import ROOT, Service
 
 ALICE = Key("alice")
@@ -27,10 +27,14 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "cli.sdxl
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    env = {"SDXL_API_KEYS": keys_env(ALICE), "SDXL_PROGRESS_INTERVAL_SECONDS": "0"}  # an event per step
-    with service_with(tiny_model, tmp_path_factory.mktemp("cli"), 1, env) as s:
+def svc(shared_stack: Service) -> Iterator[Service]:
+    """An API with keys on, on the shared stack (its worker sends a progress event per step)."""
+    s = shared_stack.view(SDXL_API_KEYS=keys_env(ALICE))
+    try:
+        s.start_api()
         yield s
+    finally:
+        s.stop()
 
 
 def cli_env(svc: Service, key: str | None = ALICE.secret) -> dict[str, str]:

@@ -5,8 +5,6 @@ character in a header), its own plain 400 is the answer; that is asserted and do
 """
 
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,17 +14,11 @@ from tests.procs import RedisServer, Service
 OK = b'{"prompt": "a lighthouse", "width": 128, "height": 128, "num_inference_steps": 4'
 
 
-@pytest.fixture(scope="module")
-def api(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, RedisServer]]:
-    server = RedisServer()
-    server.start()
-    svc = Service(server.url, tiny_model, tmp_path_factory.mktemp("hostile"))
-    try:
-        svc.start_api()
-        yield svc, server
-    finally:
-        svc.stop()
-        server.stop()
+@pytest.fixture
+def api(idle_service: Service) -> tuple[Service, RedisServer]:
+    """An API with no worker on a Redis flushed for this test (tests/e2e/conftest.py)."""
+    assert idle_service.redis_server is not None
+    return idle_service, idle_service.redis_server
 
 
 def nothing_enqueued(server: RedisServer) -> bool:
