@@ -31,7 +31,7 @@ RUN groupadd --system --gid 10001 sdxl \
     && useradd --system --uid 10001 --gid sdxl --home-dir /home/sdxl --create-home \
        --shell /usr/sbin/nologin sdxl
 
-# The `api` extra must not pull in torch (tests/test_deploy_files.py checks this file;
+# The `api` extra must not pull in torch (tests/unit/test_deploy_files.py checks this file;
 # pyproject.toml is the lead's to keep that way).
 RUN --mount=type=bind,source=.,target=/src,rw \
     pip install --no-cache-dir "/src[api]"

@@ -1,4 +1,4 @@
-# Two commands matter: `make run` (serve) and `make test` (the whole suite). Both set everything up first.
+# Two commands matter: `make run` (serve) and `make test` (the suite). Both set everything up first.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -27,9 +27,10 @@ endif
 
 help:
 	@echo "make run    - serve the API on 127.0.0.1:$(PORT) with one worker (tiny model unless SDXL_BASE_MODEL is set)"
-	@echo "make test   - run the whole test suite"
+	@echo "make test   - run the test suite (unit, in-process API, end-to-end), all but the slow fault drills"
 	@echo "make lint   - ruff + mypy"
-	@echo "make bench  - CPU benchmarks (JSON lines)   make load - load run   make chaos - fault drills"
+	@echo "make chaos  - the slow fault drills (kill -9, Redis restarts, outages): pytest -m slow"
+	@echo "make bench  - CPU benchmarks (JSON lines)   make load - load run"
 
 system:
 	@scripts/ensure_system.sh $(if $(REDIS_URL),no,yes)
@@ -58,8 +59,11 @@ test-tools:
 	@scripts/ensure_node_tools.sh
 
 # OMP_NUM_THREADS=1: the tests run API, workers and pytest side by side; torch's threads would fight
+TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR)
+
+# tests/unit, tests/api (in-process) and tests/e2e (real processes); the fault drills (marked slow) are `make chaos`
 test: venv model test-tools
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR) $(PY) -m pytest -q $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 PACKAGES := app worker common cli dispatcher cleanup tools
 
@@ -77,8 +81,9 @@ bench: venv model
 load: venv model
 	HF_HUB_OFFLINE=1 $(PY) bench/load.py
 
+# exactly the tests marked slow: kill -9 and SIGTERM of busy workers, Redis restarts, storage outages
 chaos: venv model
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow tests
+	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .models .data .pytest_cache

@@ -5,7 +5,7 @@
 `app.auth.authenticate` depends on an `HTTPBearer`, so each keyed operation carries its security requirement.
 Every error is RFC 9457 problem+json: FastAPI's own 422 shape never appears because each route with
 parameters declares 422 itself. `install` adds only what is not declared (see there).
-`make openapi` writes the result to openapi/openapi.json; tests/test_openapi.py keeps the two equal and lints it.
+`make openapi` writes the result to openapi/openapi.json; tests/unit/test_openapi.py keeps the two equal and lints it.
 """
 
 from typing import Any

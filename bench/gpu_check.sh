@@ -18,5 +18,5 @@ fi
   python3 -c 'import sys, torch, diffusers, transformers, pydantic; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "diffusers", diffusers.__version__, "transformers", transformers.__version__, "pydantic", pydantic.__version__)'
 } 2>&1 | tee "$out/versions.txt"
 # conftest.py pulls in the service's test fixtures (Redis, FastAPI, ...); the GPU tests need none of them
-python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/test_models.py 2>&1 | tee "$out/gpu_tests.txt"
+python3 -m pytest --noconftest -p no:cacheprovider -q -m gpu tests/unit/test_models.py 2>&1 | tee "$out/gpu_tests.txt"
 python3 bench/pipeline.py --runs "${RUNS:-3}" 2>&1 | tee "$out/pipeline.jsonl"

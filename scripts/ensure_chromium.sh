@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure headless Chromium and its WebDriver are there for the playground's browser test
-# (tests/test_playground.py drives /usr/bin/chromium through /usr/bin/chromedriver). Installs Debian's
+# (tests/e2e/test_playground.py drives /usr/bin/chromium through /usr/bin/chromedriver). Installs Debian's
 # `chromium` and `chromium-driver` with apt-get when running as root on Debian/Ubuntu; elsewhere it says how,
 # and exits 0 so that `make test` goes on (the browser test then skips, naming what is missing).
 set -euo pipefail

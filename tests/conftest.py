@@ -15,6 +15,19 @@ from tests.procs import ROOT, RedisServer, Service
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+LAYERS = ("tests/unit/", "tests/api/")  # run first, in this order; everything else (end-to-end) after them
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Unit, then in-process API, then end-to-end tests (each in collection order): the quick layers answer
+    first, and the workers tests/e2e/conftest.py starts when collection ends load while they run."""
+
+    def layer(item: pytest.Item) -> int:
+        path = Path(str(item.path)).resolve().relative_to(ROOT).as_posix()
+        return next((i for i, prefix in enumerate(LAYERS) if path.startswith(prefix)), len(LAYERS))
+
+    items.sort(key=layer)  # stable: module and test order within a layer stay as collected
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:

@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/test_fuzz.py: the published spec as the fuzz deployment narrows it.
+"""Schemathesis hooks for tests/e2e/test_fuzz.py: the published spec as the fuzz deployment narrows it.
 
 A deployment's limits (SDXL_MAX_WIDTH, SDXL_MAX_STEPS, ...) are settings, so openapi/openapi.json cannot state
 them. This view writes the fuzz service's own limits into the *request* schema only (responses are checked

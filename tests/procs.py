@@ -180,6 +180,7 @@ class Service:
         return f"http://127.0.0.1:{self.port}"
 
     def start_worker(self, wait_ready: bool = True, **extra: str) -> Proc:
+        assert self.owns_workers, "a view starts no workers: its workers are its base service's"
         wid = f"w{len(self.workers)}-{free_port()}"
         w = Proc([PY, "-m", "worker"], self.env(SDXL_WORKER_ID=wid, **extra), self.data_dir / f"worker-{wid}.log")
         w.worker_id = wid  # type: ignore[attr-defined]

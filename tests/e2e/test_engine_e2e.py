@@ -2,30 +2,24 @@
 
 import io
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.procs import RedisServer, Service, running_service, wait_for
+from tests.procs import Service, wait_for
 from worker.encode import read_manifest
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
 LONG = {"width": 256, "height": 256, "num_inference_steps": 80}
 
 
-@pytest.fixture(scope="module")
-def batching(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    server = RedisServer()
-    server.start()
-    env = {"SDXL_BATCH_MAX": "4", "SDXL_BATCH_WAIT_MS": "300", "SDXL_PROGRESS_INTERVAL_SECONDS": "0"}
-    try:
-        with running_service(server.url, tiny_model, tmp_path_factory.mktemp("batch"), env=env) as svc:
-            yield svc
-    finally:
-        server.stop()
+@pytest.fixture
+def batching(batching_stack: Service) -> Service:
+    """A worker that micro-batches (SDXL_BATCH_MAX=4, SDXL_BATCH_WAIT_MS=300, a progress event per step) and its
+    API, on their own Redis (tests/e2e/conftest.py)."""
+    return batching_stack
 
 
 def post(svc: Service, body: dict, prefer: str | None = None) -> httpx.Response:

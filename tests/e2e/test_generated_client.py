@@ -195,7 +195,7 @@ def _no_constants(name: str) -> None:
 
 
 def test_every_scheduler_answers_strict_json(sdxl: SimpleNamespace, client: Any) -> None:
-    # found by tests/test_fuzz.py: DPM-Solver's config holds -inf, and the manifest carried it into the answer
+    # found by tests/e2e/test_fuzz.py: DPM-Solver's config holds -inf, and the manifest carried it into the answer
     for scheduler in sdxl.models.GenerationCreateScheduler:
         res = sdxl.create_generation.sync_detailed(
             client=client, body=body(sdxl, scheduler=scheduler.value, num_inference_steps=2), prefer="wait=30"

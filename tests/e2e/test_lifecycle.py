@@ -240,6 +240,7 @@ def test_a_redis_kill_longer_than_the_lease_ends_on_attempt_2(stack: Stack) -> N
 # --- start-up ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a worker start (imports and all) only to fail: many seconds
 def test_worker_with_a_broken_model_path_exits_2(stack: Stack, tmp_path: Path) -> None:
     svc = stack()
     w = svc.start_worker(wait_ready=False, SDXL_BASE_MODEL=str(tmp_path / "no-such-model"))

@@ -169,6 +169,8 @@ def test_unreachable_endpoint_is_storage_unavailable(aws_env: None) -> None:
 class _ErrorHandler(BaseHTTPRequestHandler):
     status = 503
     code = "SlowDown"
+    # HTTP/1.1 answers botocore's `Expect: 100-continue` at once (under 1.0 it waits a second per PUT)
+    protocol_version = "HTTP/1.1"
 
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -189,7 +191,7 @@ class _ErrorHandler(BaseHTTPRequestHandler):
 def test_server_errors_are_storage_unavailable(aws_env: None, status: int, code: str) -> None:
     handler = type("H", (_ErrorHandler,), {"status": status, "code": code})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown() within 50 ms
     try:
         store = S3Store(
             BUCKET, endpoint_url=f"http://127.0.0.1:{server.server_port}", addressing_style="path", max_attempts=1

@@ -8,7 +8,6 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 import redis
 
 from app.auth import hash_key
-from tests.procs import RedisServer, Service, wait_for
+from tests.procs import Service, wait_for
 from tests.webhook_receiver import Receiver
 
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 4}
@@ -35,9 +34,10 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture(scope="module")
-def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Receiver) -> Iterator[Service]:
-    server = RedisServer()
-    server.start()
+def svc(webhooks_stack: Service, receiver: Receiver) -> Iterator[Service]:
+    """An API and a dispatcher with these webhook settings on the webhooks stack's Redis and worker, whose own
+    setting (a progress webhook at most every 0.2 s) is in tests/e2e/conftest.py."""
+    assert webhooks_stack.extra == {"SDXL_WEBHOOK_PROGRESS_INTERVAL_SECONDS": "0.2"}
     env = {
         "SDXL_WEBHOOK_SECRETS": f"{SECRET_A},{SECRET_B}",
         "SDXL_WEBHOOK_ALLOW_ADDRESSES": f"127.0.0.1:{receiver.port}",  # the receiver only, nothing else local
@@ -45,19 +45,14 @@ def svc(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, receiver: Re
         "SDXL_WEBHOOK_RETRY_SCHEDULE": ",".join(map(str, SCHEDULE)),
         "SDXL_WEBHOOK_TIMEOUT_SECONDS": "1",
         "SDXL_WEBHOOK_PUMP_INTERVAL_SECONDS": "0.05",
-        "SDXL_WEBHOOK_PROGRESS_INTERVAL_SECONDS": "0.2",
     }
-    service = Service(server.url, tiny_model, tmp_path_factory.mktemp("webhooks"), env)
+    service = webhooks_stack.view(**env)
     try:
-        w = service.start_worker(wait_ready=False)  # loads its models while the API and the dispatcher start
         service.start_api()
         service.start_dispatcher()
-        service.wait_worker_ready(w.worker_id)  # type: ignore[attr-defined]
-        service.redis_server = server
         yield service
     finally:
         service.stop()
-        server.stop()
 
 
 def tag() -> str:

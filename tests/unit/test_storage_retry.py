@@ -237,10 +237,7 @@ def test_s3_error_codes(aws: None, status: int, code: str, permanent: bool) -> N
     """A stub endpoint answering every request with one S3 error: the permanent codes get exactly one request."""
     seen: list[str] = []
 
-    class Handler(_ErrorHandler):
-        # HTTP/1.1 answers botocore's `Expect: 100-continue` at once (under 1.0 it waits a second per PUT)
-        protocol_version = "HTTP/1.1"
-
+    class Handler(_ErrorHandler):  # HTTP/1.1, as _ErrorHandler: no second's wait on `Expect: 100-continue`
         def _answer(self) -> None:
             seen.append(self.command)
             super()._answer()
@@ -249,7 +246,7 @@ def test_s3_error_codes(aws: None, status: int, code: str, permanent: bool) -> N
 
     Handler.status, Handler.code = status, code
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # shutdown() within 50 ms
     try:
         # botocore's own retries (standard mode, 3 attempts) stay on, as in production, for the permanent codes;
         # the transient ones get one attempt per call so the test does not wait out botocore's backoff
