@@ -7,7 +7,7 @@ cancel (LREM), queue position (LPOS), the one-script submit (CREATE writes the h
 and the reaper's rescue of a job whose worker died between rq's dequeue and our start (RESCUE). Done in Python
 through rq's API, each would be two writes with a crash window between them, not a speed-up to give up.
 
-Every name is read from rq's own classes, and tests/test_rq_contract.py checks the layout against the
+Every name is read from rq's own classes, and tests/unit/test_rq_contract.py checks the layout against the
 pinned rq (a job written this way is dequeued and run by a real rq worker), so an rq upgrade that changes it
 fails the build instead of the service.
 """
