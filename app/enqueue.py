@@ -20,7 +20,7 @@ from common.contract.params import MAX_SEED, GenerationParams, JobPayload, LongP
 from common.contract.records import encode
 from common.contract.status import GenerationStatus, Stage
 from common.retention import RECORD_GRACE_SECONDS
-from common.state import GenerationState, no_image_urls
+from common.state import GenerationState, generation_job, no_image_urls
 
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
@@ -105,8 +105,7 @@ def rq_job_fields(queue: Queue, job_id: str, payload: Any, timeout: int, ttl: in
                   ) -> tuple[str, bytes]:
     """The hash rq's `Queue.create_job(...).save()` would write, as (every field but `data` as JSON text, `data`),
     so CREATE writes it in the same atomic script as the record. Built by rq itself, through its public API."""
-    job = queue.create_job(func, args=[payload], job_id=job_id, timeout=timeout, result_ttl=600,
-                           failure_ttl=ttl, ttl=ttl)
+    job = generation_job(queue, job_id, payload, timeout, ttl, func)
     enc = queue.connection.get_encoder()  # the bytes redis-py would send for each value
     mapping = {name: enc.encode(value) for name, value in job.to_dict().items()}
     data = mapping.pop("data")

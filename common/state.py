@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import redis
 from rq import Queue
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from common import scripts
@@ -255,8 +256,8 @@ class GenerationState:
         payload = JobPayload(generation_id=gen_id, token=token, attempt=attempt, params=rec["params"],
                              request_id=rec.get("request_id") or None)
         ttl = self.settings.generation_ttl_seconds
-        job = self.queue.create_job(keys.RQ_FUNCTION, args=[payload.model_dump(mode="json")], job_id=rq_job_id,
-                                    timeout=self.settings.job_timeout_seconds, result_ttl=600, ttl=ttl)
+        job = generation_job(self.queue, rq_job_id, payload.model_dump(mode="json"),
+                             self.settings.job_timeout_seconds, ttl)
         job.save()
         outcome = as_str(self._requeue(keys=[keys.generation(gen_id), keys.ACTIVE_OWNERS],
                                        args=[expected_token, token, rq_job_id,
@@ -286,6 +287,13 @@ class GenerationState:
         if result == RUNNING:
             self.r.publish(keys.CANCEL_CHANNEL, gen_id)
         return result
+
+
+def generation_job(queue: Queue, job_id: str, payload: Any, timeout: int, ttl: int,
+                   func: str = keys.RQ_FUNCTION) -> Job:
+    """The rq job of one attempt (unsaved): a submit's and a requeue's are built the same way."""
+    return queue.create_job(func, args=[payload], job_id=job_id, timeout=timeout, result_ttl=600,
+                            failure_ttl=ttl, ttl=ttl)
 
 
 def no_image_urls(gen_id: str, img: dict[str, Any]) -> str:

@@ -206,7 +206,7 @@ def assert_rerun_here(svc: Service, gen_id: str, w: Proc) -> None:
 @pytest.mark.slow
 def test_a_stalled_worker_runs_its_own_requeued_attempt(stack: Stack) -> None:
     """SIGSTOP past the lease: cleanup requeues as attempt 2; after SIGCONT the same worker drops attempt 1
-    and runs attempt 2 to the end (a mark kept by generation id used to abort attempt 2 at its first step)."""
+    and runs attempt 2 to the end (a mark kept by generation id would abort attempt 2 at its first step)."""
     svc = stack(SDXL_CLEANUP_INTERVAL_SECONDS="1")
     w = svc.start_worker()
     svc.start_cleanup()
