@@ -16,9 +16,18 @@ from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
 from common.contract import keys, queueing
-from common.contract.params import MAX_SEED, GenerationParams, JobPayload, LongPrompt, RefinerMode, RefinerParams
+from common.contract.params import (
+    MAX_SEED,
+    GenerationParams,
+    InputImage,
+    JobPayload,
+    LongPrompt,
+    RefinerMode,
+    RefinerParams,
+)
 from common.contract.records import encode
 from common.contract.status import GenerationStatus, Stage
+from common.images import nearest_valid_size
 from common.retention import RECORD_GRACE_SECONDS
 from common.state import GenerationState, generation_job, no_image_urls
 
@@ -35,11 +44,58 @@ def nearest_bucket(width: int, height: int) -> tuple[int, int]:
     return min(SDXL_BUCKETS, key=lambda b: abs(b[0] / b[1] - ratio))
 
 
-def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool) -> GenerationParams:
-    """Apply deployment defaults and limits; refuse what this deployment cannot serve (422 at submit)."""
+DEFAULT_STRENGTH = {"img2img": 0.3, "inpaint": 0.9999}  # diffusers' own defaults for each SDXL pipeline
+
+
+def input_size(req: GenerationCreate, settings: Settings, image: InputImage) -> tuple[int, int]:
+    """The output size of an image request: the input's, unless the request names one (then it is resized)."""
+    given = {"width", "height"} & req.model_fields_set
+    if given == {"width", "height"}:
+        return req.width, req.height
+    if given:  # one side named: the other keeps the input's aspect ratio
+        if "width" in given:
+            return req.width, max(8, round(req.width * image.height / image.width / 8) * 8)
+        return max(8, round(req.height * image.width / image.height / 8) * 8), req.height
+    w, h = image.width, image.height
+    if w % 8 or h % 8 or not settings.min_size <= w <= settings.max_width \
+            or not settings.min_size <= h <= settings.max_height:
+        nw = nearest_valid_size(w, settings.min_size, settings.max_width)
+        nh = nearest_valid_size(h, settings.min_size, settings.max_height)
+        raise field_error("image", f"is {w}x{h}; the output takes the input's size, which must be multiples of 8 "
+                          f"between {settings.min_size} and {settings.max_width}x{settings.max_height}: the nearest "
+                          f"valid size is {nw}x{nh}. Send `width` and `height` to have it resized", f"{w}x{h}")
+    return w, h
+
+
+def check_input_fields(req: GenerationCreate, has_image: bool, has_mask: bool) -> None:
+    """What can be refused before any input is fetched or stored."""
+    if has_mask and not has_image:
+        raise field_error("mask_image", "needs `image` (the picture to inpaint)", "<mask without image>")
+    if not has_image and req.strength is not None:
+        raise field_error("strength", "applies to image inputs only; send `image` too", req.strength)
+    if not has_mask and req.padding_mask_crop is not None:
+        raise field_error("padding_mask_crop", "applies to inpainting only; send `mask_image` too",
+                          req.padding_mask_crop)
+
+
+def check_inputs(req: GenerationCreate, image: InputImage | None, mask: InputImage | None) -> None:
+    check_input_fields(req, image is not None, mask is not None)
+    if image is not None and mask is not None and (mask.width, mask.height) != (image.width, image.height):
+        raise field_error("mask_image", f"is {mask.width}x{mask.height} but `image` is {image.width}x"
+                          f"{image.height}; they must be the same size", f"{mask.width}x{mask.height}")
+
+
+def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, image: InputImage | None = None,
+            mask: InputImage | None = None) -> GenerationParams:
+    """Apply deployment defaults and limits; refuse what this deployment cannot serve (422 at submit).
+
+    `image`/`mask`: the request's inputs, already stored (app/uploads.py)."""
+    check_inputs(req, image, mask)
     width, height = req.width, req.height
     if req.snap_to_bucket:
         width, height = nearest_bucket(width, height)
+    if image is not None and not req.snap_to_bucket:
+        width, height = input_size(req, settings, image)
     for name, value, hi in (("width", width, settings.max_width), ("height", height, settings.max_height)):
         if not settings.min_size <= value <= hi:
             raise field_error(name, f"must be between {settings.min_size} and {hi} but is {value}", value)
@@ -57,12 +113,22 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool) 
         if text is not None and len(text) > settings.max_prompt_chars:
             raise field_error(name, f"must be at most {settings.max_prompt_chars} characters", text[:50] + "...")
     mode = req.refiner.mode or settings.resolved_default_refiner_mode
+    if mask is not None and req.padding_mask_crop is not None and mode == RefinerMode.ensemble:
+        # the refiner would finish latents of the crop, not of the picture: no ensemble with a crop
+        if req.refiner.mode == RefinerMode.ensemble:
+            raise field_error("refiner.mode", "cannot be `ensemble` with `padding_mask_crop`; use `img2img` or "
+                              "`none`", "ensemble")
+        mode = RefinerMode.none  # the deployment's default gives way (the resolved params say so)
     if mode != RefinerMode.none and not refiner_available:
         raise field_error("refiner.mode", "needs a refiner, and this deployment has none", mode.value)
     refiner = RefinerParams(**{**req.refiner.model_dump(), "mode": mode})
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    data = req.model_dump(exclude={"snap_to_bucket", "priority", "deadline", "webhook", "refiner", "seed"})
-    return GenerationParams(**{**data, "width": width, "height": height, "seed": seed, "refiner": refiner})
+    data = req.model_dump(exclude={"snap_to_bucket", "priority", "deadline", "webhook", "refiner", "seed", "image",
+                                   "mask_image", "strength"})
+    input_mode = "inpaint" if mask else "img2img" if image else None
+    strength = (req.strength or DEFAULT_STRENGTH[input_mode]) if input_mode else None
+    return GenerationParams(**{**data, "width": width, "height": height, "seed": seed, "refiner": refiner,
+                               "image": image, "mask_image": mask, "strength": strength})
 
 
 def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> dict[str, int] | None:

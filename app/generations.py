@@ -13,7 +13,7 @@ from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import Principal
-from app.enqueue import Enqueuer, resolve, token_counts
+from app.enqueue import Enqueuer, check_input_fields, new_generation_id, resolve, token_counts
 from app.errors import Problem, field_error
 from app.idempotency import IdempotencyStore
 from app.limits import Limiter
@@ -21,9 +21,11 @@ from app.model_limits import LimitsCache
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import counter_for
+from app.uploads import UploadService
 from common import scripts, ssrf
 from common.contract import keys
 from common.contract.events import EventType
+from common.contract.params import InputImage
 from common.contract.records import as_str, decode
 from common.contract.resource import render
 from common.contract.status import TERMINAL_STATUSES, GenerationStatus
@@ -54,6 +56,7 @@ class GenerationService:
         self._position = scripts.register(ar, "position")
         self.state = GenerationState(r, settings, self.image_url, ar)
         self.enqueuer = Enqueuer(r, settings, ar, self.state)
+        self.uploads = UploadService(ar, settings, store)
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
@@ -96,18 +99,37 @@ class GenerationService:
                 pass  # Redis is down: requests fail on their own round trips meanwhile
             await asyncio.sleep(1.0)
 
+    async def inputs(self, req: GenerationCreate, principal: Principal, files: dict[str, bytes] | None
+                     ) -> tuple[InputImage | None, InputImage | None]:
+        """The request's image and mask, stored as uploads of the caller (app/uploads.py), or None."""
+        files = files or {}
+        image_src = files.get("image", req.image)
+        mask_src = files.get("mask_image", req.mask_image)
+        check_input_fields(req, image_src is not None, mask_src is not None)  # before fetching or storing
+        image = await self.uploads.resolve(image_src, "image", principal) if image_src is not None else None
+        mask = await self.uploads.resolve(mask_src, "mask_image", principal, as_mask=True) \
+            if mask_src is not None else None
+        return image, mask
+
     async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None,
-                     gen_id: str | None = None) -> dict[str, Any]:
+                     gen_id: str | None = None, files: dict[str, bytes] | None = None) -> dict[str, Any]:
         if req.priority > principal.limits.max_priority:
             raise field_error("priority", f"must be at most {principal.limits.max_priority} for this API key",
                               req.priority)
-        params = resolve(req, self.settings, await self.refiner_available())
+        refiner_ok = await self.refiner_available()
+        resolve(req.model_copy(update={"image": None, "mask_image": None, "strength": None,
+                                       "padding_mask_crop": None}), self.settings, refiner_ok)  # cheap 422s first
+        image, mask = await self.inputs(req, principal, files)
+        params = resolve(req, self.settings, refiner_ok, image, mask)
         self.model_limits.get().check(params)
         counts = token_counts(params, counter_for(self.settings.base_model))
         webhook = req.webhook.model_dump() if req.webhook else None
         if webhook:  # pin the approved address: delivery connects there, never to a fresh DNS answer
             webhook["address"] = await run_in_threadpool(
                 approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
+        gen_id = gen_id or new_generation_id()
+        # before the record exists: an upload DELETE that runs meanwhile sees this generation as its user
+        await self.uploads.mark_used(gen_id, [ref for ref in (image, mask) if ref is not None])
         # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
         fields, create_keys, args = self.enqueuer.prepare(
             params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, gen_id=gen_id,
@@ -225,13 +247,15 @@ class GenerationService:
         await run_in_threadpool(self._delete_sync, gen_id, rec)
 
     # --- images -----------------------------------------------------------------------------------
-    async def image(self, gen_id: str, index: int, principal: Principal) -> tuple[bytes, str] | str:
+    async def image(self, gen_id: str, index: int, principal: Principal, redirect: bool = True
+                    ) -> tuple[bytes, str] | str:
+        """The image's bytes and content type, or (presigned mode, `redirect`) its presigned URL."""
         rec = await self._image_record(gen_id, principal)
         images = {img["index"]: img for img in rec.get("images") or []}
         if index not in images:
             raise Problem(404, f"generation `{gen_id}` has no image {index}", kind="image-not-found")
         img = images[index]
-        if self.settings.image_url_mode == "presigned":
+        if redirect and self.settings.image_url_mode == "presigned":
             url = self.store.presigned_url(img["key"])
             if url:
                 return url

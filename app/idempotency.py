@@ -60,7 +60,8 @@ class IdempotencyStore:
 
 
 async def create_once(
-    service: Any, req: GenerationCreate, principal: Principal, request_id: str | None, key: str, raw_body: bytes
+    service: Any, req: GenerationCreate, principal: Principal, request_id: str | None, key: str, raw_body: bytes,
+    files: dict[str, bytes] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Create the generation, or return the one this key already created: (resource, replayed)."""
     if not KEY_RE.match(key):
@@ -83,7 +84,7 @@ async def create_once(
         held = await store.claim(principal.owner, key, fp, gen_id)
         if held is None:
             try:
-                return await service.create(req, principal, request_id, gen_id=gen_id), False
+                return await service.create(req, principal, request_id, gen_id=gen_id, files=files), False
             except Exception:
                 await store.release(principal.owner, key, gen_id)  # refused or failed: a retry may try again
                 raise

@@ -15,10 +15,13 @@ from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
-from app.routes import events, generations, health, metrics, playground, webhooks
+from app.routes import events, generations, health, metrics, playground, uploads, webhooks
 from app.settings import Settings, get_settings
 from common import logs
 from common.storage import ObjectStore, build_store
+
+# routes whose bodies may carry images: the image body limit, and multipart or raw image bodies besides JSON
+IMAGE_ROUTES = ("/v1/generations", "/v1/image-uploads", "/v1/images/edits")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -43,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             registry_watch.cancel()
             stop_watching()
+            await app.state.service.uploads.fetcher.aclose()
             await ar.aclose()
             r.close()
 
@@ -67,9 +71,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(generations.router)
     app.include_router(events.router)
     app.include_router(webhooks.router)
+    app.include_router(uploads.router)
     app.include_router(metrics.router)
     app.include_router(playground.router)  # the web page at / (no key needed to load it)
-    app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes, max_headers=settings.max_headers,
+    app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes,
+                       image_routes=IMAGE_ROUTES, max_image_bytes=settings.max_image_body_bytes,
+                       max_headers=settings.max_headers,
                        max_header_bytes=settings.max_header_bytes, read_timeout=settings.body_read_timeout_seconds)
     app.add_middleware(ObservabilityMiddleware, metrics=http_metrics)  # inside RequestId: sees the request id
     app.add_middleware(RequestIdMiddleware)

@@ -14,6 +14,7 @@ from app.errors import Problem, problem_response
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 9110 field values: no control characters but HTAB (h11 lets \x01-\x1f and DEL through)
 CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+IMAGE_ROUTE_TYPES = (b"application/json", b"multipart/form-data", b"image/png", b"image/jpeg", b"image/webp")
 
 
 class RequestIdMiddleware:
@@ -48,9 +49,13 @@ class RequestGuardMiddleware:
     and the connection closes (a client that declares 100 bytes and sends one must not hold it)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_headers: int = 100, max_header_bytes: int = 16384,
-                 read_timeout: float = 30.0) -> None:
+                 read_timeout: float = 30.0, image_routes: tuple[str, ...] = (), max_image_bytes: int = 0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        # routes that carry images: their own (larger) limit, and multipart or raw image bodies besides JSON;
+        # JSON without an image is held to `max_bytes` there too, once parsed (app/image_inputs.py)
+        self.image_routes = frozenset(image_routes)
+        self.max_image_bytes = max(max_image_bytes, max_bytes)
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         self.read_timeout = read_timeout
@@ -79,16 +84,20 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(raw)
+        images = scope["path"].rstrip("/") in self.image_routes
+        max_bytes = self.max_image_bytes if images else self.max_bytes
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await self._reject(scope, send, Problem(413, f"request body exceeds {self.max_bytes} bytes"))
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
+            await self._reject(scope, send, Problem(413, f"request body exceeds {max_bytes} bytes"))
             return
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         has_body = length not in (None, b"0") or b"transfer-encoding" in headers
-        if has_body and ctype != b"application/json":
+        accepted = IMAGE_ROUTE_TYPES if images else (b"application/json",)
+        if has_body and ctype not in accepted:
+            names = " or ".join(t.decode() for t in accepted)
             await self._reject(
                 scope, send,
-                Problem(415, f"Content-Type must be application/json, not {ctype.decode('latin-1') or 'absent'!r}"),
+                Problem(415, f"Content-Type must be {names}, not {ctype.decode('latin-1') or 'absent'!r}"),
             )
             return
         received = 0
@@ -106,8 +115,8 @@ class RequestGuardMiddleware:
                                     "(SDXL_BODY_READ_TIMEOUT_SECONDS)", headers={"Connection": "close"}) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _Refused(413, f"request body exceeds {self.max_bytes} bytes")
+                if received > max_bytes:
+                    raise _Refused(413, f"request body exceeds {max_bytes} bytes")
                 body_done = not message.get("more_body", False)
             return message
 

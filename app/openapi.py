@@ -15,7 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.models import Schema
 
 from app.errors import PROBLEM_JSON, TITLES, TYPE_BASE
-from app.schemas import ProblemDetails
+from app.schemas import GenerationCreate, ProblemDetails
 
 TITLE = "SDXL inference service"
 VERSION = "1.0.0"
@@ -247,6 +247,32 @@ PROBLEM_SCHEMAS: dict[str, Any] = {
     for name, schema in {"ProblemDetails": _problem_schema, **_problem_schema.pop("$defs", {})}.items()
 }
 
+# Routes that take JSON or multipart/form-data read their body themselves (app/image_inputs.py), so FastAPI sees
+# no body model: their request schemas are registered here, encoded the same way, and the bodies declared below.
+_schemas_of = [GenerationCreate.model_json_schema(ref_template="#/components/schemas/{model}")]
+REQUEST_SCHEMAS: dict[str, Any] = {}
+for _schema in _schemas_of:
+    REQUEST_SCHEMAS.update({name: jsonable_encoder(Schema(**s), by_alias=True, exclude_none=True)
+                            for name, s in {_schema.get("title", ""): _schema, **_schema.pop("$defs", {})}.items()})
+BINARY_PART = {"type": "string", "format": "binary"}
+
+
+def generation_request_body() -> dict[str, Any]:
+    """POST /v1/generations: JSON, or multipart with the images as file parts and the rest as a JSON part."""
+    ref = {"$ref": "#/components/schemas/GenerationCreate"}
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ref},
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["request"], "properties": {
+                "request": {**ref, "description": "Every field but the images, as JSON"},
+                "image": {**BINARY_PART, "description": "The input image (PNG, JPEG or WebP)"},
+                "mask_image": {**BINARY_PART, "description": "Inpainting mask: white is repainted"},
+            }},
+            "encoding": {"request": {"contentType": "application/json"}},
+        },
+    }}}
+
+
 # Canonical header names and examples: declarable in the route signatures (Header(alias=..., example=...)), which
 # this module's change leaves alone; until they carry them, (in, name) -> what is set here
 def install(app: FastAPI) -> None:
@@ -255,7 +281,7 @@ def install(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         doc = FastAPI.openapi(app)  # cached by FastAPI until the routes change; the additions below are idempotent
-        doc.setdefault("components", {}).setdefault("schemas", {}).update(PROBLEM_SCHEMAS)
+        doc.setdefault("components", {}).setdefault("schemas", {}).update({**REQUEST_SCHEMAS, **PROBLEM_SCHEMAS})
         return doc
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -72,6 +72,21 @@ class GenerationCreate(BaseModel):
     priority: int = Field(0, ge=0, le=2, description="Orders this key's own queued work (higher first)")
     deadline: float | None = Field(None, gt=0, le=86400, description="Seconds this may wait in the queue")
     webhook: WebhookCreate | None = None
+    image: str | None = Field(
+        None, description="Image to image, or inpainting with `mask_image`: an image upload id (`upl_...`), a "
+        "base64 `data:` URI, or an https URL the API fetches at submit. PNG, JPEG or WebP; EXIF orientation is "
+        "applied and alpha flattened onto white. The output takes its size unless `width`/`height` are given "
+        "(then it is resized to them). In multipart/form-data, a file part.",
+        examples=["upl_3q2Vd0yq8zS0mN6pW1xYbA"])
+    mask_image: str | None = Field(
+        None, description="Inpainting: white is repainted, black kept; the same size as `image`, grayscale. "
+        "Same forms as `image`.")
+    strength: float | None = Field(
+        None, gt=0.0, le=1.0, description="How much of `image` is re-noised: 0.3 by default for image to image, "
+        "0.9999 for inpainting (diffusers' defaults)")
+    padding_mask_crop: int | None = Field(
+        None, ge=0, le=1024, description="Inpainting: repaint only the mask's bounding box grown by this many "
+        "pixels, at full resolution, and paste it back")
 
     @field_validator("prompt", "prompt_2")
     @classmethod
@@ -201,3 +216,22 @@ class GenerationList(BaseModel):
 
     data: list[Generation]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page; null on the last page")
+
+
+class ImageUpload(BaseModel):
+    """A stored input image, referenced by `id` from the `image` or `mask_image` of any number of generations."""
+
+    id: str = Field(..., examples=["upl_3q2Vd0yq8zS0mN6pW1xYbA"])
+    content_type: str = Field(..., examples=["image/png"])
+    width: int = Field(..., description="After EXIF orientation", examples=[1024])
+    height: int = Field(..., examples=[1024])
+    bytes: int = Field(..., examples=[1523342])
+    sha256: str = Field(..., description="Hex sha256 of the bytes as received (the manifest records it)",
+                        examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"])
+    created_at: str = Field(..., examples=["2025-01-01T12:00:00.000Z"])
+    expires_at: str = Field(..., description="When it is deleted (unless an unfinished generation still uses it)",
+                            examples=["2025-01-02T12:00:00.000Z"])
+
+
+class ImageUploadList(BaseModel):
+    data: list[ImageUpload] = Field(..., description="This key's live uploads, newest first")

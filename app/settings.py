@@ -33,7 +33,20 @@ class Settings(CommonSettings):
     max_images_per_prompt: int = 4
     max_prompt_chars: int = 4000
     max_wait_seconds: int = 60
-    max_body_bytes: int = 65536
+    max_body_bytes: int = 65536  # JSON without images
+    # input images (app/uploads.py, app/image_inputs.py; docs/images.md)
+    max_image_body_bytes: int = Field(default=20 * 1024 * 1024, ge=65536)  # routes that carry images
+    upload_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    max_uploads_per_key: int = Field(default=100, ge=1)  # live uploads per API key
+    max_upload_bytes_per_key: int = Field(default=512 * 1024 * 1024, ge=1)
+    # `image` given as an URL: fetched at submit through the same SSRF rules as webhooks, with its own allows
+    image_fetch_allow_addresses: str = ""  # comma-separated IPs or ip:port allowed even if private/loopback
+    image_fetch_allow_http: bool = False
+    image_fetch_timeout_seconds: float = Field(default=10.0, gt=0)  # the whole fetch, body included
+    image_fetch_max_redirects: int = Field(default=3, ge=0)  # each hop is checked against the policy again
+    # signed, expiring image URLs for clients without our key (OpenAI's `response_format: url`, local storage)
+    url_signing_secret: SecretStr | None = None  # unset: one random secret kept in Redis, shared by replicas
+    signed_url_seconds: int = Field(default=3600, ge=10)
 
     # the deployment's model: tokenizers for token counts, and whether a refiner exists
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"

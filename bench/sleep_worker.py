@@ -28,8 +28,8 @@ class SleepEngine:
         self.refiner = None
         SleepEngine.load_count += 1
 
-    def run(self, params: GenerationParams, specs: list[pipeline.ImageSpec], hook: pipeline.StepHook
-            ) -> tuple[list[Image.Image], pipeline.StageTimes]:
+    def run(self, params: GenerationParams, specs: list[pipeline.ImageSpec], hook: pipeline.StepHook,
+            inputs: pipeline.Inputs | None = None) -> tuple[list[Image.Image], pipeline.StageTimes]:
         steps = params.num_inference_steps
         progress = pipeline.Progress(total_steps=steps)
         t0 = time.monotonic()

@@ -18,5 +18,7 @@ class CommonSettings(StorageSettings):
     max_attempts: int = 2  # runs of a generation before it fails `worker_lost`
     lease_seconds: int = 12  # a worker silent this long is presumed dead and its job requeued
     webhook_progress_interval_seconds: float = 2.0  # progress webhooks: at most one per generation per this
+    # input images (common/images.py): checked from the header before decoding, in the API and the worker
+    max_input_pixels: int = Field(default=16 * 1024 * 1024, ge=64 * 64)
     log_level: str = "INFO"
     log_prompts: bool = False  # prompts stay out of the logs unless this is on

@@ -231,6 +231,18 @@ def check_url(url: str, policy: Policy, resolver: Resolver = system_resolver) ->
     return CheckedUrl(url=url, scheme=scheme, host=host, port=port, address=str(approved[0]))
 
 
+def pinned_target(url: str, address: str) -> tuple[httpx.URL, str, dict[str, Any]]:
+    """Where to connect for `url` pinned to `address`, and what to present there: (URL with the address as its
+    host, the Host header, the request extensions that keep TLS SNI and the certificate check on the name)."""
+    target = httpx.URL(url)
+    host = target.host
+    host_header = f"[{host}]" if ":" in host else host
+    if target.port is not None:
+        host_header += f":{target.port}"
+    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    return target.copy_with(host=address, fragment=None), host_header, extensions
+
+
 def recheck_address(address: str, port: int, policy: Policy) -> str | None:
     """At delivery: is the pinned address still allowed under the current policy? (No DNS.)"""
     try:

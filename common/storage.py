@@ -210,6 +210,7 @@ class StorageSettings(BaseSettings):
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path = Path(".data/images")
     storage_prefix: str = "generations/"
+    upload_prefix: str = "uploads/"  # input images (POST /v1/image-uploads, and every image a request carries)
     image_url_mode: Literal["api", "presigned"] = "api"
     # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
     s3_bucket: str = ""

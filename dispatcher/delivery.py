@@ -134,15 +134,10 @@ def sign_headers(signers: list[Webhook], msg_id: str, body: str, ts: int) -> dic
 
 def pinned_request(client: httpx.Client, url: str, address: str, body: str, headers: dict[str, str]) -> httpx.Request:
     """POST to `address` while presenting the URL's own host (Host header, TLS SNI and certificate check)."""
-    target = httpx.URL(url)
-    host = target.host
-    host_header = f"[{host}]" if ":" in host else host
-    if target.port is not None:
-        host_header += f":{target.port}"
-    extensions = {"sni_hostname": host} if target.scheme == "https" else {}
+    target, host_header, extensions = ssrf.pinned_target(url, address)
     return client.build_request(
         "POST",
-        target.copy_with(host=address, fragment=None),
+        target,
         content=body.encode(),
         headers={**headers, "host": host_header},
         extensions=extensions,

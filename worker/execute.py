@@ -11,16 +11,25 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import redis
+from PIL import Image
 
-from common.contract.params import GenerationParams
+from common import images as input_images
+from common.contract.params import GenerationParams, InputImage
 from common.contract.status import ErrorType
+from common.storage import ObjectNotFound, StorageUnavailable
 from worker.attempt import Member, progress_value
-from worker.pipeline import ImageSpec, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
+from worker.pipeline import ImageSpec, Inputs, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
 
 if TYPE_CHECKING:
     from worker.runner import Runner
 
 log = logging.getLogger("worker.execute")
+
+
+class InputUnavailable(Exception):
+    def __init__(self, error_type: ErrorType, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
 
 
 class Executing:
@@ -45,13 +54,21 @@ class Executing:
                 last_flush[0], last_flush[1] = now, progress.stage
                 self.publish_progress(members, progress)
 
+        try:
+            inputs = self.load_inputs(params)
+        except InputUnavailable as exc:
+            self.fail_all(members, exc.error_type, str(exc))
+            return
+        except input_images.InvalidImage as exc:  # checked at submit: only a store that changed the bytes gets here
+            self.fail_all(members, ErrorType.invalid_payload, f"an input image {exc}")
+            return
         active = members
         while active:
             specs = [ImageSpec(m.payload.params.prompt, m.payload.params.prompt_2, m.payload.params.negative_prompt,
                                m.payload.params.negative_prompt_2, m.payload.params.image_seed(i))
                      for m in active for i in range(m.payload.params.num_images_per_prompt)]
             try:
-                images, times = self.run_with_oom_fallback(params, specs, hook)
+                images, times = self.run_with_oom_fallback(params, specs, hook, inputs)
             except StepAbort as abort:
                 if str(abort) == "shutdown":
                     for m in active:
@@ -101,17 +118,47 @@ class Executing:
                                                    times, len(images)))
             return
 
+    def load_inputs(self: "Runner", params: GenerationParams) -> Inputs | None:
+        """The call's image and mask from the object store, decoded as the API checked them, at the output size."""
+        if params.image is None:
+            return None
+        size = (params.width, params.height)
+
+        def fetch(ref: InputImage) -> bytes:
+            try:
+                return self.store.get(ref.key).data
+            except ObjectNotFound:
+                raise InputUnavailable(ErrorType.input_missing,
+                                       f"input image upload `{ref.upload_id}` is gone from storage") from None
+            except StorageUnavailable as exc:
+                raise InputUnavailable(ErrorType.storage_unavailable, f"input image could not be read: {exc}") \
+                    from None
+
+        image = input_images.to_rgb(fetch(params.image), self.settings.max_input_pixels)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
+        mask = None
+        if params.mask_image is not None:
+            mask = input_images.to_mask(fetch(params.mask_image), self.settings.max_input_pixels)
+            if mask.size != size:
+                mask = mask.resize(size, Image.Resampling.LANCZOS)
+        return Inputs(image=image, mask=mask)
+
     def manifest(self: "Runner", params: GenerationParams) -> dict[str, Any]:
+        inputs = {name: {"sha256": ref.sha256, "upload_id": ref.upload_id, "width": ref.width, "height": ref.height}
+                  for name, ref in (("image", params.image), ("mask_image", params.mask_image)) if ref is not None}
         return {
+            "mode": params.mode,
+            **({"inputs": inputs} if inputs else {}),
             "params": params.model_dump(mode="json"),
             "scheduler_config": self.engine.scheduler_config(params.scheduler),
             **self.engine.model_info(),
         }
 
     def run_with_oom_fallback(self: "Runner", params: GenerationParams, specs: list[ImageSpec],
-                              hook: Any) -> tuple[list[Any], Any]:
+                              hook: Any, inputs: Inputs | None = None) -> tuple[list[Any], Any]:
         try:
-            return self.engine.run(params, specs, hook)
+            return self.engine.run(params, specs, hook, inputs)
         except Exception as exc:
             if not is_oom(exc) or len(specs) == 1:
                 raise
@@ -120,7 +167,7 @@ class Executing:
             images: list[Any] = []
             times = None
             for spec in specs:
-                imgs, times = self.engine.run(params, [spec], hook)
+                imgs, times = self.engine.run(params, [spec], hook, inputs)
                 images += imgs
             return images, times
 

@@ -20,7 +20,9 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from PIL import Image
@@ -61,6 +63,14 @@ class ImageSpec:
     negative_prompt: str | None
     negative_prompt_2: str | None
     seed: int
+
+
+@dataclass
+class Inputs:
+    """A call's input image and mask, decoded (common/images.py) and at the output size; shared by its images."""
+
+    image: Image.Image
+    mask: Image.Image | None = None
 
 
 @dataclass
@@ -123,12 +133,34 @@ class Engine:
                 pipe.fuse_qkv_projections()
             if settings.compile_mode:
                 pipe.unet = torch.compile(pipe.unet, mode=settings.compile_mode, fullgraph=False)
+        # image to image and inpainting: the same modules as the text-to-image pipelines (from_pipe shares them,
+        # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it)
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.base)
+        self.inpaint = self._inpaint_pipeline(settings)
+        self.refiner_inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.refiner) if self.refiner else None
+        for pipe in (self.img2img, self.inpaint, self.refiner_inpaint):
+            if pipe is not None:
+                pipe.set_progress_bar_config(disable=True)
         self.watermarker = self._watermarker(settings.watermark)
         self._schedulers: dict[tuple[int, str], Any] = {}
         Engine.load_count += 1
         self.load_seconds = time.monotonic() - t0
         log.info("models loaded", extra={"seconds": round(self.load_seconds, 3), "base": settings.base_model,
                                          "refiner": settings.refiner_model})
+
+    def _inpaint_pipeline(self, settings: WorkerSettings) -> Any:
+        """Inpainting on the base UNet, or on a dedicated inpainting UNet (9 input channels) when one is named:
+        loaded once here, beside the base, for deployments that want its better seams."""
+        if not settings.inpaint_model:
+            return StableDiffusionXLInpaintPipeline.from_pipe(self.base)
+        unet = UNet2DConditionModel.from_pretrained(settings.inpaint_model, subfolder="unet",
+                                                    revision=settings.inpaint_revision, variant=settings.variant,
+                                                    dtype=self.dtype).to(self.device)
+        if settings.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if settings.compile_mode:
+            unet = torch.compile(unet, mode=settings.compile_mode, fullgraph=False)
+        return StableDiffusionXLInpaintPipeline.from_pipe(self.base, unet=unet)
 
     def pipes(self) -> list[Any]:
         return [p for p in (self.base, self.refiner) if p is not None]
@@ -156,6 +188,7 @@ class Engine:
             "base_revision": self.settings.revision,
             "refiner_model": self.settings.refiner_model,
             "refiner_revision": self.settings.refiner_revision or self.settings.revision,
+            "inpaint_model": self.settings.inpaint_model,
             "variant": self.settings.variant,
             "dtype": self.settings.dtype,
             "versions": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
@@ -181,11 +214,15 @@ class Engine:
         return len(sched.timesteps)
 
     # --- running ----------------------------------------------------------------------------------
-    def run(self, params: GenerationParams, specs: list[ImageSpec], hook: StepHook) -> tuple[list[Image.Image],
-                                                                                            StageTimes]:
-        """Base (+ refiner) for every spec with the shared params; returns PIL images in spec order."""
+    def run(self, params: GenerationParams, specs: list[ImageSpec], hook: StepHook, inputs: Inputs | None = None
+            ) -> tuple[list[Image.Image], StageTimes]:
+        """Base (+ refiner) for every spec with the shared params; returns PIL images in spec order.
+
+        `inputs`: image to image (an image) or inpainting (and a mask), as `params.mode` says."""
         times = StageTimes()
         mode = params.refiner.mode if self.refiner is not None else RefinerMode.none
+        if (params.image is None) != (inputs is None):
+            raise ValueError("inputs must be given exactly when params name an image")
         progress = Progress(stage="base")
         full = self.full_step_count(params.scheduler, params.num_inference_steps)
         progress.total_steps = full
@@ -220,22 +257,34 @@ class Engine:
             num_inference_steps=params.num_inference_steps,
             guidance_rescale=params.guidance_rescale,
             **self._micro_conditioning(params),
-            width=params.width,
-            height=params.height,
             output_type="latent",
             callback_on_step_end=callback("base", 0),
         )
-        self.base.scheduler = self.scheduler(self.base, params.scheduler)
+        base_pipe: Any = self.base
+        if inputs is None:
+            base_kwargs.update(width=params.width, height=params.height)
+        elif inputs.mask is None:
+            base_pipe = self.img2img
+            base_kwargs.update(image=inputs.image, strength=params.strength)
+        else:
+            base_pipe = self.inpaint
+            base_kwargs.update(image=inputs.image, mask_image=inputs.mask, strength=params.strength,
+                               width=params.width, height=params.height, padding_mask_crop=params.padding_mask_crop)
+        base_pipe.scheduler = self.scheduler(self.base, params.scheduler)
         if mode == RefinerMode.ensemble:
             base_kwargs["denoising_end"] = params.refiner.denoising_start
-        latents = self.base(**base_kwargs).images
+        latents = base_pipe(**base_kwargs).images
         times.base = time.monotonic() - t0
         base_steps = progress.step
 
         if mode != RefinerMode.none:
             refiner: Any = self.refiner  # diffusers' pipelines are untyped enough to confuse mypy
             assert refiner is not None
-            refiner.scheduler = self.scheduler(refiner, params.scheduler)
+            scheduler = self.scheduler(refiner, params.scheduler)
+            if mode == RefinerMode.ensemble and inputs is not None and inputs.mask is not None:
+                # the refiner finishes the inpainting: it needs the mask too (base latents as its image)
+                refiner = self.refiner_inpaint
+            refiner.scheduler = scheduler
             refiner_kwargs: dict[str, Any] = dict(
                 **refiner_common,
                 aesthetic_score=params.refiner.aesthetic_score,
@@ -248,6 +297,9 @@ class Engine:
             if mode == RefinerMode.ensemble:
                 refiner_kwargs.update(image=latents, num_inference_steps=params.num_inference_steps,
                                       denoising_start=params.refiner.denoising_start)
+                if refiner is self.refiner_inpaint:
+                    assert inputs is not None
+                    refiner_kwargs.update(mask_image=inputs.mask, width=params.width, height=params.height)
             else:
                 progress.stage = "decoding"
                 hook(progress)
@@ -264,6 +316,12 @@ class Engine:
         hook(progress)
         t2 = time.monotonic()
         images = self.to_pil(self.decode(latents))
+        if inputs is not None and inputs.mask is not None and params.padding_mask_crop is not None:
+            # as diffusers does it when it decodes itself: the repainted crop goes back into the original
+            crop = self.inpaint.mask_processor.get_crop_region(inputs.mask, params.width, params.height,
+                                                               pad=params.padding_mask_crop)
+            images = [self.inpaint.image_processor.apply_overlay(inputs.mask, inputs.image, img, crop)
+                      for img in images]
         times.decoding = time.monotonic() - t2
         return images, times
 

@@ -23,6 +23,10 @@ class WorkerSettings(CommonSettings):
     refiner_model: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
     revision: str | None = None
     refiner_revision: str | None = None
+    # a dedicated SDXL inpainting UNet (hub id or directory with `unet/`, e.g. diffusers/stable-diffusion-xl-1.0-
+    # inpainting-0.1), loaded once at start; unset: inpainting runs on the base UNet
+    inpaint_model: str | None = None
+    inpaint_revision: str | None = None
     variant: str | None = None  # "fp16" on the hub's SDXL repos
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"

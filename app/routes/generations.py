@@ -7,15 +7,20 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 
 from app import openapi as oas
+from app.auth import Principal
 from app.deps import PrincipalDep, ServiceDep, SettingsDep
-from app.errors import Problem
+from app.errors import Problem, field_error
+from app.generations import GenerationService
 from app.idempotency import create_once
+from app.image_inputs import read_generation_request
 from app.listing import list_generations as list_page
 from app.schemas import Generation, GenerationCreate, GenerationList
+from common.contract.params import OutputFormat
 from common.contract.status import TERMINAL_STATUSES
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
+IMAGE_ACCEPT = {"image/png": OutputFormat.png, "image/webp": OutputFormat.webp, "image/jpeg": OutputFormat.jpeg}
 PREFER_WAIT = re.compile(r"(?:^|[;,\s])wait\s*=\s*(\d+)")
 GenId = Annotated[str, Path(description="Generation id", max_length=64,
                              openapi_examples={"id": {"value": "gen_3q2Vd0yq8zS0mN6pW1xYbA"}})]
@@ -52,10 +57,10 @@ def prefer_wait(prefer: str | None, max_wait: int) -> int | None:
             "idempotency-key-reused",
         ),
     },
-    summary="Generate images from a prompt",
+    summary="Generate images from a prompt (and optionally an image and a mask)",
+    openapi_extra=oas.generation_request_body(),
 )
 async def create_generation(
-    body: GenerationCreate,
     request: Request,
     service: ServiceDep,
     principal: PrincipalDep,
@@ -67,14 +72,21 @@ async def create_generation(
         description="Repeat-safe submit: the same key and body return the first generation (200), a different "
                     "body 409. Scoped to the API key; kept as long as the generation.", max_length=255,
         json_schema_extra={"pattern": r"^[\x20-\x7e]{1,255}$"})] = None,  # documents app.idempotency.KEY_RE
-) -> JSONResponse:
+    accept: Annotated[str | None, Header(
+        alias="Accept", description="`image/png`, `image/webp`, `image/jpeg` or `image/*` with `Prefer: wait`: "
+                                    "a single image that finishes in time comes back as its bytes (201)")] = None,
+) -> Response:
+    body, files, fingerprinted = await read_generation_request(request, settings, GenerationCreate)
+    image_type = wanted_image_type(accept)
+    if image_type is not None:
+        body = with_accepted_format(body, image_type)
     request_id = getattr(request.state, "request_id", None)
     replayed = False
     if idempotency_key is None:
-        resource = await service.create(body, principal, request_id)
+        resource = await service.create(body, principal, request_id, files=files)
     else:
         resource, replayed = await create_once(service, body, principal, request_id, idempotency_key,
-                                               await request.body())
+                                               fingerprinted, files=files)
     headers = {"Location": service.location(resource["id"])}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
@@ -84,8 +96,57 @@ async def create_generation(
         resource = await service.wait(resource["id"], principal, wait, created=resource)
         if resource["status"] in TERMINAL_STATUSES:
             headers["Preference-Applied"] = f"wait={wait}"
-            return JSONResponse(resource, status_code=200 if replayed else 201, headers=headers)
+            status = 200 if replayed else 201
+            if image_type is not None and resource["status"] == "succeeded" and len(resource["images"]) == 1:
+                return await image_answer(service, principal, resource, headers, status)
+            return JSONResponse(resource, status_code=status, headers=headers)
     return JSONResponse(resource, status_code=200 if replayed else 202, headers=headers)
+
+
+def wanted_image_type(accept: str | None) -> str | None:
+    """The image type `Accept` prefers over JSON (`image/*` -> whatever the request's format is), or None."""
+    if not accept:
+        return None
+    ranges = []
+    for i, part in enumerate(accept.split(",")):
+        media, *params = (x.strip() for x in part.split(";"))
+        q = 1.0
+        for param in params:
+            if param.lower().startswith("q="):
+                try:
+                    q = float(param[2:])
+                except ValueError:
+                    q = 0.0
+        ranges.append((-q, i, media.lower()))
+    for _q, _i, media in sorted(ranges):
+        if media in IMAGE_ACCEPT or media == "image/*":
+            return media
+        if media in ("application/json", "*/*", "application/*"):
+            return None
+    return None
+
+
+def with_accepted_format(body: GenerationCreate, image_type: str) -> GenerationCreate:
+    """`Accept: image/webp` sets the output format, unless the body names another one (then 422: no guessing)."""
+    if image_type == "image/*":
+        return body
+    fmt = IMAGE_ACCEPT[image_type]
+    if "output_format" in body.model_fields_set and body.output_format != fmt:
+        raise field_error("output_format", f"is {body.output_format.value} but Accept asks for {image_type}",
+                          body.output_format.value)
+    return body.model_copy(update={"output_format": fmt})
+
+
+async def image_answer(service: GenerationService, principal: Principal, resource: dict[str, Any],
+                       headers: dict[str, str], status: int) -> Response:
+    """One call, image out: the bytes, and what identifies them in headers (the JSON stays one GET away)."""
+    img = resource["images"][0]
+    result = await service.image(resource["id"], 0, principal, redirect=False)
+    assert not isinstance(result, str)  # redirect=False: always the bytes
+    data, content_type = result
+    headers = {**headers, "X-Generation-Id": resource["id"], "X-Seed": str(img["seed"]),
+               "X-Image-Sha256": img["sha256"], "Cache-Control": "private, max-age=3600"}
+    return Response(data, status_code=status, media_type=content_type, headers=headers)
 
 
 @router.get(

@@ -76,3 +76,27 @@ def active(owner: str) -> str:
 def idempotency(owner: str, key_digest: str) -> str:
     """String "<body sha256> <gen id> <claimed ms>" for one Idempotency-Key of one owner (app/idempotency.py)."""
     return f"{PREFIX}:idem:{owner}:{key_digest}"
+
+
+# input images (app/uploads.py): each upload's record, and per owner the ids (by expiry) and their sizes
+UPLOAD_EXPIRY = f"{PREFIX}:upload-expiry"  # zset: upload id -> expires_at (cleanup deletes the bytes)
+
+
+def upload(upload_id: str) -> str:
+    """Hash: owner, key, sha256, bytes, width, height, content_type, created_at, expires_at."""
+    return f"{PREFIX}:upload:{upload_id}"
+
+
+def owner_uploads(owner: str) -> str:
+    """Zset: the owner's upload ids -> expires_at (listing, and the per-key count limit)."""
+    return f"{PREFIX}:uploads:{owner}"
+
+
+def owner_upload_bytes(owner: str) -> str:
+    """Hash: the owner's upload ids -> size in bytes (the per-key byte limit)."""
+    return f"{PREFIX}:upload-bytes:{owner}"
+
+
+def upload_users(upload_id: str) -> str:
+    """Set: generation ids that reference the upload (DELETE answers 409 while one of them is unfinished)."""
+    return f"{PREFIX}:upload-users:{upload_id}"

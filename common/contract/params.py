@@ -47,6 +47,18 @@ class RefinerParams(BaseModel):
     negative_aesthetic_score: float = 2.5
 
 
+class InputImage(BaseModel):
+    """An input image (or mask) as the worker fetches it: an upload in the object store (app/uploads.py)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    upload_id: str
+    key: str  # object-store key of the bytes as received
+    sha256: str  # of those bytes: the manifest's proof of what went in
+    width: int  # after EXIF orientation
+    height: int
+
+
 class GenerationParams(BaseModel):
     """Every parameter of one generation, fully resolved by the API."""
 
@@ -76,6 +88,16 @@ class GenerationParams(BaseModel):
     output_format: OutputFormat = OutputFormat.png
     output_quality: int = 90
     long_prompt: LongPrompt = LongPrompt.chunk
+    # image to image: `image` alone; inpainting: `image` and `mask_image` (white: repaint). Resized to
+    # width x height by the worker when they differ from the image's size (asked for explicitly at submit).
+    image: InputImage | None = None
+    mask_image: InputImage | None = None
+    strength: float | None = None  # set whenever `image` is: diffusers' defaults per mode, resolved by the API
+    padding_mask_crop: int | None = None
+
+    @property
+    def mode(self) -> str:
+        return "inpaint" if self.mask_image else "img2img" if self.image else "text2img"
 
     def image_seed(self, index: int) -> int:
         return (self.seed + index) % (MAX_SEED + 1)
@@ -84,8 +106,12 @@ class GenerationParams(BaseModel):
         """Jobs with equal keys can share one pipeline call (everything but prompts and seeds)."""
         shared = self.model_dump(
             mode="json",
-            exclude={"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "num_images_per_prompt"},
+            exclude={"prompt", "prompt_2", "negative_prompt", "negative_prompt_2", "seed", "num_images_per_prompt",
+                     "image", "mask_image"},
         )
+        # inputs batch together only when they are the same pixels (equal bytes, whatever upload holds them)
+        shared["_inputs"] = [self.image.sha256 if self.image else None,
+                             self.mask_image.sha256 if self.mask_image else None]
         # absent vs empty negative prompts take different code paths in the pipeline: never mix them
         shared["_absent"] = [self.prompt_2 is None, self.negative_prompt is None, self.negative_prompt_2 is None]
         return hashlib.sha256(json.dumps(shared, sort_keys=True).encode()).hexdigest()[:16]

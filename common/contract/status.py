@@ -41,3 +41,4 @@ class ErrorType(StrEnum):
     invalid_payload = "invalid_payload"
     nan_output = "nan_output"
     prompt_too_long = "prompt_too_long"
+    input_missing = "input_missing"  # an input image's upload was deleted or expired before the job ran

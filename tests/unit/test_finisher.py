@@ -73,7 +73,7 @@ def test_next_pipeline_call_overlaps_the_previous_upload(redis_client: Any, tmp_
     stored_when_second_began: list[int] = []
 
     class Engine(OOMEngine):
-        def run(self, params: Any, specs: list[Any], hook: Any) -> Any:
+        def run(self, params: Any, specs: list[Any], hook: Any, inputs: Any = None) -> Any:
             if len(self.calls) == 1:  # the second pipeline call begins while the first upload is held
                 stored_when_second_began.append(store.puts)
                 store.gate.set()

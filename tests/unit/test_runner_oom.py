@@ -29,7 +29,7 @@ class OOMEngine:
         self.calls: list[int] = []
         self.freed = 0
 
-    def run(self, params: Any, specs: list[ImageSpec], hook: Any) -> tuple[list[Image.Image], StageTimes]:
+    def run(self, params: Any, specs: list[ImageSpec], hook: Any, inputs: Any = None) -> tuple[list[Image.Image], StageTimes]:
         self.calls.append(len(specs))
         if len(specs) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -115,8 +115,8 @@ def test_a_superseded_worker_stores_nothing(redis_client: Any, tmp_path: Path, s
     gen_id = payload.pop("_gen")
     original_run = engine.run
 
-    def run_then_lose_ownership(params: Any, specs: Any, hook: Any) -> Any:
-        out = original_run(params, specs, hook)
+    def run_then_lose_ownership(params: Any, specs: Any, hook: Any, inputs: Any = None) -> Any:
+        out = original_run(params, specs, hook, inputs)
         redis_client.hset(keys.generation(gen_id), "token", "someone-else")
         return out
 
