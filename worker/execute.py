@@ -145,12 +145,15 @@ class Executing:
         return Inputs(image=image, mask=mask)
 
     def manifest(self: "Runner", params: GenerationParams) -> dict[str, Any]:
-        inputs = {name: {"sha256": ref.sha256, "upload_id": ref.upload_id, "width": ref.width, "height": ref.height}
+        # inputs by content only: the manifest is written into the image file, and the same pixels in, sent
+        # any way (another upload, a URL, multipart), must give the same bytes out
+        inputs = {name: {"sha256": ref.sha256, "width": ref.width, "height": ref.height}
                   for name, ref in (("image", params.image), ("mask_image", params.mask_image)) if ref is not None}
+        by_content = {"upload_id", "key"}
         return {
             "mode": params.mode,
             **({"inputs": inputs} if inputs else {}),
-            "params": params.model_dump(mode="json"),
+            "params": params.model_dump(mode="json", exclude={"image": by_content, "mask_image": by_content}),
             "scheduler_config": self.engine.scheduler_config(params.scheduler),
             **self.engine.model_info(),
         }

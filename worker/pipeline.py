@@ -268,8 +268,13 @@ class Engine:
             base_kwargs.update(image=inputs.image, strength=params.strength)
         else:
             base_pipe = self.inpaint
-            base_kwargs.update(image=inputs.image, mask_image=inputs.mask, strength=params.strength,
-                               width=params.width, height=params.height, padding_mask_crop=params.padding_mask_crop)
+            image, mask = inputs.image, inputs.mask
+            if params.padding_mask_crop is not None:
+                # diffusers crops only when it decodes itself (output_type="pil"); we keep latents for the refiner
+                # and our own decode, so the crop is made here as diffusers makes it, and pasted back below
+                image, mask = self._crop(inputs, params)
+            base_kwargs.update(image=image, mask_image=mask, strength=params.strength,
+                               width=params.width, height=params.height)
         base_pipe.scheduler = self.scheduler(self.base, params.scheduler)
         if mode == RefinerMode.ensemble:
             base_kwargs["denoising_end"] = params.refiner.denoising_start
@@ -318,12 +323,25 @@ class Engine:
         images = self.to_pil(self.decode(latents))
         if inputs is not None and inputs.mask is not None and params.padding_mask_crop is not None:
             # as diffusers does it when it decodes itself: the repainted crop goes back into the original
-            crop = self.inpaint.mask_processor.get_crop_region(inputs.mask, params.width, params.height,
-                                                               pad=params.padding_mask_crop)
+            crop = self._crop_region(inputs, params)
             images = [self.inpaint.image_processor.apply_overlay(inputs.mask, inputs.image, img, crop)
                       for img in images]
         times.decoding = time.monotonic() - t2
         return images, times
+
+    def _crop_region(self, inputs: Inputs, params: GenerationParams) -> tuple[int, int, int, int]:
+        region: tuple[int, int, int, int] = self.inpaint.mask_processor.get_crop_region(
+            inputs.mask, params.width, params.height, pad=params.padding_mask_crop)
+        return region
+
+    def _crop(self, inputs: Inputs, params: GenerationParams) -> tuple[Image.Image, Image.Image]:
+        """The mask's box (grown by padding_mask_crop, at the output's aspect ratio), at full output size."""
+        assert inputs.mask is not None
+        box = self._crop_region(inputs, params)
+        w, h = params.width, params.height
+        image = self.inpaint.image_processor.resize(inputs.image.crop(box), h, w, resize_mode="fill")
+        mask = self.inpaint.mask_processor.resize(inputs.mask.crop(box), h, w, resize_mode="fill")
+        return image, mask
 
     def _prompt_kwargs(self, params: GenerationParams, common: dict[str, Any],
                        mode: RefinerMode) -> tuple[dict[str, Any], dict[str, Any]]:
