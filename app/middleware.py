@@ -14,7 +14,8 @@ from app.errors import Problem, problem_response
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # RFC 9110 field values: no control characters but HTAB (h11 lets \x01-\x1f and DEL through)
 CONTROL_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-IMAGE_ROUTE_TYPES = (b"application/json", b"multipart/form-data", b"image/png", b"image/jpeg", b"image/webp")
+IMAGE_ROUTE_TYPES = (b"application/json", b"multipart/form-data", b"image/png", b"image/jpeg", b"image/webp",
+                     b"application/octet-stream")
 
 
 class RequestIdMiddleware:
