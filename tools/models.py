@@ -560,6 +560,16 @@ def build_tiny(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     return Path(out_dir) / "base", Path(out_dir) / "refiner"
 
 
+def build_tiny_inpaint_unet(out_dir: Path, seed: int = 0) -> Path:
+    """A tiny random SDXL inpainting UNet (the base's architecture with 9 input channels: latents, mask and
+    masked-image latents, as diffusers/stable-diffusion-xl-1.0-inpainting-0.1) saved to out_dir/unet, the layout
+    SDXL_INPAINT_MODEL reads."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**copy.deepcopy(TINY_CONFIGS["unet"]), "in_channels": 9})
+    unet.save_pretrained(Path(out_dir) / "unet")
+    return Path(out_dir)
+
+
 def build_full(
     device: str,
     dtype: torch.dtype,
@@ -618,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
     p_full.add_argument("--dtype", type=_parse_dtype, default=torch.float16)
     p_full.add_argument("--seed", type=int, default=0)
 
+    p_inpaint = sub.add_parser("build-tiny-inpaint", help="build a tiny random SDXL inpainting UNet into DIR/unet")
+    p_inpaint.add_argument("dir", type=Path)
+    p_inpaint.add_argument("--seed", type=int, default=0)
+
     sub.add_parser("count", help="print SDXL 1.0 parameter counts (meta device) as JSON")
 
     args = parser.parse_args(argv)
@@ -632,6 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         build_full(args.device, args.dtype, out_dir=args.dir, seed=args.seed)
         print(args.dir / "base")
         print(args.dir / "refiner")
+    elif args.command == "build-tiny-inpaint":
+        print(build_tiny_inpaint_unet(args.dir, seed=args.seed))
     else:
         print(json.dumps(count_full_parameters(), indent=2))
     return 0

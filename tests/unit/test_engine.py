@@ -159,3 +159,62 @@ def test_invisible_watermark_is_on_where_installed_and_switchable(tiny_model: Pa
 
     assert image(auto, 256) != image(off, 256)  # the watermark is embedded at 256 px
     assert image(auto, 128) == image(off, 128)  # and, as diffusers does, skipped under 256 px
+
+
+def _inputs(w: int = 64, h: int = 64, with_mask: bool = False) -> Any:
+    from PIL import Image
+
+    from worker.pipeline import Inputs
+
+    image = Image.new("RGB", (w, h))
+    image.putdata([((x * 9) % 256, (y * 13) % 256, ((x + y) * 5) % 256) for y in range(h) for x in range(w)])
+    mask = None
+    if with_mask:
+        mask = Image.new("L", (w, h), 0)
+        mask.paste(255, (16, 16, 48, 48))
+    return Inputs(image=image, mask=mask)
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"upload_id": f"upl_{name}", "key": f"uploads/{name}", "sha256": name, "width": 64, "height": 64}
+
+
+def run_inputs(engine: Engine, inputs: Any, **kw: Any) -> str:
+    base: dict[str, Any] = dict(prompt="a lighthouse", width=64, height=64, num_inference_steps=4,
+                                guidance_scale=5.0, seed=1, refiner={"mode": "none"}, image=_ref("a"),
+                                strength=0.6)
+    if inputs.mask is not None:
+        base["mask_image"] = _ref("m")
+    base.update(kw)
+    p = GenerationParams(**base)
+    imgs, _ = engine.run(p, [ImageSpec(p.prompt, None, None, None, p.seed)], lambda _p: None, inputs)
+    return hashlib.sha256(imgs[0].tobytes()).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["none", "ensemble", "img2img"])
+def test_img2img_and_inpainting_run_with_every_refiner_mode(engine: Engine, mode: str) -> None:
+    for inputs in (_inputs(), _inputs(with_mask=True)):
+        out = run_inputs(engine, inputs, refiner={"mode": mode})
+        assert out == run_inputs(engine, inputs, refiner={"mode": mode})  # reproducible
+        assert out != run_inputs(engine, inputs, refiner={"mode": mode}, strength=0.9)  # strength reaches it
+
+
+def test_the_image_modes_share_the_resident_modules(engine: Engine) -> None:
+    for pipe in (engine.img2img, engine.inpaint):
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            assert getattr(pipe, name) is getattr(engine.base, name), name  # from_pipe: no second copy
+    assert engine.refiner_inpaint is not None and engine.refiner_inpaint.unet is engine.refiner.unet
+
+
+def test_a_dedicated_inpainting_unet_is_loaded_once_and_used(tiny_model: Path, tmp_path: Path) -> None:
+    from tools.models import build_tiny_inpaint_unet
+
+    repo = build_tiny_inpaint_unet(tmp_path / "inpaint")
+    eng = Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model="", watermark=False,
+                                inpaint_model=str(repo)))
+    assert eng.inpaint.unet.config.in_channels == 9 and eng.inpaint.unet is not eng.base.unet
+    assert eng.img2img.unet is eng.base.unet  # image to image keeps the base UNet
+    inputs = _inputs(with_mask=True)
+    out = run_inputs(eng, inputs)
+    assert out == run_inputs(eng, inputs)
+    assert eng.model_info()["inpaint_model"] == str(repo)
