@@ -173,11 +173,21 @@ def put_with_retry(
     error. StoragePermanentError is raised at once; other exceptions (programming errors) pass through
     unretried; when the budget is spent the last failure is raised as StorageUnavailable.
     """
+    _retrying("put", key, budget_seconds)(store.put, key, data, content_type, meta)
 
+
+def get_with_retry(store: ObjectStore, key: str, budget_seconds: float) -> StoredObject:
+    """`store.get` with the same retries (a worker reading an input image); ObjectNotFound passes through."""
+    obj: StoredObject = _retrying("get", key, budget_seconds)(store.get, key)
+    return obj
+
+
+def _retrying(op: str, key: str, budget_seconds: float) -> Retrying:
     def log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         log.warning(
-            "storage put failed for %s (attempt %d): %s; retrying in %.2fs",
+            "storage %s failed for %s (attempt %d): %s; retrying in %.2fs",
+            op,
             key,
             state.attempt_number,
             exc,
@@ -190,7 +200,7 @@ def put_with_retry(
             f"{exc} (gave up after {state.attempt_number} attempts in {state.seconds_since_start or 0:.1f}s)"
         ) from exc
 
-    retrying = Retrying(
+    return Retrying(
         retry=retry_if_exception(_transient),
         stop=stop_before_delay(budget_seconds),
         # half fixed, half random: 0.1-0.2 s, 0.2-0.4 s, ... 2.5-5 s
@@ -199,7 +209,6 @@ def put_with_retry(
         before_sleep=log_retry,
         retry_error_callback=give_up,
     )
-    retrying(store.put, key, data, content_type, meta)
 
 
 class StorageSettings(BaseSettings):

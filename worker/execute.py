@@ -16,7 +16,7 @@ from PIL import Image
 from common import images as input_images
 from common.contract.params import GenerationParams, InputImage
 from common.contract.status import ErrorType
-from common.storage import ObjectNotFound, StorageUnavailable
+from common.storage import ObjectNotFound, StorageUnavailable, get_with_retry
 from worker.attempt import Member, progress_value
 from worker.pipeline import ImageSpec, Inputs, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
 
@@ -126,7 +126,7 @@ class Executing:
 
         def fetch(ref: InputImage) -> bytes:
             try:
-                return self.store.get(ref.key).data
+                return get_with_retry(self.store, ref.key, self.settings.storage_retry_seconds).data
             except ObjectNotFound:
                 raise InputUnavailable(ErrorType.input_missing,
                                        f"input image upload `{ref.upload_id}` is gone from storage") from None

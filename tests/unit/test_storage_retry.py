@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from common.storage import LocalStore, StoragePermanentError, StorageUnavailable, StoredObject, put_with_retry
+from common.storage import (
+    LocalStore,
+    ObjectNotFound,
+    StoragePermanentError,
+    StorageUnavailable,
+    StoredObject,
+    get_with_retry,
+    put_with_retry,
+)
 from common.storage_s3 import S3Store
 from tests.e2e.test_storage_s3 import AWS_ENV, BUCKET, Moto, _ErrorHandler, s3
 from tests.procs import free_port
@@ -264,3 +272,29 @@ def test_s3_error_codes(aws: None, status: int, code: str, permanent: bool) -> N
     finally:
         server.shutdown()
         server.server_close()
+
+
+class FlakyReads(FakeStore):
+    """Fails `get` with the given exceptions in turn, then reads what was stored."""
+
+    def get(self, key: str) -> StoredObject:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return super().get(key)
+
+
+def test_input_reads_are_retried_like_puts(caplog: pytest.LogCaptureFixture) -> None:
+    store = FlakyReads(StorageUnavailable("blip"), StorageUnavailable("blip"))
+    store.stored["uploads/u/image.png"] = b"png"
+    obj = get_with_retry(store, "uploads/u/image.png", budget_seconds=5)
+    assert obj.data == b"png" and store.calls == 3
+    assert [r.getMessage().split(" (")[0] for r in retry_warnings(caplog)] == ["storage get failed for "
+                                                                               "uploads/u/image.png"] * 2
+
+
+def test_a_missing_input_is_not_retried() -> None:
+    store = FlakyReads(ObjectNotFound("uploads/gone/image.png"), ObjectNotFound("again"))
+    with pytest.raises(ObjectNotFound):
+        get_with_retry(store, "uploads/gone/image.png", budget_seconds=5)
+    assert store.calls == 1  # a deleted upload stays deleted: the job fails `input_missing` at once
