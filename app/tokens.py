@@ -6,7 +6,7 @@ request either asks for chunked encoding or gets a 422 with the counts.
 
 import json
 import logging
-from functools import lru_cache
+import time
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -98,11 +98,27 @@ class TokenCounter:
         return n
 
 
-@lru_cache(maxsize=4)
+MISSING_RETRY_SECONDS = 30.0  # a lookup that found nothing is tried again after this (weights may arrive later)
+_found: dict[tuple[str, str | None], TokenCounter] = {}
+_missing: dict[tuple[str, str | None], float] = {}  # (model, revision) -> monotonic time of the next try
+
+
 def counter_for(model: str, revision: str | None = None) -> TokenCounter | None:
-    """None when the tokenizers are not on this machine; the worker then applies the same rule."""
+    """None when the tokenizers are not on this machine (the worker then applies the same rule). A miss is
+    not cached for good: the first download of the weights (a worker's, or the operator's) is picked up
+    within MISSING_RETRY_SECONDS, with no API restart."""
+    key = (model, revision)
+    if key in _found:
+        return _found[key]
+    if time.monotonic() < _missing.get(key, 0.0):
+        return None
     f1, f2 = locate(model, "tokenizer", revision), locate(model, "tokenizer_2", revision)
     if f1 is None or f2 is None:
-        log.warning("tokenizers for %s not found locally: token counts are left to the worker", model)
+        if key not in _missing:
+            log.warning("tokenizers for %s not found locally: token counts are left to the worker; looking "
+                        "again every %.0f s", model, MISSING_RETRY_SECONDS)
+        _missing[key] = time.monotonic() + MISSING_RETRY_SECONDS
         return None
-    return TokenCounter(_load(f1), _load(f2))
+    _missing.pop(key, None)
+    _found[key] = TokenCounter(_load(f1), _load(f2))
+    return _found[key]

@@ -106,8 +106,8 @@ class Engine:
     def __init__(self, settings: WorkerSettings, pipelines: tuple[Any, Any] | None = None) -> None:
         """Load from `settings` (hub id or local directory), or adopt already-built pipelines (benchmarks)."""
         self.settings = settings
-        self.device = torch.device(settings.device)
-        self.dtype = DTYPES[settings.dtype]
+        self.device = torch.device(settings.resolved_device)
+        self.dtype = DTYPES[settings.resolved_dtype]
         t0 = time.monotonic()
         self.refiner: StableDiffusionXLImg2ImgPipeline | None = None
         if pipelines is not None:
@@ -190,7 +190,7 @@ class Engine:
             "refiner_revision": self.settings.refiner_revision or self.settings.revision,
             "inpaint_model": self.settings.inpaint_model,
             "variant": self.settings.variant,
-            "dtype": self.settings.dtype,
+            "dtype": self.settings.resolved_dtype,
             "versions": {"diffusers": diffusers.__version__, "transformers": transformers.__version__,
                          "torch": torch.__version__.split("+")[0]},
         }

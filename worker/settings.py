@@ -28,8 +28,9 @@ class WorkerSettings(CommonSettings):
     inpaint_model: str | None = None
     inpaint_revision: str | None = None
     variant: str | None = None  # "fp16" on the hub's SDXL repos
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "cpu"
+    # auto: CUDA (in float16) where torch sees a GPU, else the CPU (in float32)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = "auto"
     compile_mode: str | None = None  # e.g. "default", "max-autotune": torch.compile the UNets at start
     fuse_qkv: bool = False
     channels_last: bool = True
@@ -54,3 +55,17 @@ class WorkerSettings(CommonSettings):
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or _default_worker_id()
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "float16" if self.resolved_device.startswith("cuda") else "float32"

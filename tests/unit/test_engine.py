@@ -218,3 +218,13 @@ def test_a_dedicated_inpainting_unet_is_loaded_once_and_used(tiny_model: Path, t
     out = run_inputs(eng, inputs)
     assert out == run_inputs(eng, inputs)
     assert eng.model_info()["inpaint_model"] == str(repo)
+
+
+def test_device_and_dtype_default_to_the_gpu_where_there_is_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    s = WorkerSettings()
+    assert (s.resolved_device, s.resolved_dtype) == ("cuda", "float16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (WorkerSettings().resolved_device, WorkerSettings().resolved_dtype) == ("cpu", "float32")
+    pinned = WorkerSettings(device="cuda:1", dtype="bfloat16")
+    assert (pinned.resolved_device, pinned.resolved_dtype) == ("cuda:1", "bfloat16")
