@@ -18,6 +18,7 @@ from app.tokens import CLIP_WINDOW, TokenCounter
 from common.contract import keys, queueing
 from common.contract.params import (
     MAX_SEED,
+    SDXL_BUCKETS,
     GenerationParams,
     InputImage,
     JobPayload,
@@ -31,8 +32,6 @@ from common.images import nearest_valid_size
 from common.retention import RECORD_GRACE_SECONDS
 from common.state import GenerationState, generation_job, no_image_urls
 
-SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
-                (1536, 640), (640, 1536)]
 
 
 def new_generation_id() -> str:

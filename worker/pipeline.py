@@ -132,7 +132,7 @@ class Engine:
             if settings.fuse_qkv:
                 pipe.fuse_qkv_projections()
             if settings.compile_mode:
-                pipe.unet = torch.compile(pipe.unet, mode=settings.compile_mode, fullgraph=False)
+                pipe.unet = self._compile(pipe.unet)
         # image to image and inpainting: the same modules as the text-to-image pipelines (from_pipe shares them,
         # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it)
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.base)
@@ -148,6 +148,12 @@ class Engine:
         log.info("models loaded", extra={"seconds": round(self.load_seconds, 3), "base": settings.base_model,
                                          "refiner": settings.refiner_model})
 
+    def _compile(self, module: Any) -> Any:
+        backend = self.settings.compile_backend
+        # `mode` is inductor's: other backends take none
+        mode = self.settings.compile_mode if backend == "inductor" else None
+        return torch.compile(module, backend=backend, mode=mode, fullgraph=False)
+
     def _inpaint_pipeline(self, settings: WorkerSettings) -> Any:
         """Inpainting on the base UNet, or on a dedicated inpainting UNet (9 input channels) when one is named:
         loaded once here, beside the base, for deployments that want its better seams."""
@@ -159,7 +165,7 @@ class Engine:
         if settings.channels_last:
             unet.to(memory_format=torch.channels_last)
         if settings.compile_mode:
-            unet = torch.compile(unet, mode=settings.compile_mode, fullgraph=False)
+            unet = self._compile(unet)
         return StableDiffusionXLInpaintPipeline.from_pipe(self.base, unet=unet)
 
     def pipes(self) -> list[Any]:
@@ -420,12 +426,23 @@ class Engine:
             torch.cuda.empty_cache()
 
     def warmup(self) -> None:
-        """One tiny run so the first user request pays no lazy init (or compilation)."""
-        p = GenerationParams(prompt="warm-up", width=256 if self.settings.compile_mode is None else 1024,
-                             height=256 if self.settings.compile_mode is None else 1024,
-                             num_inference_steps=2, guidance_scale=5.0, seed=0,
-                             refiner=RefinerParams(mode=RefinerMode.ensemble if self.refiner else RefinerMode.none))
-        self.run(p, [ImageSpec("warm-up", None, None, None, 0)], lambda _p: None)
+        """Runs before the first job, so no user request pays lazy initialisation or compilation.
+
+        Without compile, one small run. With compile, each size in SDXL_WARMUP_SIZES once (and the largest
+        micro-batch at the first), so a request at a declared size never compiles inside itself: the first shapes
+        compile, and torch's automatic dynamic shapes turn the later ones into hits on a dynamic graph."""
+        refiner = RefinerParams(mode=RefinerMode.ensemble if self.refiner else RefinerMode.none)
+        sizes = self.settings.warmup_sizes if self.settings.compile_mode else [(256, 256)]
+        runs = [(w, h, 1) for w, h in sizes]
+        if self.settings.compile_mode and self.settings.batch_max > 1 and sizes:
+            runs.append((sizes[0][0], sizes[0][1], self.settings.batch_max))
+        t0 = time.monotonic()
+        for w, h, n in runs:
+            p = GenerationParams(prompt="warm-up", width=w, height=h, num_inference_steps=2, guidance_scale=5.0,
+                                 seed=0, refiner=refiner)
+            self.run(p, [ImageSpec("warm-up", None, None, None, i) for i in range(n)], lambda _p: None)
+        log.info("warm-up done", extra={"seconds": round(time.monotonic() - t0, 3), "runs": len(runs),
+                                        "compile": self.settings.compile_mode})
 
     def memory(self) -> dict[str, int]:
         if self.device.type != "cuda":

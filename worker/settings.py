@@ -1,12 +1,14 @@
 """The worker process's settings: `SDXL_*` environment variables (see README)."""
 
+import json
 import secrets
 import socket
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
+from common.contract.params import SDXL_BUCKETS
 from common.settings import CommonSettings
 
 
@@ -32,6 +34,10 @@ class WorkerSettings(CommonSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
     compile_mode: str | None = None  # e.g. "default", "max-autotune": torch.compile the UNets at start
+    compile_backend: str = "inductor"  # torch.compile's backend ("eager" and "aot_eager" trace without codegen)
+    # with compile on, warm-up runs each of these sizes once, so no request at a declared size compiles inside
+    # it (torch's automatic dynamic shapes make the later ones cheap); default: SDXL's nine trained buckets
+    warmup_sizes: Annotated[list[tuple[int, int]], NoDecode] = list(SDXL_BUCKETS)
     fuse_qkv: bool = False
     channels_last: bool = True
     vae_slicing: bool = True  # decode batch members one at a time: bounded peak memory at batch > 1
@@ -52,6 +58,17 @@ class WorkerSettings(CommonSettings):
     redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
     metrics_port: int | None = None  # serve this process's own metrics (CPU, memory, GC) here; cluster view: API
     metrics_host: str = "0.0.0.0"
+
+    @field_validator("warmup_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, v: object) -> object:
+        """`1024x1024,1152x896` (or a JSON list of pairs)."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                return json.loads(v)
+            return [tuple(int(n) for n in part.lower().split("x")) for part in v.split(",") if part.strip()]
+        return v
 
     def resolved_worker_id(self) -> str:
         return self.worker_id or _default_worker_id()

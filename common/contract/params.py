@@ -31,6 +31,10 @@ class OutputFormat(StrEnum):
     jpeg = "jpeg"
 
 
+# the sizes SDXL was trained at (width, height): snap_to_bucket's targets and the compile warm-up's default
+SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536)]
+
 SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
 
 CONTENT_TYPES = {OutputFormat.png: "image/png", OutputFormat.webp: "image/webp", OutputFormat.jpeg: "image/jpeg"}

@@ -228,3 +228,26 @@ def test_device_and_dtype_default_to_the_gpu_where_there_is_one(monkeypatch: pyt
     assert (WorkerSettings().resolved_device, WorkerSettings().resolved_dtype) == ("cpu", "float32")
     pinned = WorkerSettings(device="cuda:1", dtype="bfloat16")
     assert (pinned.resolved_device, pinned.resolved_dtype) == ("cuda:1", "bfloat16")
+
+
+def _graphs_compiled_by_a_request(eng: Engine, w: int, h: int) -> int:
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    p = GenerationParams(prompt="x", width=w, height=h, num_inference_steps=3, guidance_scale=5.0, seed=1)
+    eng.run(p, [ImageSpec("x", None, None, None, 1)], lambda _p: None)
+    return int(counters["stats"]["unique_graphs"] - before)
+
+
+@pytest.mark.parametrize("declared, compiles_at_96x80", [("64x64,96x80", 0), ("64x64", 1)],
+                         ids=["both-declared", "one-declared"])
+def test_compile_warmup_covers_the_declared_sizes(tiny_model: Path, declared: str, compiles_at_96x80: int) -> None:
+    """torch.compile on the CPU (the `eager` backend: dynamo's graph capture and guards, without codegen, which
+    is what decides recompilation): after warm-up, a request at a declared size compiles nothing."""
+    torch._dynamo.reset()
+    eng = Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model="", watermark=False,
+                                compile_mode="default", compile_backend="eager", warmup_sizes=declared))
+    eng.warmup()
+    assert _graphs_compiled_by_a_request(eng, 64, 64) == 0
+    assert (_graphs_compiled_by_a_request(eng, 96, 80) > 0) == bool(compiles_at_96x80)
+    torch._dynamo.reset()
