@@ -33,7 +33,6 @@ from common.retention import RECORD_GRACE_SECONDS
 from common.state import GenerationState, generation_job, no_image_urls
 
 
-
 def new_generation_id() -> str:
     return "gen_" + secrets.token_urlsafe(16)  # 128 random bits: unguessable
 

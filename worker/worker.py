@@ -188,7 +188,8 @@ class SDXLWorker(SimpleWorker):
 
 
 def describe(settings: WorkerSettings) -> str:
-    return json.dumps({"base": settings.base_model, "refiner": settings.refiner_model, "device": settings.resolved_device})
+    return json.dumps({"base": settings.base_model, "refiner": settings.refiner_model,
+                       "device": settings.resolved_device})
 
 
 def make_queue(r: redis.Redis) -> Queue:
