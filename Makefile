@@ -8,11 +8,12 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 REDIS_URL ?=
 MODEL_DIR ?= .models/tiny
+DATA_DIR ?= .data
 # CPU wheel where there is no NVIDIA driver, a CUDA build where there is; override freely.
 TORCH_INDEX ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo https://download.pytorch.org/whl/cu126 || echo https://download.pytorch.org/whl/cpu)
 EXTRAS ?= api,worker,dev
 
-export PORT REDIS_URL
+export PORT REDIS_URL DATA_DIR MODEL_DIR
 export HF_HUB_DISABLE_TELEMETRY := 1
 export REDOCLY_TELEMETRY := off
 

@@ -50,8 +50,7 @@ class ImageFetcher:
             try:
                 checked = await run_in_threadpool(ssrf.check_url, url, self.policy, self.resolver)
             except ssrf.UnsafeUrl as exc:
-                raise FetchRefused(f"{exc} (SDXL_IMAGE_FETCH_ALLOW_HTTP / SDXL_IMAGE_FETCH_ALLOW_ADDRESSES)") \
-                    from None
+                raise FetchRefused(exc.hint("SDXL_IMAGE_FETCH_")) from None
             target, host_header, extensions = ssrf.pinned_target(url, checked.address)
             request = self.client.build_request(
                 "GET", target, headers={"host": host_header, "accept": ACCEPT, "user-agent": USER_AGENT},

@@ -30,7 +30,20 @@ NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 
 
 class UnsafeUrl(ValueError):
-    """The URL is refused; the message says why and names the address."""
+    """The URL is refused; the message says why and names the address. `allow` names the policy switch that would
+    admit it ("allow_http" or "allow_addresses"; None when none would), so each caller can name its own setting."""
+
+    def __init__(self, message: str, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def hint(self, prefix: str) -> str:
+        """The message with the setting that would allow the URL, e.g. prefix `SDXL_WEBHOOK_`."""
+        if self.allow == "allow_http":
+            return f"{self} (set {prefix}ALLOW_HTTP=true to allow plain http)"
+        if self.allow == "allow_addresses":
+            return f"{self} (add the address, or address:port, to {prefix}ALLOW_ADDRESSES to allow it)"
+        return str(self)
 
 
 @dataclass(frozen=True)
@@ -184,7 +197,7 @@ def check_url(url: str, policy: Policy, resolver: Resolver = system_resolver) ->
     if scheme not in ("https", "http"):
         raise UnsafeUrl(f"must be an https URL, not `{scheme or 'relative'}`")
     if scheme == "http" and not policy.allow_http:
-        raise UnsafeUrl("must use https (plain http is not allowed by this deployment)")
+        raise UnsafeUrl("must use https (plain http is not allowed by this deployment)", allow="allow_http")
     if parsed.userinfo:
         raise UnsafeUrl("must not carry credentials (user:password@); the signature authenticates deliveries")
     host = parsed.host.lower().rstrip(".") if parsed.host else ""
@@ -226,7 +239,7 @@ def check_url(url: str, policy: Policy, resolver: Resolver = system_resolver) ->
         if reason is not None and not policy.allows(norm, port):
             # every address must pass: a name with one public and one private record is refused
             shown = host if literal is not None and str(norm) == host else f"{host}` -> `{norm}"
-            raise UnsafeUrl(f"points to a {reason} address (`{shown}`)")
+            raise UnsafeUrl(f"points to a {reason} address (`{shown}`)", allow="allow_addresses")
         approved.append(norm)
     return CheckedUrl(url=url, scheme=scheme, host=host, port=port, address=str(approved[0]))
 

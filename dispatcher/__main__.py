@@ -52,7 +52,9 @@ def main() -> int:
         log.error("invalid dispatcher settings: %s", exc)
         return 2
     if not settings.webhook_secrets:
-        log.error("SDXL_WEBHOOK_SECRETS is empty: refusing to send unsigned webhooks")
+        log.error("SDXL_WEBHOOK_SECRETS is empty: refusing to send unsigned webhooks. Make a secret with "
+                  "`python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(24)).decode())\"` "
+                  "and give the same value to your receivers (`make run` makes one for you)")
         return 2
     name = settings.dispatcher_name or f"dispatcher-{socket.gethostname()}-{secrets.token_hex(3)}"
     r = redis_client(settings.redis_url)

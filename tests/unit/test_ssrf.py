@@ -182,6 +182,19 @@ def test_approve_answers_a_422_problem_naming_the_field_and_value() -> None:
     assert p.status == 422 and p.errors is not None
     assert p.errors == [{"field": "webhook.url", "message": p.errors[0]["message"], "value": url}]
     assert "loopback" in p.detail and "`webhook.url`" in p.detail
+    assert "SDXL_WEBHOOK_ALLOW_ADDRESSES" in p.detail  # the refusal names the setting that would allow the URL
+
+
+def test_each_refusal_names_its_own_setting() -> None:
+    with pytest.raises(Problem) as http:
+        approve_webhook_url("http://example.com/hook", STRICT, no_dns)
+    assert "set SDXL_WEBHOOK_ALLOW_HTTP=true" in http.value.detail
+    with pytest.raises(ssrf.UnsafeUrl) as fetch:
+        ssrf.check_url("https://10.0.0.5/x.png", STRICT, no_dns)
+    assert "SDXL_IMAGE_FETCH_ALLOW_ADDRESSES" in fetch.value.hint("SDXL_IMAGE_FETCH_")
+    with pytest.raises(ssrf.UnsafeUrl) as scheme:
+        ssrf.check_url("ftp://example.com/x", STRICT, no_dns)
+    assert scheme.value.hint("SDXL_WEBHOOK_") == str(scheme.value)  # no setting allows ftp: none is named
 
 
 def test_recheck_at_delivery_uses_the_current_policy_without_dns() -> None:
