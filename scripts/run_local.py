@@ -53,7 +53,10 @@ def start_redis(data: Path) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--appendonly", "yes",
-         "--save", "60 1"], stdout=subprocess.DEVNULL)
+         "--save", "60 1"], stdout=subprocess.DEVNULL,
+        # out of the terminal's process group: Ctrl-C reaches the services, which still need Redis to stop
+        # cleanly (a worker deregisters, the API finishes its requests); this script stops it last
+        start_new_session=True)
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
         try:
@@ -75,9 +78,10 @@ def wait_ready(url: str, procs: list[tuple[str, subprocess.Popen[bytes]]], timeo
         if any(p.poll() is not None for _n, p in procs):
             return False
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            res = httpx.get(f"{url}/readyz", timeout=2)
+            if res.status_code == 200 and res.json().get("workers_ready", 0) >= 1:  # the worker has warmed up
                 return True
-        except httpx.HTTPError:
+        except (httpx.HTTPError, ValueError):
             pass
         time.sleep(0.5)
     return False
