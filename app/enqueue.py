@@ -91,8 +91,10 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
     check_inputs(req, image, mask)
     width, height = req.width, req.height
     if req.snap_to_bucket:
+        if image is not None and not {"width", "height"} & req.model_fields_set:
+            width, height = image.width, image.height  # snap the input's shape, not the default size
         width, height = nearest_bucket(width, height)
-    if image is not None and not req.snap_to_bucket:
+    elif image is not None:
         width, height = input_size(req, settings, image)
     for name, value, hi in (("width", width, settings.max_width), ("height", height, settings.max_height)):
         if not settings.min_size <= value <= hi:
@@ -125,6 +127,15 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
                                    "mask_image", "strength"})
     input_mode = "inpaint" if mask else "img2img" if image else None
     strength = (req.strength or DEFAULT_STRENGTH[input_mode]) if input_mode else None
+    # diffusers denoises int(steps * strength) steps of an input image: none would fail the job in the worker
+    if strength is not None and int(req.num_inference_steps * strength) < 1:
+        raise field_error("strength", f"{strength} of num_inference_steps={req.num_inference_steps} is no whole "
+                          "denoising step; raise either so their product is at least 1", strength)
+    if mode == RefinerMode.img2img:
+        r_steps = req.refiner.num_inference_steps or req.num_inference_steps
+        if int(r_steps * req.refiner.strength) < 1:
+            raise field_error("refiner.strength", f"{req.refiner.strength} of {r_steps} refiner steps is no whole "
+                              "denoising step; raise either so their product is at least 1", req.refiner.strength)
     return GenerationParams(**{**data, "width": width, "height": height, "seed": seed, "refiner": refiner,
                                "image": image, "mask_image": mask, "strength": strength})
 

@@ -47,6 +47,7 @@ SCHEDULER_CLASSES: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "heun": (HeunDiscreteScheduler, {}),
 }
 
+WATERMARK_MIN_PIXELS = 256 * 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -417,7 +418,9 @@ class Engine:
         return out
 
     def to_pil(self, decoded: torch.Tensor) -> list[Image.Image]:
-        if self.watermarker is not None:
+        # the watermark library refuses images under 256x256 pixels in area; diffusers skips only those under
+        # 256 wide, so e.g. 256x192 would fail the job: such small images are left unmarked
+        if self.watermarker is not None and decoded.shape[-1] * decoded.shape[-2] >= WATERMARK_MIN_PIXELS:
             decoded = self.watermarker.apply_watermark(decoded)
         return self.base.image_processor.postprocess(decoded, output_type="pil")  # type: ignore[no-any-return]
 

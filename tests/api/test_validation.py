@@ -41,6 +41,9 @@ CASES = [
     ("unknown scheduler", {**OK, "scheduler": "dpm_fast"}, "scheduler", "dpm_fast"),
     ("bad refiner mode", {**OK, "refiner": {"mode": "twice"}}, "refiner.mode", "twice"),
     ("denoising_start out of range", {**OK, "refiner": {"denoising_start": 1.5}}, "refiner.denoising_start", 1.5),
+    # 2 steps x 0.3 rounds down to no denoising step: diffusers would fail the job in the worker
+    ("refiner img2img under one step", {**OK, "num_inference_steps": 2, "refiner": {"mode": "img2img"}},
+     "refiner.strength", 0.3),
     ("bad output format", {**OK, "output_format": "gif"}, "output_format", "gif"),
     ("bad pair", {**OK, "original_size": [1, 2, 3]}, "original_size", [1, 2, 3]),
     ("guidance out of range", {**OK, "guidance_scale": 100}, "guidance_scale", 100),

@@ -176,6 +176,21 @@ def test_an_explicit_size_resizes_the_input(api: str) -> None:
     assert gen["status"] == "succeeded" and (gen["images"][0]["width"], gen["images"][0]["height"]) == (128, 96)
 
 
+def test_less_than_one_denoising_step_is_refused(api: str) -> None:
+    r = httpx.post(f"{api}/v1/generations", json={**BODY, "num_inference_steps": 2, "image": data_uri(IMAGE)},
+                   timeout=30)  # 2 x the default 0.3: no whole step, which diffusers would fail on in the worker
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "strength"
+
+
+def test_snap_to_bucket_snaps_the_input_shape(api: str) -> None:
+    wide = png(Image.new("RGB", (320, 256), (90, 90, 200)))
+    r = httpx.post(f"{api}/v1/generations", json={**BODY, "num_inference_steps": 4, "image": data_uri(wide),
+                                                  "snap_to_bucket": True}, timeout=30)
+    assert r.status_code == 202, r.text
+    assert (r.json()["params"]["width"], r.json()["params"]["height"]) == (1152, 896)  # 1.25 -> 1.29, not 1024^2
+    httpx.post(f"{api}/v1/generations/{r.json()['id']}/cancel", timeout=10)
+
+
 def test_a_mask_of_another_size_is_refused(api: str) -> None:
     small = png(Image.new("L", (64, 64), 255))
     r = httpx.post(f"{api}/v1/generations", json={**BODY, "image": data_uri(IMAGE), "mask_image": data_uri(small)},
