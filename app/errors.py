@@ -1,4 +1,7 @@
-"""One error format (RFC 9457 problem details) for every 4xx and 5xx, produced here and nowhere else."""
+"""One error format (RFC 9457 problem details) for every 4xx and 5xx, produced here and nowhere else.
+
+The one exception: the OpenAI-compatible routes (/v1/images/...) answer OpenAI's error envelope, converted
+from the same Problem in `problem_response` (app/openai_errors.py)."""
 
 import logging
 from typing import Any
@@ -9,6 +12,8 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import openai_errors
 
 log = logging.getLogger("app.errors")
 
@@ -59,6 +64,8 @@ def field_error(field: str, message: str, value: Any) -> Problem:
 
 
 def problem_response(p: Problem, request: Request | None = None) -> JSONResponse:
+    if request is not None and openai_errors.applies(request.url.path):
+        return openai_errors.response(p)
     body: dict[str, Any] = {"type": TYPE_BASE + p.kind, "title": p.title, "status": p.status, "detail": p.detail}
     if request is not None:
         body["instance"] = request.url.path

@@ -15,7 +15,7 @@ from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
-from app.routes import events, generations, health, metrics, playground, uploads, webhooks
+from app.routes import events, generations, health, metrics, openai_images, playground, uploads, webhooks
 from app.settings import Settings, get_settings
 from common import logs
 from common.storage import ObjectStore, build_store
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(uploads.router)
+    app.include_router(openai_images.router)  # OpenAI's images API, in its error shape (docs/openai.md)
     app.include_router(metrics.router)
     app.include_router(playground.router)  # the web page at / (no key needed to load it)
     app.add_middleware(RequestGuardMiddleware, max_bytes=settings.max_body_bytes,

@@ -235,3 +235,71 @@ class ImageUpload(BaseModel):
 
 class ImageUploadList(BaseModel):
     data: list[ImageUpload] = Field(..., description="This key's live uploads, newest first")
+
+
+# --- OpenAI-compatible images API (app/routes/openai_images.py, app/openai_images.py, docs/openai.md) ----------
+
+OpenAIQuality = Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"]
+
+
+class OpenAIImageOptions(BaseModel):
+    """OpenAI's image fields. Any field of `GenerationCreate` is accepted besides (`seed`, `negative_prompt`,
+    `num_inference_steps`, `refiner`, ...), as an extension; `size` and `n` stand for `width`/`height` and
+    `num_images_per_prompt`."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"examples": [{"prompt": "a lighthouse at dusk", "size": "1024x1024", "n": 1,
+                                         "response_format": "url", "seed": 42}]},
+    )
+
+    prompt: str = Field(..., description="What to draw (or, for an edit, what the edited picture shows)")
+    n: int | None = Field(None, ge=1, description="Images to make; at most SDXL_MAX_IMAGES_PER_PROMPT")
+    size: str | None = Field(None, max_length=16, description="`WIDTHxHEIGHT` in pixels, multiples of 8, within "
+                             "the deployment's bounds; `auto` or absent: 1024x1024, or an edit's input size",
+                             examples=["1024x1024"])
+    response_format: Literal["url", "b64_json"] = Field(
+        "url", description="`url`: a link fetchable without a key (signed, or presigned with S3), valid for "
+        "SDXL_SIGNED_URL_SECONDS; `b64_json`: the image bytes inline")
+    output_format: OutputFormat | None = Field(None, description="`png` (default), `jpeg` or `webp`")
+    model: str | None = Field(None, max_length=256, description="Recorded with the generation; this deployment "
+                              "serves the one model it was started with")
+    quality: OpenAIQuality | None = Field(None, description="Recorded with the generation and echoed back; "
+                                          "`num_inference_steps` sets the work done")
+    style: Literal["vivid", "natural"] | None = Field(None, description="Recorded; not used")
+    user: str | None = Field(None, max_length=256, description="The end user, recorded with the generation")
+
+
+class OpenAIImage(BaseModel):
+    """One image: `url` or `b64_json`, as `response_format` asked."""
+
+    url: str | None = Field(None, description="Fetchable without a key until it expires",
+                            examples=["https://sdxl.example.com/v1/signed-images/gen_3q2Vd0yq8zS0mN6pW1xYbA/0"
+                                      "?expires=1735732800&signature=4kX0..."])
+    b64_json: str | None = Field(None, description="The image file, base64")
+    revised_prompt: str | None = Field(None, description="Always null: the prompt is used as given")
+
+
+class OpenAIImagesResponse(BaseModel):
+    """OpenAI's images answer. The generation's id is in the `X-Generation-Id` header."""
+
+    created: int = Field(..., description="Unix time the generation was created", examples=[1735732800])
+    data: list[OpenAIImage]
+    size: str | None = Field(None, examples=["1024x1024"])
+    output_format: str | None = Field(None, examples=["png"])
+    quality: str | None = Field(None, description="The request's `quality`, when it sent one")
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str = Field(..., examples=["`size` must be `WIDTHxHEIGHT` (such as `1024x1024`) or `auto`"])
+    type: str = Field(..., description="`invalid_request_error` (4xx), `requests` (429) or `server_error` (5xx)",
+                      examples=["invalid_request_error"])
+    param: str | None = Field(None, description="The invalid field, when one is to blame", examples=["size"])
+    code: str | None = Field(None, description="Stable per kind of error (our problem kinds, snake case)",
+                             examples=["validation_error"])
+
+
+class OpenAIError(BaseModel):
+    """OpenAI's error envelope: what every error of the /v1/images routes answers (not RFC 9457)."""
+
+    error: OpenAIErrorDetail

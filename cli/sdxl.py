@@ -1,4 +1,5 @@
-"""`sdxl`: the service from a terminal. Submit and watch a generation, download its images, list, show, cancel.
+"""`sdxl`: the service from a terminal. Submit and watch a generation (from a prompt, or from an image and a mask),
+download its images, list, show, cancel; store an input image.
 
 Only the standard library and httpx, so it installs without torch. Progress comes from the generation's
 server-sent events; errors print the problem details' `detail`. Exit codes: 0 done, 1 failed (or any error the
@@ -9,6 +10,7 @@ request itself did not cause), 2 invalid request (the server's 400/413/415/422, 
 import argparse
 import hashlib
 import json
+import mimetypes
 import os
 import sys
 from collections.abc import Iterator
@@ -25,6 +27,8 @@ INVALID_REQUEST = (400, 413, 415, 422)  # the request was refused as written: a 
 FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
 STREAM_RETRIES = 5  # reconnects (with Last-Event-ID) before falling back to long-polling
+# what `--image`/`--mask` may name instead of a file: sent as is, in JSON (the API resolves it)
+REFERENCE_PREFIXES = ("upl_", "https://", "http://", "data:")
 
 
 class CliError(Exception):
@@ -241,6 +245,8 @@ def generation_body(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": args.scheduler,
         "num_images_per_prompt": args.n,
         "output_format": fmt,
+        "strength": args.strength,
+        "padding_mask_crop": args.padding_mask_crop,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
     if args.refiner is not None:
@@ -248,8 +254,44 @@ def generation_body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+FilePart = tuple[str, bytes, str]  # (file name, bytes, content type), as httpx takes a file part
+
+
+def read_image(value: str, option: str) -> FilePart | str:
+    """A file given to `option` as a multipart part; an upload id or URL as the string the JSON carries."""
+    path = Path(value)
+    if path.is_file():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise CliError(f"{option} {value}: cannot read it: {exc.strerror or exc}", 2) from exc
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"  # the API reads the bytes anyway
+        return path.name, data, ctype
+    if value.startswith(REFERENCE_PREFIXES):
+        return value
+    raise CliError(f"{option} {value}: no such file (nor an upload id upl_... or an https URL)", 2)
+
+
+def submit(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    """POST /v1/generations: JSON, or multipart/form-data when an image or mask is a local file (the file parts
+    `image` and `mask_image`, the other fields as one JSON part named `request`)."""
+    body = generation_body(args)
+    files: dict[str, FilePart] = {}
+    for field, value, option in (("image", args.image, "--image"), ("mask_image", args.mask, "--mask")):
+        if value is None:
+            continue
+        source = read_image(value, option)
+        if isinstance(source, str):
+            body[field] = source
+        else:
+            files[field] = source
+    if not files:
+        return client.json("POST", "/v1/generations", json=body)
+    return client.json("POST", "/v1/generations", files=files, data={"request": json.dumps(body)})
+
+
 def cmd_generate(client: Client, args: argparse.Namespace) -> int:
-    gen = client.json("POST", "/v1/generations", json=generation_body(args))
+    gen = submit(client, args)
     if args.no_wait:
         print(gen["id"])
         return 0
@@ -331,6 +373,7 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
         ("scheduler", params.get("scheduler")),
         ("refiner", (params.get("refiner") or {}).get("mode")),
         ("seed", params.get("seed")),
+        ("strength", params.get("strength")),
         ("created", gen.get("created_at")),
         ("started", gen.get("started_at")),
         ("finished", gen.get("finished_at")),
@@ -341,6 +384,13 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
     for name, value in lines:
         if value is not None:
             print(f"{name + ':':<10} {value}")
+    for field in ("image", "mask_image"):
+        ref = params.get(field)
+        if isinstance(ref, dict):
+            print(
+                f"{field + ':':<10} {ref.get('upload_id')}  {ref.get('width')}x{ref.get('height')}  "
+                f"sha256 {ref.get('sha256')}"
+            )
     for img in gen.get("images") or []:
         print(
             f"image {img['index']}:  seed {img['seed']}  {img['width']}x{img['height']} {img['content_type']}  "
@@ -357,6 +407,25 @@ def cmd_show(client: Client, args: argparse.Namespace) -> int:
 def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     gen = client.json("POST", f"/v1/generations/{args.id}/cancel")
     print(f"{gen['id']} {gen['status']}")
+    return 0
+
+
+def cmd_upload(client: Client, args: argparse.Namespace) -> int:
+    if not Path(args.path).is_file():
+        raise CliError(f"upload {args.path}: no such file", 2)
+    source = read_image(args.path, "upload")
+    assert not isinstance(source, str)  # a file: always a part
+    upload = client.json("POST", "/v1/image-uploads", files={"file": source})
+    if args.json:
+        print(json.dumps(upload, indent=2))
+        return 0
+    print(upload["id"])
+    if not args.quiet:
+        print(
+            f"{upload['width']}x{upload['height']} {upload['content_type']}  {upload['bytes']} bytes  "
+            f"sha256 {upload['sha256']}  expires {upload['expires_at']}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -380,7 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         parents=[conn],
         help="generate images from a prompt and download them",
-        description="Submit a generation, show its progress, then download its images.",
+        description="Submit a generation, show its progress, then download its images. With --image: image to "
+        "image; with --image and --mask: inpainting. The output then takes the image's size unless --width or "
+        "--height is given (then the image is resized to it; one of them alone keeps its aspect ratio). A local "
+        "file is sent as multipart/form-data; an upload id (see `sdxl upload`) or an https URL is sent as is.",
     )
     gen.add_argument("prompt", help="what to draw")
     gen.add_argument(
@@ -388,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--output",
         help="image file (several images: NAME-0.EXT, NAME-1.EXT, ...); default <id>.<format> in the current directory",
     )
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 8")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 8")
+    gen.add_argument("--width", type=int, help="pixels, a multiple of 8 (with --image: default the image's)")
+    gen.add_argument("--height", type=int, help="pixels, a multiple of 8 (with --image: default the image's)")
     gen.add_argument("--steps", type=int, help="denoising steps")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, help="random when absent; image N uses seed + N")
@@ -400,6 +472,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--format", choices=["png", "webp", "jpeg"], help="image format (default: from the -o extension, else png)"
     )
     gen.add_argument("-n", "--n", type=positive, help="number of images")
+    img = gen.add_argument_group("image inputs (docs/images.md)")
+    img.add_argument(
+        "--image",
+        metavar="PATH",
+        help="image to start from: PNG, JPEG or WebP file, upload id "
+        "(upl_...) or https URL; the output takes its size unless --width/--height are given",
+    )
+    img.add_argument(
+        "--mask",
+        metavar="PATH",
+        help="inpainting mask, same forms as --image: grayscale, the image's size, white is repainted and black kept",
+    )
+    img.add_argument(
+        "--strength",
+        type=float,
+        help="how much of the image is re-noised, 0 < s <= 1 (default 0.3 image to image, 0.9999 inpainting)",
+    )
+    img.add_argument(
+        "--padding-mask-crop",
+        type=int,
+        metavar="N",
+        help="inpainting: repaint only the mask's bounding box grown by N pixels, at full resolution",
+    )
     gen.add_argument("--no-wait", action="store_true", help="print the generation id and return at once")
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     gen.set_defaults(func=cmd_generate)
@@ -419,6 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = sub.add_parser("cancel", parents=[conn], help="cancel a queued or running generation")
     cancel.add_argument("id")
     cancel.set_defaults(func=cmd_cancel)
+
+    upl = sub.add_parser(
+        "upload",
+        parents=[conn],
+        help="store an input image; prints its upload id",
+        description="Store an image once (POST /v1/image-uploads) and print its id, for `generate --image "
+        "upl_...` or `--mask upl_...`. It belongs to your key and expires on the service's clock.",
+    )
+    upl.add_argument("path", metavar="PATH", help="PNG, JPEG or WebP file")
+    upl.add_argument("--json", action="store_true", help="print the upload's JSON instead of its id")
+    upl.add_argument("-q", "--quiet", action="store_true", help="no details on stderr")
+    upl.set_defaults(func=cmd_upload)
     return parser
 
 

@@ -1,6 +1,8 @@
 // The playground: submit a generation, follow its server-sent events, show the images, seed, manifest, timings.
 // Every call sends the key as `Authorization: Bearer`, which is why events are read with fetch + a stream
 // reader (EventSource cannot send headers) and images are fetched as blobs (an <img src> could not either).
+// With an image (and a mask) chosen, the request goes as one multipart/form-data POST: the files as the parts
+// `image` and `mask_image`, the other fields as a JSON part named `request` (docs/images.md).
 "use strict";
 
 (() => {
@@ -9,9 +11,11 @@
   const STREAM_RETRIES = 5; // reconnects (resuming with Last-Event-ID) before falling back to long-polling
   const LOG_LIMIT = 300;
   const EXT = { "image/png": "png", "image/webp": "webp", "image/jpeg": "jpg" };
+  const MODES = { inpaint: "inpainting", img2img: "image to image", text2img: "text to image" };
+  const DEFAULT_SIZE = "1024";
 
   const $ = (id) => document.getElementById(id);
-  const run = { id: null, objectUrls: [] };
+  const run = { id: null, objectUrls: [], previewUrl: null, sizeFromImage: false };
 
   class ApiError extends Error {
     constructor(status, detail) {
@@ -40,7 +44,9 @@
 
   async function api(method, path, { body, headers } = {}) {
     const init = { method, headers: authHeaders(headers), cache: "no-store" };
-    if (body !== undefined) {
+    if (body instanceof FormData) {
+      init.body = body; // the browser sets the multipart Content-Type with its boundary
+    } else if (body !== undefined) {
       init.body = JSON.stringify(body);
       init.headers["Content-Type"] = "application/json";
     }
@@ -185,6 +191,8 @@
     const seeds = (gen.images || []).map((i) => i.seed);
     const seed = seeds.length ? seeds.join(", ") : gen.params && gen.params.seed;
     $("seed-out").textContent = seed === undefined || seed === null ? "" : String(seed);
+    const params = gen.params || {};
+    $("mode-out").textContent = MODES[params.mask_image ? "inpaint" : params.image ? "img2img" : "text2img"];
     $("facts").hidden = false;
     const body = $("timings").tBodies[0];
     body.replaceChildren();
@@ -249,8 +257,81 @@
     const negative = $("negative-prompt").value;
     if (negative.trim()) body.negative_prompt = negative;
     if ($("refiner").value) body.refiner = { mode: $("refiner").value };
+    if (chosen("image")) body.strength = num("strength"); // the API refuses a strength without an image
     for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
     return body;
+  }
+
+  // JSON without an image; with one, multipart: the files as parts, the fields as one JSON `request` part.
+  function requestPayload() {
+    const body = requestBody();
+    const image = chosen("image");
+    if (!image) return body;
+    const form = new FormData();
+    form.append("request", JSON.stringify(body));
+    form.append("image", image, image.name);
+    const mask = chosen("mask");
+    if (mask) form.append("mask_image", mask, mask.name);
+    return form;
+  }
+
+  // --- image inputs ------------------------------------------------------------------------------
+  function chosen(id) {
+    const files = $(id).files;
+    return files && files.length ? files[0] : null;
+  }
+
+  function showPreview(file) {
+    if (run.previewUrl) URL.revokeObjectURL(run.previewUrl);
+    run.previewUrl = null;
+    const thumb = $("image-thumb");
+    thumb.removeAttribute("src");
+    delete thumb.dataset.width;
+    delete thumb.dataset.height;
+    $("image-preview").hidden = !file;
+    if (!file) return;
+    run.previewUrl = URL.createObjectURL(file);
+    $("image-info").textContent = file.name;
+    thumb.onload = () => {
+      // the size a browser shows is EXIF-oriented, as the service reads it
+      thumb.dataset.width = thumb.naturalWidth;
+      thumb.dataset.height = thumb.naturalHeight;
+      $("image-info").textContent = `${file.name} · ${thumb.naturalWidth}×${thumb.naturalHeight}`;
+    };
+    thumb.onerror = () => {
+      $("image-info").textContent = `${file.name} · not an image this browser can show`;
+    };
+    thumb.src = run.previewUrl;
+  }
+
+  // Choosing an image enables the mask and strength, and empties width and height so the output takes the
+  // image's size (type a size to have the image resized); removing it puts the text-to-image defaults back.
+  function imageChanged() {
+    const image = chosen("image");
+    for (const id of ["mask", "strength", "clear-image"]) $(id).disabled = !image;
+    $("size-help").hidden = !image;
+    for (const id of ["width", "height"]) {
+      const el = $(id);
+      if (image) {
+        if (!run.sizeFromImage) el.value = "";
+        el.placeholder = "image's";
+      } else {
+        if (el.value.trim() === "") el.value = DEFAULT_SIZE;
+        el.placeholder = "";
+      }
+    }
+    run.sizeFromImage = Boolean(image);
+    if (!image) {
+      $("mask").value = "";
+      $("strength").value = "";
+    }
+    showPreview(image);
+  }
+
+  function clearImage() {
+    $("image").value = "";
+    imageChanged();
+    $("image").focus();
   }
 
   function setBusy(busy) {
@@ -271,7 +352,7 @@
     setBusy(true);
     setStatus("Submitting…");
     try {
-      const res = await api("POST", "/v1/generations", { body: requestBody() });
+      const res = await api("POST", "/v1/generations", { body: requestPayload() });
       let gen = await res.json();
       run.id = gen.id;
       logEvent("submitted", gen);
@@ -330,6 +411,9 @@
     $("api-key").addEventListener("change", saveKey);
     $("generate-form").addEventListener("submit", generate);
     $("cancel").addEventListener("click", cancel);
+    $("image").addEventListener("change", imageChanged);
+    $("clear-image").addEventListener("click", clearImage);
+    imageChanged(); // a reload may keep a chosen file
   }
 
   init();

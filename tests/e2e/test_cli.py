@@ -1,6 +1,6 @@
 """The `sdxl` command line, run as a real subprocess against a live service with API keys on: generate (progress on
 stderr, verified image files, path and seed on stdout), list, show, cancel, Ctrl-C, and the problem-details
-errors with their exit codes."""
+errors with their exit codes; image to image and inpainting from files (multipart), `upload` and `--image upl_...`."""
 
 import hashlib
 import json
@@ -219,3 +219,138 @@ def test_the_console_script_is_declared_and_needs_no_worker_packages() -> None:
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"  # the client installs and starts without the API's or the worker's packages
+
+
+def write_png(
+    path: Path, size: tuple[int, int], mode: str = "RGB", box: tuple[int, int, int, int] | None = None
+) -> str:
+    """A test picture (a gradient; a mask: black with a white `box`) as a PNG file; its sha256."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    if mode == "L":
+        img = Image.new("L", size, 0)
+        ImageDraw.Draw(img).rectangle(box or (w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=255)
+    else:
+        img = Image.new("RGB", size)
+        img.putdata([(x * 255 // w, y * 255 // h, 128) for y in range(h) for x in range(w)])
+    img.save(path, format="PNG")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_image_to_image_from_a_file_follows_the_input_size(svc: Service, tmp_path: Path) -> None:
+    digest = write_png(tmp_path / "in.png", (160, 128))
+    r = sdxl(
+        svc,
+        "generate",
+        "the same, at night",
+        "--image",
+        "in.png",
+        "--strength",
+        "0.5",
+        "--steps",
+        "4",
+        "--refiner",
+        "none",
+        "--seed",
+        "9",
+        "-o",
+        "out.png",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    data = (tmp_path / "out.png").read_bytes()
+    assert png_size(data) == (160, 128)  # no --width/--height: the input's size
+    assert "out.png  seed 9  160x128 image/png" in r.stdout
+    gen = resource(svc, GEN_ID.search(r.stderr).group())  # type: ignore[union-attr]
+    assert gen["manifest"]["mode"] == "img2img"
+    assert gen["manifest"]["inputs"]["image"]["sha256"] == digest
+    assert "mask_image" not in gen["manifest"]["inputs"]
+    assert gen["params"]["strength"] == 0.5
+    assert hashlib.sha256(data).hexdigest() == gen["images"][0]["sha256"]
+
+    shown = sdxl(svc, "show", gen["id"], cwd=tmp_path)
+    assert re.search(rf"^image:\s+upl_\S+\s+160x128\s+sha256 {digest}$", shown.stdout, re.M), shown.stdout
+    assert re.search(r"^strength:\s+0\.5$", shown.stdout, re.M)
+
+
+def test_inpainting_from_files_with_the_default_strength(svc: Service, tmp_path: Path) -> None:
+    image_digest = write_png(tmp_path / "photo.png", (128, 96))
+    mask_digest = write_png(tmp_path / "mask.png", (128, 96), mode="L")
+    r = sdxl(
+        svc,
+        "generate",
+        "a red door",
+        "--image",
+        "photo.png",
+        "--mask",
+        "mask.png",
+        "--padding-mask-crop",
+        "8",
+        "--steps",
+        "4",
+        "--refiner",
+        "none",
+        "-o",
+        "door.png",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    data = (tmp_path / "door.png").read_bytes()
+    assert png_size(data) == (128, 96)
+    gen = resource(svc, GEN_ID.search(r.stderr).group())  # type: ignore[union-attr]
+    manifest = gen["manifest"]
+    assert manifest["mode"] == "inpaint"
+    assert manifest["inputs"]["image"]["sha256"] == image_digest
+    assert manifest["inputs"]["mask_image"]["sha256"] == mask_digest
+    assert gen["params"]["strength"] == 0.9999 and gen["params"]["padding_mask_crop"] == 8
+
+
+def test_upload_then_generate_from_the_upload_id(svc: Service, tmp_path: Path) -> None:
+    digest = write_png(tmp_path / "in.png", (128, 128))
+    up = sdxl(svc, "upload", "in.png", cwd=tmp_path)
+    assert up.returncode == 0, up.stderr
+    upload_id = up.stdout.strip()
+    assert re.fullmatch(r"upl_[A-Za-z0-9_-]{22}", upload_id), up.stdout
+    assert "128x128 image/png" in up.stderr and f"sha256 {digest}" in up.stderr
+    as_json = json.loads(sdxl(svc, "upload", "in.png", "--json", cwd=tmp_path).stdout)
+    assert as_json["sha256"] == digest and as_json["id"] != upload_id  # each upload is a new one
+
+    r = sdxl(
+        svc,
+        "generate",
+        "again",
+        "--image",
+        upload_id,
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "4",
+        "--refiner",
+        "none",
+        "-o",
+        "small.png",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    assert png_size((tmp_path / "small.png").read_bytes()) == (64, 64)  # --width/--height: resized
+    gen = resource(svc, GEN_ID.search(r.stderr).group())  # type: ignore[union-attr]
+    assert gen["manifest"]["inputs"]["image"] == {"sha256": digest, "width": 128, "height": 128}
+    assert gen["params"]["image"]["upload_id"] == upload_id
+
+
+def test_image_problems_exit_2_with_the_detail(svc: Service, tmp_path: Path) -> None:
+    write_png(tmp_path / "odd.png", (100, 100))
+    r = sdxl(svc, "generate", "x", "--image", "odd.png", "--steps", "4", "-o", "bad.png", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "`image` is 100x100" in r.stderr and "the nearest valid size is 96x96" in r.stderr
+    assert not (tmp_path / "bad.png").exists()
+
+    missing = sdxl(svc, "generate", "x", "--image", "nowhere.png", cwd=tmp_path)
+    assert missing.returncode == 2 and "--image nowhere.png: no such file" in missing.stderr
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    upload = sdxl(svc, "upload", "notes.txt", cwd=tmp_path)
+    assert upload.returncode == 2 and "`file` is not an image" in upload.stderr

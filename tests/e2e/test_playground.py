@@ -1,7 +1,9 @@
 """The web playground at `/`, driven end to end in headless Chromium (Debian's chromium + chromedriver, through
 Selenium) against a live service with API keys on: key entry, generate, live progress from the event stream,
-the image fetched with the key as a blob, its seed, manifest and timings; cancel; problem details shown."""
+the image fetched with the key as a blob, its seed, manifest and timings; cancel; problem details shown; image to
+image and inpainting from files picked in the page (sent as multipart)."""
 
+import hashlib
 import json
 import os
 import tempfile
@@ -11,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image, ImageDraw
 
 from tests.access import Key, get, keys_env, wait_final
 from tests.procs import Service
@@ -209,6 +212,114 @@ def test_problem_details_are_shown(svc: Service, browser: Any) -> None:
     WebDriverWait(browser, 30).until(lambda d: "multiple of 8" in error.text)
     assert "`width`" in error.text and "130" in error.text
     assert browser.find_element(By.ID, "generate").is_enabled()
+
+
+def write_png(path: Path, size: tuple[int, int], mask: bool = False) -> str:
+    """A gradient picture, or a mask (black, a white rectangle in the middle), as a PNG file; its sha256."""
+    w, h = size
+    if mask:
+        img = Image.new("L", size, 0)
+        ImageDraw.Draw(img).rectangle((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=255)
+    else:
+        img = Image.new("RGB", size)
+        img.putdata([(x * 255 // w, y * 255 // h, 96) for y in range(h) for x in range(w)])
+    img.save(path, format="PNG")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+PREVIEW_SIZE = """
+const t = document.getElementById('image-thumb');
+return t.dataset.width ? [Number(t.dataset.width), Number(t.dataset.height)] : null;
+"""
+
+
+def pick_image(driver: Any, path: Path, size: tuple[int, int]) -> None:
+    driver.find_element(By.ID, "image").send_keys(str(path))
+    assert WebDriverWait(driver, 10).until(lambda d: d.execute_script(PREVIEW_SIZE)) == list(size)
+    assert f"{path.name} · {size[0]}×{size[1]}" in text_of(driver, "image-info")
+
+
+def run_with_image(driver: Any, svc: Service, tmp_path: Path, name: str, **files: Path) -> dict[str, Any]:
+    """Submit what the page holds; the image shown and the generation (read back with alice's key)."""
+    driver.find_element(By.ID, "generate").click()
+    image: dict[str, Any] = WebDriverWait(driver, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    assert state(driver) == "succeeded"
+    driver.execute_script("window.scrollTo(0, 0)")  # the screenshot shows the result, not the button clicked
+    shot = tmp_path / f"{name}.png"
+    assert driver.save_screenshot(str(shot))
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gen = get(svc.url, f"/v1/generations/{text_of(driver, 'gen-id')}", ALICE).json()
+    assert gen["status"] == "succeeded"
+    assert driver.execute_async_script(BLOB_SHA256, image["src"]) == gen["images"][0]["sha256"]
+    assert json.loads(text_of(driver, "manifest")) == gen["manifest"]
+    severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    assert severe == []
+    return {"image": image, "gen": gen}
+
+
+@needs_browser
+def test_image_to_image_from_a_picked_file(svc: Service, browser: Any, tmp_path: Path) -> None:
+    digest = write_png(tmp_path / "photo.png", (160, 128))
+    open_page(browser, svc, ALICE.secret, "the same at night", steps="4", seed="21")
+    assert browser.find_element(By.ID, "mask").get_attribute("disabled") is not None  # no image yet
+    pick_image(browser, tmp_path / "photo.png", (160, 128))
+    # the size now follows the image: width and height are emptied, mask and strength enabled
+    assert browser.find_element(By.ID, "width").get_attribute("value") == ""
+    assert browser.find_element(By.ID, "height").get_attribute("value") == ""
+    assert browser.find_element(By.ID, "mask").is_enabled() and browser.find_element(By.ID, "strength").is_enabled()
+    fill(browser, strength="0.6")
+
+    out = run_with_image(browser, svc, tmp_path, "img2img")
+    image, gen = out["image"], out["gen"]
+    assert (image["w"], image["h"]) == (160, 128)  # the input's size
+    assert gen["manifest"]["mode"] == "img2img"
+    assert gen["manifest"]["inputs"]["image"]["sha256"] == digest
+    assert gen["params"]["strength"] == 0.6 and gen["params"]["seed"] == 21
+    assert text_of(browser, "mode-out") == "image to image"
+
+    browser.find_element(By.ID, "clear-image").click()  # back to text to image, its defaults restored
+    assert browser.find_element(By.ID, "image-preview").is_displayed() is False
+    assert browser.find_element(By.ID, "width").get_attribute("value") == "1024"
+    assert browser.find_element(By.ID, "mask").get_attribute("disabled") is not None
+    assert browser.find_element(By.ID, "strength").get_attribute("value") == ""
+
+
+@needs_browser
+def test_inpainting_from_a_picked_image_and_mask(svc: Service, browser: Any, tmp_path: Path) -> None:
+    image_digest = write_png(tmp_path / "room.png", (128, 96))
+    mask_digest = write_png(tmp_path / "room-mask.png", (128, 96), mask=True)
+    open_page(browser, svc, ALICE.secret, "a window in the wall", steps="4")
+    pick_image(browser, tmp_path / "room.png", (128, 96))
+    browser.find_element(By.ID, "mask").send_keys(str(tmp_path / "room-mask.png"))
+
+    out = run_with_image(browser, svc, tmp_path, "inpaint")
+    image, gen = out["image"], out["gen"]
+    assert (image["w"], image["h"]) == (128, 96)
+    inputs = gen["manifest"]["inputs"]
+    assert inputs["image"]["sha256"] == image_digest and inputs["mask_image"]["sha256"] == mask_digest
+    assert gen["manifest"]["mode"] == "inpaint" and gen["params"]["strength"] == 0.9999  # the default
+    assert text_of(browser, "mode-out") == "inpainting"
+
+
+@needs_browser
+def test_an_image_of_an_unusable_size_shows_the_nearest_valid_one(svc: Service, browser: Any, tmp_path: Path) -> None:
+    write_png(tmp_path / "odd.png", (100, 100))
+    open_page(browser, svc, ALICE.secret, "x", steps="4")
+    pick_image(browser, tmp_path / "odd.png", (100, 100))
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert "`image` is 100x100" in error.text and "the nearest valid size is 96x96" in error.text
+    assert browser.find_elements(By.CSS_SELECTOR, "#images img") == []
+    assert browser.find_element(By.ID, "generate").is_enabled()
+    browser.execute_script("window.scrollTo(0, 0)")
+    assert browser.save_screenshot(str(tmp_path / "odd-size.png"))
+
+    fill(browser, width="96", height="96")  # a size given: the image is resized to it
+    browser.find_element(By.ID, "generate").click()
+    image = WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    assert (image["w"], image["h"]) == (96, 96)
+    assert not error.is_displayed()
 
 
 def test_the_service_under_test_has_keys_on(svc: Service) -> None:
