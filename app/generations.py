@@ -21,11 +21,10 @@ from app.model_limits import LimitsCache
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from app.tokens import counter_for
-from app.uploads import UploadService
+from app.uploads import PendingInput, UploadService
 from common import scripts, ssrf
 from common.contract import keys
 from common.contract.events import EventType
-from common.contract.params import InputImage
 from common.contract.records import as_str, decode
 from common.contract.resource import render
 from common.contract.status import TERMINAL_STATUSES, GenerationStatus
@@ -100,14 +99,15 @@ class GenerationService:
             await asyncio.sleep(1.0)
 
     async def inputs(self, req: GenerationCreate, principal: Principal, files: dict[str, bytes] | None
-                     ) -> tuple[InputImage | None, InputImage | None]:
-        """The request's image and mask, stored as uploads of the caller (app/uploads.py), or None."""
+                     ) -> tuple[PendingInput | None, PendingInput | None]:
+        """The request's image and mask, each checked but not yet stored (app/uploads.py), or None: `create`
+        stores them once the whole request has passed, so a refused request leaves no upload behind."""
         files = files or {}
         image_src = files.get("image", req.image)
         mask_src = files.get("mask_image", req.mask_image)
         check_input_fields(req, image_src is not None, mask_src is not None)  # before fetching or storing
-        image = await self.uploads.resolve(image_src, "image", principal) if image_src is not None else None
-        mask = await self.uploads.resolve(mask_src, "mask_image", principal, as_mask=True) \
+        image = await self.uploads.load(image_src, "image", principal) if image_src is not None else None
+        mask = await self.uploads.load(mask_src, "mask_image", principal, as_mask=True) \
             if mask_src is not None else None
         return image, mask
 
@@ -119,7 +119,8 @@ class GenerationService:
         refiner_ok = await self.refiner_available()
         resolve(req.model_copy(update={"image": None, "mask_image": None, "strength": None,
                                        "padding_mask_crop": None}), self.settings, refiner_ok)  # cheap 422s first
-        image, mask = await self.inputs(req, principal, files)
+        image_in, mask_in = await self.inputs(req, principal, files)
+        image, mask = (p.ref if p else None for p in (image_in, mask_in))
         params = resolve(req, self.settings, refiner_ok, image, mask)
         self.model_limits.get().check(params)
         counts = token_counts(params, counter_for(self.settings.base_model))
@@ -128,14 +129,18 @@ class GenerationService:
             webhook["address"] = await run_in_threadpool(
                 approve_webhook_url, webhook["url"], self.webhook_policy, self.resolve_host)
         gen_id = gen_id or new_generation_id()
+        inputs = [p for p in (image_in, mask_in) if p is not None]
+        await self.uploads.save(principal, inputs)  # every check passed: now the inputs are stored
         # before the record exists: an upload DELETE that runs meanwhile sees this generation as its user
-        await self.uploads.mark_used(gen_id, [ref for ref in (image, mask) if ref is not None])
+        await self.uploads.mark_used(gen_id, [p.ref for p in inputs])
         # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
         fields, create_keys, args = self.enqueuer.prepare(
             params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, gen_id=gen_id,
             limits=(principal.limits.max_queued, self.settings.max_queue_depth))
         sub = await self.enqueuer.submit_async(fields, create_keys, args)
-        await self.limiter.refuse(principal, sub.admitted, sub.count)  # 429 / 503: nothing was written
+        if sub.admitted:  # refused: nothing was written, and the inputs this request stored go too
+            await self.uploads.discard(principal, inputs, gen_id)
+        await self.limiter.refuse(principal, sub.admitted, sub.count)  # 429 / 503
         rec = dict(sub.record)
         for k in ("created_at", "expires_at"):
             rec[k] = str(rec[k])
@@ -295,4 +300,4 @@ def approve_webhook_url(url: str, policy: ssrf.Policy, resolver: ssrf.Resolver =
     try:
         return ssrf.check_url(url, policy, resolver).address
     except ssrf.UnsafeUrl as exc:
-        raise field_error("webhook.url", str(exc), url) from exc
+        raise field_error("webhook.url", exc.hint("SDXL_WEBHOOK_"), url) from exc

@@ -36,7 +36,7 @@ class Settings(CommonSettings):
     max_body_bytes: int = 65536  # JSON without images
     # input images (app/uploads.py, app/image_inputs.py; docs/images.md)
     max_image_body_bytes: int = Field(default=20 * 1024 * 1024, ge=65536)  # routes that carry images
-    upload_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+    upload_ttl_seconds: int = Field(default=24 * 3600, ge=1)
     max_uploads_per_key: int = Field(default=100, ge=1)  # live uploads per API key
     max_upload_bytes_per_key: int = Field(default=512 * 1024 * 1024, ge=1)
     # `image` given as an URL: fetched at submit through the same SSRF rules as webhooks, with its own allows

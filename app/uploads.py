@@ -12,6 +12,7 @@ import binascii
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
@@ -26,7 +27,7 @@ from common.contract import keys
 from common.contract.params import InputImage
 from common.contract.records import as_str, rfc3339
 from common.contract.status import TERMINAL_STATUSES
-from common.storage import ObjectStore, StorageUnavailable, put_with_retry
+from common.storage import ObjectNotFound, ObjectStore, StorageUnavailable, put_with_retry
 
 UPLOAD_ID_RE = re.compile(r"^upl_[A-Za-z0-9_-]{22}$")
 DATA_URI_RE = re.compile(r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*),", re.ASCII)
@@ -66,6 +67,15 @@ def decode_data_uri(value: str, field: str) -> bytes:
         raise field_error(field, "holds invalid base64 after `data:...;base64,`", value[:60] + "...") from None
 
 
+@dataclass(frozen=True)
+class PendingInput:
+    """An input of a request: an existing upload (`data` None), or checked bytes to store as `ref` says."""
+
+    ref: InputImage
+    data: bytes | None = None
+    info: images.ImageInfo | None = None
+
+
 class UploadService:
     def __init__(self, ar: aredis.Redis, settings: Settings, store: ObjectStore) -> None:
         self.ar = ar
@@ -87,22 +97,61 @@ class UploadService:
     async def create(self, principal: Principal, data: bytes, field: str = "file",
                      as_mask: bool = False) -> dict[str, Any]:
         """Validate, store and record `data`; the upload's resource. `as_mask`: also check it reads as a mask."""
-        return resource(*await self._store(principal, data, field, as_mask))
+        pending = await self.prepare(data, field, as_mask)
+        return resource(pending.ref.upload_id, await self._write(principal, pending))
 
-    async def _store(self, principal: Principal, data: bytes, field: str, as_mask: bool
-                     ) -> tuple[str, dict[str, Any]]:
+    async def prepare(self, data: bytes, field: str, as_mask: bool) -> PendingInput:
+        """Checked (422 naming `field`), its upload id and key chosen, nothing stored yet."""
         info = await run_in_threadpool(self.check, data, field)
         if as_mask:
             await run_in_threadpool(self.check_mask, data, field)
         upload_id = new_upload_id()
         key = f"{self.settings.upload_prefix}{upload_id}/image.{info.format}"
+        ref = InputImage(upload_id=upload_id, key=key, sha256=info.sha256, width=info.width, height=info.height)
+        return PendingInput(ref, data, info)
+
+    async def save(self, principal: Principal, inputs: list[PendingInput]) -> None:
+        """Store and record each input not stored yet, all or none: a refusal (429, 503) of one forgets the
+        others this call stored, so a refused request leaves no upload behind."""
+        stored: list[PendingInput] = []
+        try:
+            for pending in inputs:
+                if pending.data is not None:
+                    await self._write(principal, pending)
+                    stored.append(pending)
+        except BaseException:
+            await self.discard(principal, stored)
+            raise
+
+    async def discard(self, principal: Principal, inputs: list[PendingInput], gen_id: str | None = None) -> None:
+        """Forget uploads `save` made for a request that was then refused; uploads it named by id stay, no
+        longer used by `gen_id`."""
+        new = [p.ref.upload_id for p in inputs if p.data is not None]
+        pipe = self.ar.pipeline(transaction=True)
+        if gen_id is not None:
+            for p in inputs:
+                if p.data is None:
+                    pipe.srem(keys.upload_users(p.ref.upload_id), gen_id)
+        for upload_id in new:
+            pipe.delete(keys.upload(upload_id), keys.upload_users(upload_id))
+            pipe.zrem(keys.owner_uploads(principal.owner), upload_id)
+            pipe.hdel(keys.owner_upload_bytes(principal.owner), upload_id)
+            pipe.zrem(keys.UPLOAD_EXPIRY, upload_id)
+        if len(pipe):
+            await pipe.execute()
+        for upload_id in new:
+            await run_in_threadpool(self._forget_bytes, upload_id)
+
+    async def _write(self, principal: Principal, pending: PendingInput) -> dict[str, Any]:
+        info, upload_id, key = pending.info, pending.ref.upload_id, pending.ref.key
+        assert info is not None and pending.data is not None
         now = time.time()
         expires = now + self.settings.upload_ttl_seconds
         rec = {"owner": principal.owner, "key": key, "sha256": info.sha256, "bytes": info.bytes,
                "width": info.width, "height": info.height, "content_type": info.content_type,
                "created_at": repr(now), "expires_at": repr(expires)}
         try:
-            await run_in_threadpool(put_with_retry, self.store, key, data, info.content_type,
+            await run_in_threadpool(put_with_retry, self.store, key, pending.data, info.content_type,
                                     {"upload-id": upload_id, "sha256": info.sha256}, PUT_BUDGET_SECONDS)
         except StorageUnavailable as exc:
             raise Problem(503, "object storage is unavailable; the image was not stored",
@@ -122,7 +171,7 @@ class UploadService:
             raise Problem(429, f"this API key's live image uploads hold {count} bytes; this one ({info.bytes}) "
                                f"would pass the limit of {self.settings.max_upload_bytes_per_key} "
                                "(SDXL_MAX_UPLOAD_BYTES_PER_KEY)", kind="upload-limit")
-        return upload_id, rec
+        return rec
 
     def check_mask(self, data: bytes, field: str) -> None:
         try:
@@ -188,9 +237,10 @@ class UploadService:
         await pipe.execute()
 
     # --- references from a generation request -------------------------------------------------------
-    async def resolve(self, value: str | bytes, field: str, principal: Principal, as_mask: bool = False
-                      ) -> InputImage:
-        """An upload id, a `data:` URI, an URL, or raw bytes (multipart) -> the stored input it names."""
+    async def load(self, value: str | bytes, field: str, principal: Principal, as_mask: bool = False
+                   ) -> PendingInput:
+        """An upload id, a `data:` URI, an URL, or raw bytes (multipart) -> the input it names, checked but not
+        stored (`save` does that once the whole request has passed its checks)."""
         if isinstance(value, str) and UPLOAD_ID_RE.match(value):
             try:
                 rec = await self.record(value, principal)
@@ -198,10 +248,17 @@ class UploadService:
                 raise field_error(field, f"names image upload `{value}`, which does not exist (or has expired)",
                                   value) from None
             if as_mask:
-                obj = await run_in_threadpool(self.store.get, rec["key"])
+                try:
+                    obj = await run_in_threadpool(self.store.get, rec["key"])
+                except ObjectNotFound:
+                    raise field_error(field, f"names image upload `{value}`, which does not exist (or has "
+                                      "expired)", value) from None
+                except StorageUnavailable as exc:
+                    raise Problem(503, "object storage is unavailable; the mask could not be read",
+                                  kind="storage-unavailable", headers={"Retry-After": "5"}) from exc
                 await run_in_threadpool(self.check_mask, obj.data, field)
-            return InputImage(upload_id=value, key=rec["key"], sha256=rec["sha256"], width=int(rec["width"]),
-                              height=int(rec["height"]))
+            return PendingInput(InputImage(upload_id=value, key=rec["key"], sha256=rec["sha256"],
+                                           width=int(rec["width"]), height=int(rec["height"])))
         if isinstance(value, bytes):
             data = value
         elif value.startswith("data:"):
@@ -214,9 +271,14 @@ class UploadService:
         else:
             raise field_error(field, "must be an image upload id (upl_...), a `data:` URI or an https URL",
                               value[:60])
-        upload_id, rec = await self._store(principal, data, field, as_mask)
-        return InputImage(upload_id=upload_id, key=rec["key"], sha256=rec["sha256"], width=int(rec["width"]),
-                          height=int(rec["height"]))
+        return await self.prepare(data, field, as_mask)
+
+    async def resolve(self, value: str | bytes, field: str, principal: Principal, as_mask: bool = False
+                      ) -> InputImage:
+        """`load` and `save` one input: the stored input it names."""
+        pending = await self.load(value, field, principal, as_mask)
+        await self.save(principal, [pending])
+        return pending.ref
 
     async def mark_used(self, gen_id: str, refs: list[InputImage]) -> None:
         if refs:

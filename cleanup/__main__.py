@@ -5,7 +5,9 @@ Every SDXL_CLEANUP_INTERVAL_SECONDS it
   * requeues generations whose worker died (common.reaper.Reaper.sweep), as the workers' heartbeats also do, so
     a dead worker's job is found even when no worker is left alive;
   * fails queued generations whose `deadline_at` passed with `deadline_exceeded`, so a caller waiting on an
-    empty fleet gets an answer (a worker also checks the deadline when it starts a job).
+    empty fleet gets an answer (a worker also checks the deadline when it starts a job);
+  * deletes expired image uploads (the `sdxl:upload-expiry` zset) with their bytes, once no unfinished
+    generation uses them (app/uploads.py).
 It is its own process because rq's --with-scheduler would fork the GPU worker. `--once` runs one sweep.
 """
 
@@ -23,7 +25,7 @@ import redis
 
 from common.contract import keys
 from common.contract.records import as_str, decode
-from common.contract.status import ErrorType, GenerationStatus
+from common.contract.status import TERMINAL_STATUSES, ErrorType, GenerationStatus
 from common.logs import configure
 from common.reaper import Reaper
 from common.settings import CommonSettings
@@ -37,6 +39,8 @@ class CleanupSettings(CommonSettings):
     cleanup_interval_seconds: float = 60.0  # seconds between sweeps
 
 BATCH = 200  # expired ids handled per Redis round trip
+UPLOAD_RECHECK_SECONDS = 60.0  # an expired upload an unfinished generation still uses is looked at again then
+TERMINAL = {s.value for s in TERMINAL_STATUSES}
 
 
 class Cleanup:
@@ -68,6 +72,48 @@ class Cleanup:
                 except StorageUnavailable as exc:
                     log.warning("storage unavailable; expiry resumes next sweep: %s", exc)
                     return done
+                done += 1
+            if len(due) < BATCH:
+                return done
+
+    # --- uploads ----------------------------------------------------------------------------------
+    def upload_in_use(self, upload_id: str) -> bool:
+        """Whether an unfinished generation refers to the upload (its worker has yet to read it)."""
+        users = sorted(as_str(g) for g in self.r.smembers(keys.upload_users(upload_id)))
+        if not users:
+            return False
+        pipe = self.r.pipeline(transaction=False)
+        for gen_id in users:
+            pipe.hget(keys.generation(gen_id), "status")
+        return any(status is not None and as_str(status) not in TERMINAL for status in pipe.execute())
+
+    def expire_uploads(self, now: float) -> int:
+        """Delete every upload whose expiry score has passed and that no unfinished generation uses (those are
+        looked at again later); stops early (and retries next sweep) while the store is down, so no record is
+        dropped with its bytes still stored."""
+        done = 0
+        while True:
+            due = [as_str(m) for m in self.r.zrangebyscore(keys.UPLOAD_EXPIRY, "-inf", now, start=0, num=BATCH)]
+            for upload_id in due:
+                owner, expires_at = self.r.hmget(keys.upload(upload_id), ["owner", "expires_at"])
+                if expires_at is not None and float(expires_at) > now:
+                    self.r.zadd(keys.UPLOAD_EXPIRY, {upload_id: float(expires_at)})  # the record says later
+                    continue
+                if self.upload_in_use(upload_id):
+                    self.r.zadd(keys.UPLOAD_EXPIRY, {upload_id: now + UPLOAD_RECHECK_SECONDS})
+                    continue
+                try:
+                    self.store.delete_prefix(f"{self.settings.upload_prefix}{upload_id}/")
+                except StorageUnavailable as exc:
+                    log.warning("storage unavailable; upload expiry resumes next sweep: %s", exc)
+                    return done
+                pipe = self.r.pipeline(transaction=True)
+                pipe.delete(keys.upload(upload_id), keys.upload_users(upload_id))
+                if owner is not None:  # the record outlives its expiry by an hour; later, the owner's zset
+                    pipe.zrem(keys.owner_uploads(as_str(owner)), upload_id)  # is pruned by the next upload
+                    pipe.hdel(keys.owner_upload_bytes(as_str(owner)), upload_id)
+                pipe.zrem(keys.UPLOAD_EXPIRY, upload_id)
+                pipe.execute()
                 done += 1
             if len(due) < BATCH:
                 return done
@@ -108,9 +154,10 @@ class Cleanup:
     # --- one sweep --------------------------------------------------------------------------------
     def sweep(self) -> dict[str, int]:
         now = time.time()
-        counts = {"expired": 0, "requeued": 0, "deadline_exceeded": 0, "errors": 0}
+        counts = {"expired": 0, "uploads_expired": 0, "requeued": 0, "deadline_exceeded": 0, "errors": 0}
         for name, step in (
             ("expired", lambda: self.expire(now)),
+            ("uploads_expired", lambda: self.expire_uploads(now)),
             ("requeued", lambda: len(self.reaper.sweep())),
             ("deadline_exceeded", lambda: len(self.fail_past_deadline(now))),
         ):

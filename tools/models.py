@@ -566,7 +566,7 @@ def build_tiny_inpaint_unet(out_dir: Path, seed: int = 0) -> Path:
     SDXL_INPAINT_MODEL reads."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{**copy.deepcopy(TINY_CONFIGS["unet"]), "in_channels": 9})
-    unet.save_pretrained(Path(out_dir) / "unet")
+    unet.save_pretrained(Path(out_dir) / "unet")  # type: ignore[attr-defined]  # ModelMixin, untyped
     return Path(out_dir)
 
 

@@ -4,7 +4,6 @@ development secret), history that survives a restart, an expiry carried out by i
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 

@@ -29,7 +29,8 @@ class OOMEngine:
         self.calls: list[int] = []
         self.freed = 0
 
-    def run(self, params: Any, specs: list[ImageSpec], hook: Any, inputs: Any = None) -> tuple[list[Image.Image], StageTimes]:
+    def run(self, params: Any, specs: list[ImageSpec], hook: Any, inputs: Any = None
+            ) -> tuple[list[Image.Image], StageTimes]:
         self.calls.append(len(specs))
         if len(specs) > self.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
