@@ -44,6 +44,34 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "422",
 # `Last-Event-ID` must be an id of the generation's own event stream
 include-operation-id = "stream_generation_events"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "422", "429"]
+
+[[operations]]
+# a schema-valid file is any bytes: only decoding tells an image (422 otherwise); an upload id names an image by
+# this key (404 otherwise)
+include-operation-id = "create_image_upload"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "429"]
+
+[[operations]]
+include-operation-id = "get_image_upload"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "429"]
+
+[[operations]]
+include-operation-id = "delete_image_upload"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "429"]
+
+[[operations]]
+# OpenAI's shape: 400 for an invalid field (`size` strings, image bytes), 424 when the wait runs out
+include-operation-id = "create_openai_image"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "424", "429"]
+
+[[operations]]
+include-operation-id = "create_openai_image_edit"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "424", "429"]
+
+[[operations]]
+# the signature is the capability: a made-up one is refused (403), as is an expired one
+include-operation-id = "get_signed_image"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "403", "404"]
 """
 
 LIMITS = {
