@@ -135,10 +135,13 @@ class Engine:
             if settings.compile_mode:
                 pipe.unet = self._compile(pipe.unet)
         # image to image and inpainting: the same modules as the text-to-image pipelines (from_pipe shares them,
-        # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it)
-        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.base)
+        # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it).
+        # from_pipe ends with `.to(dtype)`, float32 unless told: without `dtype` it would cast the shared modules,
+        # the base's own, to float32 in place (twice the memory in fp16)
+        self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.base, dtype=self.dtype)
         self.inpaint = self._inpaint_pipeline(settings)
-        self.refiner_inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.refiner) if self.refiner else None
+        self.refiner_inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.refiner, dtype=self.dtype) \
+            if self.refiner else None
         for pipe in (self.img2img, self.inpaint, self.refiner_inpaint):
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
@@ -159,7 +162,7 @@ class Engine:
         """Inpainting on the base UNet, or on a dedicated inpainting UNet (9 input channels) when one is named:
         loaded once here, beside the base, for deployments that want its better seams."""
         if not settings.inpaint_model:
-            return StableDiffusionXLInpaintPipeline.from_pipe(self.base)
+            return StableDiffusionXLInpaintPipeline.from_pipe(self.base, dtype=self.dtype)
         unet = UNet2DConditionModel.from_pretrained(settings.inpaint_model, subfolder="unet",
                                                     revision=settings.inpaint_revision, variant=settings.variant,
                                                     dtype=self.dtype).to(self.device)
@@ -167,7 +170,7 @@ class Engine:
             unet.to(memory_format=torch.channels_last)
         if settings.compile_mode:
             unet = self._compile(unet)
-        return StableDiffusionXLInpaintPipeline.from_pipe(self.base, unet=unet)
+        return StableDiffusionXLInpaintPipeline.from_pipe(self.base, unet=unet, dtype=self.dtype)
 
     def pipes(self) -> list[Any]:
         return [p for p in (self.base, self.refiner) if p is not None]

@@ -253,3 +253,14 @@ def test_compile_warmup_covers_the_declared_sizes(tiny_model: Path, declared: st
     assert _graphs_compiled_by_a_request(eng, 64, 64) == 0
     assert (_graphs_compiled_by_a_request(eng, 96, 80) > 0) == bool(compiles_at_96x80)
     torch._dynamo.reset()
+
+
+def test_the_image_modes_keep_the_engine_dtype(tiny_model: Path) -> None:
+    """from_pipe casts to float32 unless told otherwise: in half precision that doubled every resident weight
+    (found by bench/images.py)."""
+    eng = Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model=str(tiny_model / "refiner"),
+                                dtype="bfloat16", watermark=False))
+    for pipe in (eng.base, eng.refiner, eng.img2img, eng.inpaint, eng.refiner_inpaint):
+        for name in ("unet", "vae", "text_encoder_2"):
+            module = getattr(pipe, name)
+            assert {p.dtype for p in module.parameters()} == {torch.bfloat16}, (type(pipe).__name__, name)
