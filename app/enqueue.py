@@ -11,6 +11,7 @@ import redis.asyncio as aredis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from app.error_messages import merge
 from app.errors import Problem, field_error
 from app.schemas import GenerationCreate
 from app.settings import Settings
@@ -161,6 +162,7 @@ def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> di
                         " (long_prompt=chunk encodes longer prompts in 77-token chunks)"}
             for name, (field, _t, _e) in texts.items() if counts[name] > CLIP_WINDOW
         ]
+        errors = merge(errors)  # `prompt` feeds both encoders when prompt_2 is absent: one entry, both counts
         if errors:
             raise Problem(422, "; ".join(f"`{e['field']}` {e['message']}" for e in errors), errors=errors,
                           kind="prompt-too-long")

@@ -99,18 +99,21 @@ def _jsonable(value: Any) -> Any:
 
 
 def validation_problem(exc: RequestValidationError) -> Problem:
+    """A 422 naming each field once, in the service's words (app/error_messages.py), with the value received."""
+    from app.error_messages import merge, message
+
     errors = []
     for err in exc.errors():
         field = _field_name(tuple(err.get("loc", ())))
-        msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
         if err.get("type") == "json_invalid":
-            field, msg = "body", f"is not valid JSON: {err.get('ctx', {}).get('error', msg)}"
-        elif err.get("type") == "extra_forbidden":
-            msg = "is not a known field"
+            field, msg = "body", f"is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}"
+        else:
+            msg = message(dict(err), field)
         value = _jsonable(err.get("input"))
         if isinstance(value, str) and len(value) > 200:
             value = value[:200] + "..."
         errors.append({"field": field, "message": msg, "value": value})
+    errors = merge(errors)
     detail = "; ".join(f"`{e['field']}` {e['message']}" for e in errors[:5])
     return Problem(422, detail, errors=errors)
 

@@ -181,3 +181,37 @@ def test_unexpected_500_discloses_nothing() -> None:
     assert "secret" not in r.text and "RuntimeError" not in r.text
     assert body["detail"] == "an unexpected error occurred; it has been logged"
     assert r.headers["x-request-id"] == "req-test-500"
+
+
+@pytest.mark.parametrize("body, field, message", [
+    ({"steps": 20}, "steps", "is not a known field; did you mean `num_inference_steps`?"),
+    ({"guidence_scale": 4}, "guidence_scale", "is not a known field; did you mean `guidance_scale`?"),
+    ({"refiner": {"strenght": 0.3}}, "refiner.strenght", "is not a known field; did you mean `refiner.strength`?"),
+    ({"xyzzy": 1}, "xyzzy", "is not a known field"),
+    ({"num_inference_steps": "many"}, "num_inference_steps", "must be a whole number"),
+    ({"guidance_scale": 99}, "guidance_scale", "must be at most 30.0"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "must be at least 1"),
+    ({"output_format": "gif"}, "output_format", "must be one of `png`, `webp` or `jpeg`"),
+    ({"snap_to_bucket": "maybe"}, "snap_to_bucket", "must be true or false"),
+    ({"original_size": [1, 2, 3]}, "original_size", "must be a pair of whole numbers, [a, b]"),
+    ({"refiner": 5}, "refiner", "must be a JSON object"),
+])
+def test_422_messages_say_what_to_do(api: httpx.Client, body: dict[str, Any], field: str, message: str) -> None:
+    r = call(api, "POST", "/v1/generations", json={**TINY, **body})
+    problem = assert_problem(r, 422, "validation-error", ("post", "/v1/generations"))
+    assert [(e["field"], e["message"]) for e in problem["errors"]] == [(field, message)]
+    assert "Input should" not in r.text and "Field required" not in r.text  # no raw pydantic text
+
+
+def test_a_missing_prompt_is_required(api: httpx.Client) -> None:
+    r = call(api, "POST", "/v1/generations", json={"width": 128, "height": 128})
+    assert assert_problem(r, 422, "validation-error")["errors"] == [
+        {"field": "prompt", "message": "is required", "value": {"width": 128, "height": 128}}]
+
+
+def test_a_long_prompt_is_reported_once(api: httpx.Client) -> None:
+    r = call(api, "POST", "/v1/generations", json={**TINY, "prompt": "a lighthouse " * 60, "long_prompt": "reject"})
+    problem = assert_problem(r, 422, "prompt-too-long")
+    fields = [e["field"] for e in problem["errors"]]
+    assert fields == ["prompt"]  # it feeds both encoders: one entry, both counts in its message
+    assert "text_encoder;" in problem["errors"][0]["message"] and "text_encoder_2" in problem["errors"][0]["message"]
