@@ -1,10 +1,10 @@
 """HTTP wire types: what clients send and receive."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from common.contract.params import MAX_SEED, SCHEDULERS, LongPrompt, OutputFormat, RefinerMode
+from common.contract.params import MAX_SEED, SCHEDULERS, GenerationParams, LongPrompt, OutputFormat, RefinerMode
 
 Pair = tuple[int, int]
 EVENT_TYPES = Literal[
@@ -145,6 +145,27 @@ class GenerationError(BaseModel):
     message: str = Field(..., examples=["the pipeline failed; the error was logged"])
 
 
+# produced by common/contract/records.rfc3339 (UTC, milliseconds, `Z`); declared so clients parse a datetime
+Timestamp = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+
+
+class Timings(BaseModel):
+    """Seconds per phase of a succeeded generation (a failed one has what it reached); all absent until then."""
+
+    model_config = ConfigDict(extra="allow")  # a newer worker may add phases: clients keep them as extras
+
+    queued: float | None = Field(None, description="Created to started", examples=[0.01])
+    pipeline: float | None = Field(None, description="The pipeline call (base, refiner and decoding)",
+                                   examples=[2.4])
+    base: float | None = None
+    refiner: float | None = None
+    decoding: float | None = None
+    encoding: float | None = None
+    uploading: float | None = None
+    total: float | None = Field(None, description="Created to finished", examples=[2.6])
+    batch_images: int | None = Field(None, description="Images computed in the same pipeline call", examples=[1])
+
+
 class Generation(BaseModel):
     """A generation as the service tracks it."""
 
@@ -153,19 +174,19 @@ class Generation(BaseModel):
         ..., description="`succeeded`, `failed` and `canceled` are final", examples=["queued"])
     queue_position: int | None = Field(None, description="0 = next to start; null unless queued")
     progress: Progress
-    params: dict[str, Any] | None = Field(..., description="The resolved parameters: the request with the "
-                                          "deployment's defaults filled in (seed included)")
+    params: GenerationParams | None = Field(..., description="The resolved parameters: the request with the "
+                                            "deployment's defaults filled in (seed included)")
     token_counts: dict[str, int] | None = Field(None, description="Tokens each text encoder sees, per prompt",
                                                 examples=[{"text_encoder": 9, "text_encoder_2": 9}])
     images: list[Image] = Field(..., description="Empty until the generation succeeds")
     error: GenerationError | None = Field(None, description="Set when `status` is `failed`")
     attempt: int = Field(1, description="Incremented when a lost worker's job is run again")
-    created_at: str | None = Field(..., description="RFC 3339, UTC", examples=["2025-01-01T12:00:00.000Z"])
-    started_at: str | None = None
-    finished_at: str | None = None
-    expires_at: str | None = Field(None, description="When the record and its images are deleted")
-    timings: dict[str, float] = Field(..., description="Seconds per phase (`queued`, `pipeline`, `encoding`, "
-                                      "`uploading`, ...)", examples=[{"queued": 0.01, "pipeline": 2.4}])
+    created_at: Timestamp | None = Field(..., description="RFC 3339, UTC", examples=["2025-01-01T12:00:00.000Z"])
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
+    expires_at: Timestamp | None = Field(None, description="When the record and its images are deleted")
+    timings: Timings = Field(..., description="Seconds per phase (`queued`, `pipeline`, `encoding`, "
+                             "`uploading`, ...)", examples=[{"queued": 0.01, "pipeline": 2.4}])
     manifest: dict[str, Any] | None = Field(None, description="What produced the images: parameters, "
                                             "scheduler configuration and model revisions")
     webhook: dict[str, Any] | None = Field(None, description="The webhook this generation notifies, if any")
@@ -228,8 +249,8 @@ class ImageUpload(BaseModel):
     bytes: int = Field(..., examples=[1523342])
     sha256: str = Field(..., description="Hex sha256 of the bytes as received (the manifest records it)",
                         examples=["9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"])
-    created_at: str = Field(..., examples=["2025-01-01T12:00:00.000Z"])
-    expires_at: str = Field(..., description="When it is deleted (unless an unfinished generation still uses it)",
+    created_at: Timestamp = Field(..., examples=["2025-01-01T12:00:00.000Z"])
+    expires_at: Timestamp = Field(..., description="When it is deleted (unless an unfinished generation still uses it)",
                             examples=["2025-01-02T12:00:00.000Z"])
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from datetime import datetime
 from types import SimpleNamespace
 from typing import Any
 
@@ -121,7 +122,9 @@ def test_create_wait_download(sdxl: SimpleNamespace, client: Any) -> None:
     assert gen.status == sdxl.models.GenerationStatus.SUCCEEDED
     assert res.headers["location"].endswith(f"/v1/generations/{gen.id}")
     assert res.headers["preference-applied"] == "wait=30" and res.headers["x-request-id"]
-    assert gen.params["seed"] == 7 and gen.progress.stage == "done"
+    assert gen.params.seed == 7 and gen.progress.stage == "done"  # typed: no dict digging
+    assert isinstance(gen.created_at, datetime) and gen.finished_at >= gen.created_at
+    assert gen.timings.total >= gen.timings.pipeline > 0 and gen.timings.batch_images == 1
 
     img = gen.images[0]
     got = sdxl.get_generation_image.sync_detailed(gen.id, 0, client=client)
@@ -256,3 +259,16 @@ def test_upload_an_image_and_inpaint_it(sdxl: SimpleNamespace, client: Any) -> N
         assert sdxl.delete_image_upload.sync_detailed(up.id, client=client).status_code == 204
         gone = sdxl.get_image_upload.sync_detailed(up.id, client=client)
         assert gone.status_code == 404 and gone.parsed.type_ == "urn:sdxl:problem:upload-not-found"
+
+
+def test_the_documented_wait_helper_works_as_written(sdxl: SimpleNamespace, client: Any) -> None:
+    """docs/clients.md's helper, run as written (the first code block that defines it)."""
+    doc = (ROOT / "docs" / "clients.md").read_text()
+    code = next(block.split("\n", 1)[1] for block in doc.split("```")[1::2] if "def wait_for" in block)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "docs/clients.md", "exec"), namespace)  # noqa: S102 (our own documentation)
+    gen, png = namespace["generate"](client, "a lighthouse at dusk", seed=3, **TINY)
+    assert gen.status.value == "succeeded" and gen.params.seed == 3
+    assert hashlib.sha256(png).hexdigest() == gen.images[0].sha256
+    queued = sdxl.create_generation.sync(client=client, body=body(sdxl))
+    assert namespace["wait_for"](client, queued).status.value == "succeeded"
