@@ -1,5 +1,5 @@
 """`sdxl`: the service from a terminal. Submit and watch a generation (from a prompt, or from an image and a mask),
-download its images, list, show, cancel; store an input image.
+download its images (then, or later with `download`), list, show, cancel, delete; store an input image.
 
 Only the standard library and httpx, so it installs without torch. Progress comes from the generation's
 server-sent events; errors print the problem details' `detail`. Exit codes: 0 done, 1 failed (or any error the
@@ -26,9 +26,21 @@ TERMINAL = tuple(s.value for s in TERMINAL_STATUSES)
 INVALID_REQUEST = (400, 413, 415, 422)  # the request was refused as written: a usage error, exit 2
 FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 EXTENSIONS = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}
+CONTENT_EXTENSIONS = {"image/png": ".png", "image/webp": ".webp", "image/jpeg": ".jpg"}
 STREAM_RETRIES = 5  # reconnects (with Last-Event-ID) before falling back to long-polling
 # what `--image`/`--mask` may name instead of a file: sent as is, in JSON (the API resolves it)
 REFERENCE_PREFIXES = ("upl_", "https://", "http://", "data:")
+# What the service uses for an option left out (the API's GenerationCreate defaults: the CLI sends nothing then,
+# so `--help` can only say what the service will do; tests/e2e/test_cli.py checks these against the schema).
+SERVICE_DEFAULTS: dict[str, Any] = {
+    "width": 1024,
+    "height": 1024,
+    "num_inference_steps": 30,
+    "guidance_scale": 5.0,
+    "scheduler": "euler",
+    "num_images_per_prompt": 1,
+    "output_format": "png",
+}
 
 
 class CliError(Exception):
@@ -212,22 +224,35 @@ def output_paths(output: str | None, gen: dict[str, Any]) -> list[Path]:
     return [base.with_name(f"{base.stem}-{img['index']}{base.suffix}") for img in images]
 
 
+def verified(client: Client, gen_id: str, img: dict[str, Any], where: str) -> bytes:
+    """The image's bytes, checked against the sha256 the service reported for it."""
+    data = client.download(gen_id, img["index"])
+    digest = hashlib.sha256(data).hexdigest()
+    if img.get("sha256") and digest != img["sha256"]:
+        raise CliError(
+            f"image {img['index']} arrived damaged: sha256 {digest} but the service says "
+            f"{img['sha256']}; nothing was written to {where}"
+        )
+    return data
+
+
+def write_file(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)  # never leave a half-written image under the final name
+
+
 def save_images(client: Client, gen: dict[str, Any], output: str | None) -> list[tuple[Path, dict[str, Any]]]:
     saved = []
     for path, img in zip(output_paths(output, gen), gen.get("images") or [], strict=True):
-        data = client.download(gen["id"], img["index"])
-        digest = hashlib.sha256(data).hexdigest()
-        if img.get("sha256") and digest != img["sha256"]:
-            raise CliError(
-                f"image {img['index']} arrived damaged: sha256 {digest} but the service says "
-                f"{img['sha256']}; nothing was written to {path}"
-            )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_bytes(data)
-        tmp.replace(path)  # never leave a half-written image under the final name
+        write_file(path, verified(client, gen["id"], img, str(path)))
         saved.append((path, img))
     return saved
+
+
+def image_line(path: Path | str, img: dict[str, Any]) -> str:
+    return f"{path}  seed {img['seed']}  {img['width']}x{img['height']} {img['content_type']}"
 
 
 def generation_body(args: argparse.Namespace) -> dict[str, Any]:
@@ -290,10 +315,17 @@ def submit(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     return client.json("POST", "/v1/generations", files=files, data={"request": json.dumps(body)})
 
 
+def print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2))
+
+
 def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     gen = submit(client, args)
     if args.no_wait:
-        print(gen["id"])
+        if args.json:
+            print_json(gen)
+        else:
+            print(gen["id"])
         return 0
     bar = ProgressBar(sys.stderr, quiet=args.quiet)
     if not args.quiet:
@@ -304,13 +336,19 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
         bar.done()
         interrupt(client, gen["id"])
     bar.done()
+    if args.json and gen["status"] != "succeeded":
+        print_json(gen)  # the failed or canceled resource (its `error`) for a script; the exit code says it too
     if gen["status"] == "failed":
         err = gen.get("error") or {}
         raise CliError(f"generation {gen['id']} failed: {err.get('message') or err.get('type') or 'unknown error'}")
     if gen["status"] == "canceled":
         raise CliError(f"generation {gen['id']} was canceled")
-    for path, img in save_images(client, gen, args.output):
-        print(f"{path}  seed {img['seed']}  {img['width']}x{img['height']} {img['content_type']}")
+    saved = save_images(client, gen, args.output)
+    if args.json:
+        print_json(gen)
+    else:
+        for path, img in saved:
+            print(image_line(path, img))
     total = (gen.get("timings") or {}).get("total")
     if total is not None and not args.quiet:
         print(f"{gen['id']} done in {total:.1f}s", file=sys.stderr)
@@ -410,6 +448,33 @@ def cmd_cancel(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_download(client: Client, args: argparse.Namespace) -> int:
+    gen = client.json("GET", f"/v1/generations/{args.id}")
+    images = {img["index"]: img for img in gen.get("images") or []}
+    if args.index not in images:
+        have = f"images {', '.join(str(i) for i in sorted(images))}" if images else "no images"
+        raise CliError(f"generation {gen['id']} is {gen['status']} and has {have}; there is no image {args.index}")
+    img = images[args.index]
+    if args.output == "-":
+        sys.stdout.buffer.write(verified(client, gen["id"], img, "stdout"))
+        sys.stdout.buffer.flush()
+        return 0
+    if args.output:
+        path = Path(args.output)
+    else:  # the name `generate` would have given it
+        ext = CONTENT_EXTENSIONS.get(img.get("content_type", ""), ".png")
+        path = Path(gen["id"] + ext) if len(images) == 1 else Path(f"{gen['id']}-{args.index}{ext}")
+    write_file(path, verified(client, gen["id"], img, str(path)))
+    print(image_line(path, img))
+    return 0
+
+
+def cmd_delete(client: Client, args: argparse.Namespace) -> int:
+    client.request("DELETE", f"/v1/generations/{args.id}")
+    print(f"{args.id} deleted")
+    return 0
+
+
 def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     if not Path(args.path).is_file():
         raise CliError(f"upload {args.path}: no such file", 2)
@@ -439,8 +504,10 @@ def positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # --url/--key work before or after the subcommand; SUPPRESS keeps a subcommand from resetting them
     conn = argparse.ArgumentParser(add_help=False)
-    conn.add_argument("--url", default=argparse.SUPPRESS, help=f"API base URL (env SDXL_URL, default {DEFAULT_URL})")
-    conn.add_argument("--key", default=argparse.SUPPRESS, help="API key, sent as a Bearer token (env SDXL_API_KEY)")
+    conn.add_argument("--url", default=argparse.SUPPRESS, help=f"API base URL (env SDXL_URL; default: {DEFAULT_URL})")
+    conn.add_argument(
+        "--key", default=argparse.SUPPRESS, help="API key, sent as a Bearer token (env SDXL_API_KEY; default: none)"
+    )
 
     parser = argparse.ArgumentParser(prog="sdxl", description="Generate images with the SDXL service.", parents=[conn])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -458,20 +525,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "-o",
         "--output",
-        help="image file (several images: NAME-0.EXT, NAME-1.EXT, ...); default <id>.<format> in the current directory",
+        help="image file; several images: NAME-0.EXT, NAME-1.EXT, ... (default: <id>.<format> in the current "
+        "directory)",
     )
-    gen.add_argument("--width", type=int, help="pixels, a multiple of 8 (with --image: default the image's)")
-    gen.add_argument("--height", type=int, help="pixels, a multiple of 8 (with --image: default the image's)")
-    gen.add_argument("--steps", type=int, help="denoising steps")
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    gen.add_argument("--seed", type=int, help="random when absent; image N uses seed + N")
-    gen.add_argument("--negative", help="negative prompt")
-    gen.add_argument("--scheduler", help="euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun")
-    gen.add_argument("--refiner", choices=["none", "ensemble", "img2img"], help="refiner mode")
+    d = SERVICE_DEFAULTS
     gen.add_argument(
-        "--format", choices=["png", "webp", "jpeg"], help="image format (default: from the -o extension, else png)"
+        "--width", type=int, help=f"pixels, a multiple of 8 (default: {d['width']}; with --image: the image's)"
     )
-    gen.add_argument("-n", "--n", type=positive, help="number of images")
+    gen.add_argument(
+        "--height", type=int, help=f"pixels, a multiple of 8 (default: {d['height']}; with --image: the image's)"
+    )
+    gen.add_argument("--steps", type=int, help=f"denoising steps (default: {d['num_inference_steps']})")
+    gen.add_argument(
+        "--guidance", type=float, help=f"classifier-free guidance scale (default: {d['guidance_scale']})"
+    )
+    gen.add_argument("--seed", type=int, help="default: random; image N uses seed + N")
+    gen.add_argument("--negative", help="negative prompt (default: none)")
+    gen.add_argument(
+        "--scheduler",
+        help=f"euler, euler_a, dpmpp_2m, dpmpp_2m_karras, ddim, unipc, heun (default: {d['scheduler']})",
+    )
+    gen.add_argument(
+        "--refiner",
+        choices=["none", "ensemble", "img2img"],
+        help="refiner mode (default: the deployment's; ensemble when it has a refiner)",
+    )
+    gen.add_argument(
+        "--format",
+        choices=["png", "webp", "jpeg"],
+        help=f"image format (default: from the -o extension, else {d['output_format']})",
+    )
+    gen.add_argument("-n", "--n", type=positive, help=f"number of images (default: {d['num_images_per_prompt']})")
     img = gen.add_argument_group("image inputs (docs/images.md)")
     img.add_argument(
         "--image",
@@ -487,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument(
         "--strength",
         type=float,
-        help="how much of the image is re-noised, 0 < s <= 1 (default 0.3 image to image, 0.9999 inpainting)",
+        help="how much of the image is re-noised, 0 < s <= 1 (default: 0.3 image to image, 0.9999 inpainting)",
     )
     img.add_argument(
         "--padding-mask-crop",
@@ -496,12 +580,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="inpainting: repaint only the mask's bounding box grown by N pixels, at full resolution",
     )
     gen.add_argument("--no-wait", action="store_true", help="print the generation id and return at once")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final generation resource as JSON on stdout instead of the file lines (with --no-wait: "
+        "the submitted resource); images are still written",
+    )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     gen.set_defaults(func=cmd_generate)
 
+    dl = sub.add_parser(
+        "download",
+        parents=[conn],
+        help="download an image of a finished generation",
+        description="Write one image of a succeeded generation to a file, checked against its sha256. A 307 "
+        "redirect (presigned object-store URLs) is followed; the key is not sent to the other host.",
+    )
+    dl.add_argument("id", metavar="GEN_ID")
+    dl.add_argument("--index", type=int, default=0, metavar="N", help="which image of the batch (default: 0)")
+    dl.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="file to write, or - for stdout (default: <id>.<ext> as `generate` names it; <id>-N.<ext> when the "
+        "generation has several images)",
+    )
+    dl.set_defaults(func=cmd_download)
+
+    delete = sub.add_parser(
+        "delete",
+        parents=[conn],
+        help="delete a generation and its images",
+        description="DELETE /v1/generations/{id}: its record and stored images are removed (a queued or running "
+        "one is canceled first). Afterwards `show` and `download` answer 404.",
+    )
+    delete.add_argument("id", metavar="GEN_ID")
+    delete.set_defaults(func=cmd_delete)
+
     lst = sub.add_parser("list", parents=[conn], help="list your generations, newest first")
     lst.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
-    lst.add_argument("--limit", type=positive, default=20, help="rows (at most 100; default 20)")
+    lst.add_argument("--limit", type=positive, default=20, help="rows, at most 100 (default: 20)")
     lst.add_argument("--cursor", help="continue after a previous page")
     lst.add_argument("--json", action="store_true", help="print the raw page")
     lst.set_defaults(func=cmd_list)

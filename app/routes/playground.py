@@ -2,14 +2,24 @@
 
 It needs no key to load (the page holds no data); every API call it makes carries the key the person enters.
 The files are served by name from a fixed list, so no request path ever reaches the filesystem.
+`/playground/config` tells the page what it cannot learn from the API: whether the deployment's base model is the
+project's tiny test model (tools/models.py `build_tiny`), whose random weights draw noise, so the page can say so.
 """
 
+import json
+import logging
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
+from app.deps import SettingsDep
 from app.errors import Problem
+from app.tokens import locate
+
+log = logging.getLogger("app.routes.playground")
 
 router = APIRouter(include_in_schema=False)
 
@@ -29,6 +39,32 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-cache",  # revalidate: a deploy's new page and script arrive together
 }
+
+
+# SDXL's UNet has block_out_channels [320, 640, 1280] (the refiner's start at 384); the tiny test model's are
+# [16, 32, 96]. A UNet whose widest block is narrower than SDXL's narrowest is a test model, not a real one.
+SDXL_SMALLEST_BLOCK = 320
+
+
+@lru_cache(maxsize=8)
+def is_tiny_model(base_model: str) -> bool:
+    """True when `<base_model>/unet/config.json` (a local folder, or the hub cache; never a download) describes a
+    UNet narrower than any SDXL. False when the config is not on this machine or cannot be read: no note then."""
+    folder = locate(base_model, "unet", None)
+    if folder is None or not (folder / "config.json").is_file():
+        return False
+    try:
+        channels = json.loads((folder / "config.json").read_text()).get("block_out_channels") or []
+        return bool(channels) and max(int(c) for c in channels) < SDXL_SMALLEST_BLOCK
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("could not read %s/config.json: %s", folder, exc)
+        return False
+
+
+@router.get("/playground/config")
+def config(settings: SettingsDep) -> JSONResponse:  # a plain def: the first look may read files
+    body: dict[str, Any] = {"tiny_model": is_tiny_model(settings.base_model)}
+    return JSONResponse(body, headers=HEADERS)
 
 
 @router.get("/")

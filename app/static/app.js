@@ -3,6 +3,8 @@
 // reader (EventSource cannot send headers) and images are fetched as blobs (an <img src> could not either).
 // With an image (and a mask) chosen, the request goes as one multipart/form-data POST: the files as the parts
 // `image` and `mask_image`, the other fields as a JSON part named `request` (docs/images.md).
+// A refused request marks each control its problem's `errors[].field` names (controls are named as the API's
+// fields) with the message beside it, and scrolls the first into view; the summary stays in the error box.
 "use strict";
 
 (() => {
@@ -18,9 +20,10 @@
   const run = { id: null, objectUrls: [], previewUrl: null, sizeFromImage: false };
 
   class ApiError extends Error {
-    constructor(status, detail) {
+    constructor(status, detail, errors) {
       super(detail);
       this.status = status;
+      this.errors = errors; // RFC 9457 problem extension: [{field, message, value}], else []
     }
   }
 
@@ -31,15 +34,18 @@
     return headers;
   }
 
-  // The problem details' `detail` (every API error has one), else whatever can be said.
-  async function problemDetail(res) {
+  // The problem details' `detail` (every API error has one) and its `errors`, else whatever can be said.
+  async function problemOf(res) {
     try {
       const body = await res.json();
-      if (body && typeof body.detail === "string") return body.detail;
+      if (body && typeof body.detail === "string") {
+        const errors = Array.isArray(body.errors) ? body.errors.filter((e) => e && typeof e.field === "string") : [];
+        return { detail: body.detail, errors };
+      }
     } catch (_) {
       // not JSON: a proxy's page, say
     }
-    return `HTTP ${res.status} ${res.statusText}`.trim();
+    return { detail: `HTTP ${res.status} ${res.statusText}`.trim(), errors: [] };
   }
 
   async function api(method, path, { body, headers } = {}) {
@@ -51,7 +57,10 @@
       init.headers["Content-Type"] = "application/json";
     }
     const res = await fetch(path, init);
-    if (!res.ok) throw new ApiError(res.status, await problemDetail(res));
+    if (!res.ok) {
+      const problem = await problemOf(res);
+      throw new ApiError(res.status, problem.detail, problem.errors);
+    }
     return res;
   }
 
@@ -104,6 +113,66 @@
     const box = $("error");
     box.textContent = message;
     box.hidden = !message;
+    if (!message) clearFieldErrors();
+  }
+
+  // --- errors at their fields --------------------------------------------------------------------
+  // The control for a problem's field: by name (`width`), else by its first part (`refiner.mode` -> `refiner`).
+  function controlFor(field) {
+    const els = $("generate-form").elements;
+    for (const name of [field, field.split(".")[0]]) {
+      const el = els.namedItem(name);
+      if (el && !(el instanceof RadioNodeList)) return el;
+    }
+    return null;
+  }
+
+  function markField(el, message) {
+    el.setAttribute("aria-invalid", "true");
+    let note = document.getElementById(`${el.id}-error`);
+    if (!note) {
+      note = document.createElement("p");
+      note.id = `${el.id}-error`;
+      note.className = "field-error";
+      el.after(note);
+      const described = (el.getAttribute("aria-describedby") || "").split(" ").filter(Boolean);
+      el.setAttribute("aria-describedby", [...described, note.id].join(" "));
+    }
+    note.textContent = note.textContent ? `${note.textContent}; ${message}` : message;
+  }
+
+  function clearField(el) {
+    if (el.getAttribute("aria-invalid") !== "true") return;
+    el.removeAttribute("aria-invalid");
+    const note = document.getElementById(`${el.id}-error`);
+    if (note) note.remove();
+    const described = (el.getAttribute("aria-describedby") || "").split(" ").filter((id) => id && id !== `${el.id}-error`);
+    if (described.length) el.setAttribute("aria-describedby", described.join(" "));
+    else el.removeAttribute("aria-describedby");
+  }
+
+  function clearFieldErrors() {
+    for (const el of $("generate-form").querySelectorAll('[aria-invalid="true"]')) clearField(el);
+  }
+
+  // Show a problem where it can be acted on: the summary in the error box, each field's message beside its
+  // control, and the first marked control scrolled into view and focused (else the error box scrolled to).
+  function showProblem(message, errors) {
+    showError(message);
+    clearFieldErrors();
+    let first = null;
+    for (const e of errors || []) {
+      const el = controlFor(e.field);
+      if (!el) continue;
+      markField(el, e.message || "is invalid");
+      if (!first) first = el;
+    }
+    if (first) {
+      first.scrollIntoView({ block: "center" });
+      first.focus({ preventScroll: true });
+    } else if (message) {
+      $("error").scrollIntoView({ block: "nearest" });
+    }
   }
 
   function setStatus(text) {
@@ -114,13 +183,18 @@
     const bar = $("progress");
     const p = gen.progress || {};
     $("run").dataset.state = gen.status;
-    if (gen.status === "queued") {
-      bar.removeAttribute("value"); // indeterminate while waiting for a worker
-      const pos = Number.isInteger(gen.queue_position) ? ` (position ${gen.queue_position + 1})` : "";
-      setStatus(`Queued${pos}`);
+    const total = p.total_steps || 0;
+    if (gen.status === "queued" || (gen.status === "running" && !total)) {
+      // indeterminate until the worker knows how many steps there are (total_steps is 0 until then)
+      bar.removeAttribute("value");
+      if (gen.status === "queued") {
+        const pos = Number.isInteger(gen.queue_position) ? ` (position ${gen.queue_position + 1})` : "";
+        setStatus(`Queued${pos} · waiting for a worker`);
+      } else {
+        setStatus(`Starting on a worker${p.stage && p.stage !== "queued" ? ` (${p.stage})` : ""}…`);
+      }
       return;
     }
-    const total = p.total_steps || 0;
     bar.max = total || 1;
     bar.value = Math.min(p.step || 0, total || 1);
     if (gen.status === "running") {
@@ -344,8 +418,7 @@
     event.preventDefault();
     saveKey();
     if (!$("prompt").value.trim()) {
-      showError("Enter a prompt.");
-      $("prompt").focus();
+      showProblem("Enter a prompt.", [{ field: "prompt", message: "Enter a prompt: it is required." }]);
       return;
     }
     clearResult();
@@ -364,15 +437,16 @@
         await showImages(gen);
       } else if (gen.status === "failed") {
         const err = gen.error || {};
-        showError(`Generation failed: ${err.message || err.type || "unknown error"}`);
+        showProblem(`Generation failed: ${err.message || err.type || "unknown error"}`, []);
       }
     } catch (err) {
       setStatus("Stopped.");
       if (err instanceof ApiError) {
-        showError(err.message);
-        if (err.status === 401) $("api-key").focus();
+        // a key problem belongs to the key field, whatever the problem names
+        const errors = err.status === 401 ? [{ field: "api-key", message: err.message }] : err.errors;
+        showProblem(err.message, errors);
       } else {
-        showError(`Cannot reach the service: ${err.message}`);
+        showProblem(`Cannot reach the service: ${err.message}`, []);
       }
     } finally {
       run.id = null;
@@ -387,7 +461,7 @@
       await api("POST", `/v1/generations/${run.id}/cancel`);
       setStatus("Canceling…"); // the event stream reports when it has stopped
     } catch (err) {
-      showError(err.message);
+      showProblem(err.message, []);
       $("cancel").disabled = false;
     }
   }
@@ -402,6 +476,23 @@
     }
   }
 
+  // The service says whether it runs the tiny test model (random weights: noise), which nothing else shows.
+  async function showModelNote() {
+    try {
+      const res = await fetch("/playground/config", { headers: { Accept: "application/json" }, cache: "no-store" });
+      if (!res.ok) return;
+      const config = await res.json();
+      $("model-note").hidden = config.tiny_model !== true;
+    } catch (_) {
+      // an older service without it, or unreachable: say nothing
+    }
+  }
+
+  // Editing a marked control takes its mark away: the message was about the old value.
+  function fieldEdited(event) {
+    if (event.target instanceof Element && event.target.id) clearField(event.target);
+  }
+
   function init() {
     try {
       $("api-key").value = localStorage.getItem(KEY_STORE) || "";
@@ -413,7 +504,10 @@
     $("cancel").addEventListener("click", cancel);
     $("image").addEventListener("change", imageChanged);
     $("clear-image").addEventListener("click", clearImage);
+    $("generate-form").addEventListener("input", fieldEdited);
+    $("generate-form").addEventListener("change", fieldEdited);
     imageChanged(); // a reload may keep a chosen file
+    showModelNote();
   }
 
   init();

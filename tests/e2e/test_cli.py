@@ -1,6 +1,7 @@
 """The `sdxl` command line, run as a real subprocess against a live service with API keys on: generate (progress on
-stderr, verified image files, path and seed on stdout), list, show, cancel, Ctrl-C, and the problem-details
-errors with their exit codes; image to image and inpainting from files (multipart), `upload` and `--image upl_...`."""
+stderr, verified image files, path and seed on stdout, or the resource with --json), download, delete, list, show,
+cancel, Ctrl-C, the defaults in --help, and the problem-details errors with their exit codes; image to image and
+inpainting from files (multipart), `upload` and `--image upl_...`; `download` through a presigned redirect to S3."""
 
 import hashlib
 import json
@@ -9,14 +10,17 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.access import BLOCKER, Key, get, keys_env, post, wait_final, wait_status
-from tests.procs import ROOT, Service
+from tests.procs import ROOT, RedisServer, Service
 
 ALICE = Key("alice")
 TINY_ARGS = ["--width", "128", "--height", "128", "--steps", "4", "--refiner", "none"]
@@ -354,3 +358,168 @@ def test_image_problems_exit_2_with_the_detail(svc: Service, tmp_path: Path) -> 
     (tmp_path / "notes.txt").write_text("not an image")
     upload = sdxl(svc, "upload", "notes.txt", cwd=tmp_path)
     assert upload.returncode == 2 and "`file` is not an image" in upload.stderr
+
+
+def test_generate_json_prints_the_final_resource(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "a paper boat", "--json", "-q", "--seed", "5", "-o", "boat.png", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    gen = json.loads(r.stdout)  # all of stdout is the one JSON document: no file lines around it
+    assert gen["status"] == "succeeded" and gen["params"]["seed"] == 5
+    assert gen == resource(svc, gen["id"])
+    data = (tmp_path / "boat.png").read_bytes()  # the images are still written
+    assert hashlib.sha256(data).hexdigest() == gen["images"][0]["sha256"]
+
+    submitted = sdxl(svc, "generate", "later", "--no-wait", "--json", *TINY_ARGS, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    queued = json.loads(submitted.stdout)
+    assert GEN_ID.fullmatch(queued["id"]) and queued["status"] in ("queued", "running", "succeeded")
+    assert wait_final(svc.url, queued["id"], ALICE)["status"] == "succeeded"
+
+
+def test_download_writes_the_verified_image_later(svc: Service, tmp_path: Path) -> None:
+    r = sdxl(svc, "generate", "two kites", "--no-wait", "-n", "2", "--seed", "30", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    gen_id = r.stdout.strip()
+    gen = wait_final(svc.url, gen_id, ALICE)
+    assert gen["status"] == "succeeded"
+    sha = {img["index"]: img["sha256"] for img in gen["images"]}
+
+    second = sdxl(svc, "download", gen_id, "--index", "1", "-o", "out/kite.png", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert hashlib.sha256((tmp_path / "out" / "kite.png").read_bytes()).hexdigest() == sha[1]
+    assert second.stdout.strip() == "out/kite.png  seed 31  128x128 image/png"
+
+    first = sdxl(svc, "download", gen_id, cwd=tmp_path)  # --index 0, and the name `generate` would give it
+    assert first.returncode == 0, first.stderr
+    assert hashlib.sha256((tmp_path / f"{gen_id}-0.png").read_bytes()).hexdigest() == sha[0]
+
+    piped = subprocess.run(
+        [*COMMAND, "download", gen_id, "-o", "-"], cwd=tmp_path, env=cli_env(svc), capture_output=True, timeout=60
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert hashlib.sha256(piped.stdout).hexdigest() == sha[0]
+
+    missing = sdxl(svc, "download", gen_id, "--index", "2", cwd=tmp_path)
+    assert missing.returncode == 1
+    assert "has images 0, 1; there is no image 2" in missing.stderr
+    assert not list(tmp_path.glob("**/*.part"))
+
+
+def test_delete_then_show_and_download_are_404(svc: Service, tmp_path: Path) -> None:
+    gen = post(svc.url, {"prompt": "gone soon", "width": 128, "height": 128, "num_inference_steps": 4}, ALICE).json()
+    assert wait_final(svc.url, gen["id"], ALICE)["status"] == "succeeded"
+    r = sdxl(svc, "delete", gen["id"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{gen['id']} deleted"
+    assert get(svc.url, f"/v1/generations/{gen['id']}", ALICE).status_code == 404
+    for command in ("show", "download", "delete"):  # deleting twice finds nothing either
+        after = sdxl(svc, command, gen["id"], cwd=tmp_path)
+        assert after.returncode == 1, (command, after.stdout)
+        assert gen["id"] in after.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_help_shows_the_service_defaults(tmp_path: Path) -> None:
+    from app.schemas import GenerationCreate
+    from cli.sdxl import SERVICE_DEFAULTS
+
+    fields = GenerationCreate.model_fields
+    schema_defaults = {name: getattr(fields[name].default, "value", fields[name].default) for name in SERVICE_DEFAULTS}
+    assert schema_defaults == SERVICE_DEFAULTS  # what --help says is what the service does
+
+    r = subprocess.run([*COMMAND, "generate", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps to the terminal's width
+    for shown in ("(default: 1024;", "(default: 30)", "(default: 5.0)", "(default: euler)", "(default: 1)",
+                  "else png)", "default: random"):
+        assert shown in text, (shown, text)
+    assert "download" in subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+# --- download through a presigned redirect: an API in presigned mode on S3 (moto), keys on ----------------------
+
+
+class RecordingProxy:
+    """The object store's public endpoint: forwards GETs to moto and keeps each request's headers, so the test
+    sees what the CLI sent to the other host after the redirect."""
+
+    def __init__(self, upstream: str) -> None:
+        seen: list[dict[str, str]] = []
+        self.seen = seen
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                seen.append({k.lower(): v for k, v in self.headers.items()})
+                res = httpx.get(upstream + self.path, timeout=10)
+                self.send_response(res.status_code)
+                self.send_header("Content-Type", res.headers.get("content-type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(res.content)))
+                self.end_headers()
+                self.wfile.write(res.content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def presigned(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, RecordingProxy]]:
+    pytest.importorskip("moto")
+    from tests.e2e.test_storage_s3 import AWS_ENV, BUCKET, Moto, s3
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in AWS_ENV.items():
+            mp.setenv(k, v)
+        store = Moto()
+        store.start()
+        proxy = RecordingProxy(store.url)
+        server = RedisServer()
+        server.start()
+        env = {
+            **AWS_ENV,
+            "SDXL_STORAGE_BACKEND": "s3",
+            "SDXL_S3_BUCKET": BUCKET,
+            "SDXL_S3_ENDPOINT_URL": store.url,
+            "SDXL_S3_PUBLIC_ENDPOINT_URL": proxy.url,  # what presigned URLs name: another host than the API
+            "SDXL_S3_ADDRESSING_STYLE": "path",
+            "SDXL_IMAGE_URL_MODE": "presigned",
+            "SDXL_API_KEYS": keys_env(ALICE),
+        }
+        svc = Service(server.url, tiny_model, tmp_path_factory.mktemp("cli-presigned"), env)
+        try:
+            s3(store).create_bucket(Bucket=BUCKET)
+            worker = svc.start_worker(wait_ready=False)
+            svc.start_api()
+            svc.wait_worker_ready(worker.worker_id)  # type: ignore[attr-defined]
+            yield svc, proxy
+        finally:
+            svc.stop()
+            server.stop()
+            proxy.stop()
+            store.stop()
+
+
+def test_download_follows_the_presigned_redirect_without_the_key(
+    presigned: tuple[Service, RecordingProxy], tmp_path: Path
+) -> None:
+    svc, proxy = presigned
+    r = sdxl(svc, "generate", "a red bicycle", "--no-wait", *TINY_ARGS, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    gen = wait_final(svc.url, r.stdout.strip(), ALICE)
+    assert gen["status"] == "succeeded", gen
+    redirect = httpx.get(f"{svc.url}/v1/generations/{gen['id']}/images/0", headers=ALICE.headers)
+    assert redirect.status_code == 307 and redirect.headers["location"].startswith(proxy.url)
+
+    proxy.seen.clear()
+    dl = sdxl(svc, "download", gen["id"], "-o", "bike.png", cwd=tmp_path)
+    assert dl.returncode == 0, dl.stderr
+    assert hashlib.sha256((tmp_path / "bike.png").read_bytes()).hexdigest() == gen["images"][0]["sha256"]
+    assert len(proxy.seen) == 1  # the bytes came from the object store's host
+    assert "authorization" not in proxy.seen[0]  # and the key stayed with the API

@@ -1,7 +1,8 @@
 """The web playground at `/`, driven end to end in headless Chromium (Debian's chromium + chromedriver, through
 Selenium) against a live service with API keys on: key entry, generate, live progress from the event stream,
-the image fetched with the key as a blob, its seed, manifest and timings; cancel; problem details shown; image to
-image and inpainting from files picked in the page (sent as multipart)."""
+the image fetched with the key as a blob, its seed, manifest and timings; cancel; problem details shown, a refused
+value marked at its field and kept in view; the first status before any step; the tiny-model note; image to
+image and inpainting from files picked in the page (sent as multipart). Screenshots go to each test's tmp dir."""
 
 import hashlib
 import json
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from PIL import Image, ImageDraw
 
+from app.routes.playground import is_tiny_model
 from tests.access import Key, get, keys_env, wait_final
 from tests.procs import Service
 
@@ -114,6 +116,19 @@ const img = document.querySelector('#images img');
 return img && img.src.startsWith('blob:') && img.complete && img.naturalWidth > 0
   ? {src: img.src, w: img.naturalWidth, h: img.naturalHeight, seed: img.dataset.seed} : null;
 """
+# every text the status line shows, in order: setStatus replaces its text node, one childList record each
+RECORD_STATUSES = """
+window.statusTexts = [];
+new MutationObserver((records) => {
+  for (const r of records) for (const n of r.addedNodes) window.statusTexts.push(n.textContent);
+}).observe(document.getElementById('status'), {childList: true});
+"""
+# where an element is on the screen, and whether all of it is inside the viewport
+IN_VIEW = """
+const r = document.getElementById(arguments[0]).getBoundingClientRect();
+return {top: r.top, bottom: r.bottom, height: r.height, inner: window.innerHeight,
+        inside: r.height > 0 && r.top >= 0 && r.bottom <= window.innerHeight};
+"""
 BLOB_SHA256 = """
 const done = arguments[arguments.length - 1];
 fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => crypto.subtle.digest('SHA-256', b))
@@ -134,17 +149,39 @@ def test_page_and_assets_load_without_a_key(svc: Service) -> None:
         asset = httpx.get(f"{svc.url}/static/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
         assert "https://" not in asset.text
+    assert httpx.get(f"{svc.url}/playground/config").json() == {"tiny_model": True}  # the stack's tiny model
     missing = httpx.get(f"{svc.url}/static/../main.py")
     assert missing.status_code == 404
     other = httpx.get(f"{svc.url}/static/index.py")
     assert other.status_code == 404 and other.headers["content-type"].startswith("application/problem+json")
     paths = httpx.get(f"{svc.url}/openapi.json").json()["paths"]
-    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+    assert "/" not in paths and not any(p.startswith(("/static", "/playground")) for p in paths)
+
+
+def test_the_tiny_model_is_told_from_its_unet_config(tiny_model: Path, tmp_path: Path) -> None:
+    assert is_tiny_model(str(tiny_model / "base"))
+    sdxl = tmp_path / "sdxl"
+    (sdxl / "unet").mkdir(parents=True)
+    (sdxl / "unet" / "config.json").write_text(json.dumps({"block_out_channels": [320, 640, 1280]}))
+    assert not is_tiny_model(str(sdxl))
+    assert not is_tiny_model(str(tmp_path / "nowhere"))  # not on this machine: no note rather than a wrong one
+    (tmp_path / "broken" / "unet").mkdir(parents=True)
+    (tmp_path / "broken" / "unet" / "config.json").write_text("{not json")
+    assert not is_tiny_model(str(tmp_path / "broken"))
+
+
+def save_shot(driver: Any, path: Path) -> None:
+    assert driver.save_screenshot(str(path))
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_browser
-def test_generate_in_the_browser_with_a_key(svc: Service, browser: Any) -> None:
+def test_generate_in_the_browser_with_a_key(svc: Service, browser: Any, tmp_path: Path) -> None:
     open_page(browser, svc, ALICE.secret, "a lighthouse at dusk", width="128", height="128", steps="4", seed="4321")
+    note = browser.find_element(By.ID, "model-note")  # the stack runs the tiny model: its images are noise
+    WebDriverWait(browser, 10).until(lambda d: note.is_displayed())
+    assert "tiny" in note.text and "noise" in note.text and "SDXL_BASE_MODEL" in note.text
+    browser.execute_script(RECORD_STATUSES)
     browser.find_element(By.ID, "generate").click()
 
     image: dict[str, Any] = WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
@@ -173,6 +210,16 @@ def test_generate_in_the_browser_with_a_key(svc: Service, browser: Any) -> None:
     assert text_of(browser, "status").startswith("Done")
     assert not browser.find_element(By.ID, "error").is_displayed()
     assert browser.find_element(By.ID, "cancel").get_attribute("disabled") is not None
+
+    # the status said what was going on before the first step, never "Step 0 of 0"
+    statuses: list[str] = browser.execute_script("return window.statusTexts")
+    assert statuses[0] == "Submitting…" and statuses[-1].startswith("Done"), statuses
+    assert statuses[1].startswith(("Queued", "Starting on a worker")), statuses
+    assert not any("of 0" in text for text in statuses), statuses
+    assert any(text.startswith("Step 4 of 4") for text in statuses), statuses
+
+    browser.execute_script("window.scrollTo(0, 0)")
+    save_shot(browser, tmp_path / "success.png")
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == []  # no CSP violation, no failed request, no script error
@@ -212,6 +259,49 @@ def test_problem_details_are_shown(svc: Service, browser: Any) -> None:
     WebDriverWait(browser, 30).until(lambda d: "multiple of 8" in error.text)
     assert "`width`" in error.text and "130" in error.text
     assert browser.find_element(By.ID, "generate").is_enabled()
+
+
+@needs_browser
+def test_a_refused_value_is_marked_at_its_field_and_kept_in_view(svc: Service, browser: Any, tmp_path: Path) -> None:
+    # a phone-sized window: one column, the Result section (and its error box) far below the form
+    browser.set_window_size(480, 800)
+    open_page(browser, svc, ALICE.secret, "x", width="1001", height="128", steps="4")
+    browser.find_element(By.ID, "generate").click()
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert "`width` must be a multiple of 8 but is 1001" in error.text
+
+    width = browser.find_element(By.ID, "width")
+    assert width.get_attribute("aria-invalid") == "true"
+    message = browser.find_element(By.ID, "width-error")
+    assert message.text == "must be a multiple of 8 but is 1001"
+    assert "width-error" in str(width.get_attribute("aria-describedby")).split()
+    assert browser.switch_to.active_element.get_attribute("id") == "width"
+    for element_id in ("width", "width-error"):  # the field and its message are on screen, not scrolled away
+        where = browser.execute_script(IN_VIEW, element_id)
+        assert where["inside"], (element_id, where)
+    assert browser.find_element(By.ID, "height").get_attribute("aria-invalid") is None  # only the one named
+    save_shot(browser, tmp_path / "error.png")
+
+    # editing the field takes its mark away; a valid value then succeeds with no mark left
+    fill(browser, width="128")
+    assert width.get_attribute("aria-invalid") is None and browser.find_elements(By.ID, "width-error") == []
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    assert not error.is_displayed()
+    assert browser.find_elements(By.CSS_SELECTOR, "[aria-invalid]") == []
+
+
+@needs_browser
+def test_a_missing_prompt_is_marked_at_the_prompt(svc: Service, browser: Any) -> None:
+    browser.set_window_size(480, 800)
+    open_page(browser, svc, ALICE.secret, "x")
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "generate").click()
+    assert browser.find_element(By.ID, "prompt").get_attribute("aria-invalid") == "true"
+    assert "required" in text_of(browser, "prompt-error")
+    assert browser.execute_script(IN_VIEW, "prompt-error")["inside"]
+    assert browser.switch_to.active_element.get_attribute("id") == "prompt"
 
 
 def write_png(path: Path, size: tuple[int, int], mask: bool = False) -> str:
@@ -310,6 +400,8 @@ def test_an_image_of_an_unusable_size_shows_the_nearest_valid_one(svc: Service, 
     error = browser.find_element(By.ID, "error")
     WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
     assert "`image` is 100x100" in error.text and "the nearest valid size is 96x96" in error.text
+    assert browser.find_element(By.ID, "image").get_attribute("aria-invalid") == "true"  # the picker is marked
+    assert "the nearest valid size is 96x96" in text_of(browser, "image-error")
     assert browser.find_elements(By.CSS_SELECTOR, "#images img") == []
     assert browser.find_element(By.ID, "generate").is_enabled()
     browser.execute_script("window.scrollTo(0, 0)")
