@@ -112,7 +112,9 @@ class GenerationService:
         return image, mask
 
     async def create(self, req: GenerationCreate, principal: Principal, request_id: str | None,
-                     gen_id: str | None = None, files: dict[str, bytes] | None = None) -> dict[str, Any]:
+                     gen_id: str | None = None, files: dict[str, bytes] | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`extra`: more fields for the record, written with it (the OpenAI routes' `model`, `quality`, ...)."""
         if req.priority > principal.limits.max_priority:
             raise field_error("priority", f"must be at most {principal.limits.max_priority} for this API key",
                               req.priority)
@@ -135,8 +137,8 @@ class GenerationService:
         await self.uploads.mark_used(gen_id, [p.ref for p in inputs])
         # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
         fields, create_keys, args = self.enqueuer.prepare(
-            params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, gen_id=gen_id,
-            limits=(principal.limits.max_queued, self.settings.max_queue_depth))
+            params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, extra=extra,
+            gen_id=gen_id, limits=(principal.limits.max_queued, self.settings.max_queue_depth))
         sub = await self.enqueuer.submit_async(fields, create_keys, args)
         if sub.admitted:  # refused: nothing was written, and the inputs this request stored go too
             await self.uploads.discard(principal, inputs, gen_id)

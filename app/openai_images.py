@@ -21,7 +21,6 @@ from app.image_inputs import JSON_FORM_FIELDS, validate
 from app.schemas import GenerationCreate, OpenAIImageOptions
 from app.signed_urls import UrlSigner
 from common import images
-from common.contract import keys
 
 SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 BRACKET_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)\[([A-Za-z0-9_]*)\]$")
@@ -179,11 +178,11 @@ class OpenAIImages:
         req, renamed_opts = to_generation(opts)
         renamed = {**renamed_opts, **(renamed or {})}
         try:
-            resource = await self.service.create(req, principal, request_id, files=files)
+            resource = await self.service.create(req, principal, request_id, files=files,
+                                                 extra={RECORD_FIELD: self.recorded(opts)})
         except Problem as exc:
             raise renamed_fields(exc, renamed) from None
         gen_id = resource["id"]
-        await self.record(gen_id, opts)
         wait = self.settings.max_wait_seconds
         final = await self.service.wait(gen_id, principal, wait, created=resource)
         headers = {"X-Generation-Id": gen_id, "Location": self.service.location(gen_id)}
@@ -202,14 +201,11 @@ class OpenAIImages:
             body["quality"] = opts.quality
         return body, headers
 
-    async def record(self, gen_id: str, opts: OpenAIImageOptions) -> None:
-        """OpenAI's own fields that change nothing here, kept with the generation (the record's `openai` field).
-
-        Written just after the record was created, by this request, before its id was answered to anyone: the
-        hash and its TTL are there, and nothing else writes this field."""
-        recorded = {name: getattr(opts, name) for name in RECORDED if getattr(opts, name) is not None}
-        await self.service.ar.hset(keys.generation(gen_id), RECORD_FIELD,  # type: ignore[misc]
-                                   json.dumps(recorded, separators=(",", ":")))
+    @staticmethod
+    def recorded(opts: OpenAIImageOptions) -> str:
+        """OpenAI's own fields that change nothing here, kept with the generation (the record's `openai` field)."""
+        fields = {name: getattr(opts, name) for name in RECORDED if getattr(opts, name) is not None}
+        return json.dumps(fields, separators=(",", ":"))
 
     def unfinished(self, final: dict[str, Any], wait: int, headers: dict[str, str]) -> Problem:
         """Not succeeded: 424 while it still runs (or was canceled), 500 when it failed; never retried.

@@ -166,8 +166,8 @@ STANDARD: dict[int, dict[str, Any]] = {
     422: problem(
         422,
         "A parameter or body field is invalid; `errors` names each field, its value and why",
-        "`width` must be a multiple of 8 but is 1000",
-        errors=[{"field": "width", "message": "must be a multiple of 8 but is 1000", "value": 1000}],
+        "`width` must be a multiple of 8 but is 1001",
+        errors=[{"field": "width", "message": "must be a multiple of 8 but is 1001", "value": 1001}],
     ),
     429: problem(
         429,

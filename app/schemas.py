@@ -196,8 +196,8 @@ class FieldError(BaseModel):
     """One invalid field: its dotted name, why it was refused, and the value received."""
 
     field: str = Field(..., examples=["width"])
-    message: str = Field(..., examples=["must be a multiple of 8 but is 1000"])
-    value: Any = Field(None, examples=[1000])
+    message: str = Field(..., examples=["must be a multiple of 8 but is 1001"])
+    value: Any = Field(None, examples=[1001])
 
 
 class ProblemDetails(BaseModel):
@@ -208,7 +208,7 @@ class ProblemDetails(BaseModel):
     title: str = Field(..., description="Short summary of the kind", examples=["Invalid request"])
     status: int = Field(..., description="The HTTP status code", examples=[422])
     detail: str = Field(..., description="What went wrong in this request, for people",
-                        examples=["`width` must be a multiple of 8 but is 1000"])
+                        examples=["`width` must be a multiple of 8 but is 1001"])
     instance: str | None = Field(None, description="The request path", examples=["/v1/generations"])
     errors: list[FieldError] | None = Field(None, description="Each invalid field (422 only)")
 
