@@ -74,21 +74,32 @@ async def read_form(request: Request, file_fields: tuple[str, ...], max_files: i
                 if not isinstance(part, dict):
                     raise field_error("request", "must be a JSON object", value[:60])
                 data.update(part)
-            elif name in data:
-                raise field_error(name, "was sent twice", value[:60])
-            elif name in JSON_FORM_FIELDS:
-                try:
-                    data[name] = json.loads(value)
-                except ValueError:
-                    raise field_error(name, "must be JSON in a form field", value[:60]) from None
             else:
-                data[name] = value
+                put_field(data, name, value)
     finally:
         await form.close()
+    check_no_clash(data, files)
+    return data, files
+
+
+def put_field(data: dict[str, Any], name: str, value: str) -> None:
+    """One plain form field into `data`: JSON where JSON_FORM_FIELDS says so (objects and pairs), else the string
+    for pydantic to coerce ("30" -> 30). A field sent twice is refused, not silently overwritten."""
+    if name in data:
+        raise field_error(name, "was sent twice", value[:60])
+    if name in JSON_FORM_FIELDS and value.lstrip()[:1] in ("{", "["):
+        try:
+            data[name] = json.loads(value)
+        except ValueError:
+            raise field_error(name, "must be JSON in a form field", value[:60]) from None
+    else:
+        data[name] = value
+
+
+def check_no_clash(data: dict[str, Any], files: dict[str, list[bytes]]) -> None:
     for name in files:
         if name in data:
             raise field_error(name, "was sent both as a file part and as a field", str(data[name])[:60])
-    return data, files
 
 
 def validate(model: type[BaseModel], data: dict[str, Any]) -> Any:

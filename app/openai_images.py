@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 from app.auth import Principal
 from app.errors import Problem, field_error
 from app.generations import GenerationService
-from app.image_inputs import JSON_FORM_FIELDS, validate
+from app.image_inputs import check_no_clash, put_field, validate
 from app.schemas import GenerationCreate, OpenAIImageOptions
 from app.signed_urls import UrlSigner
 from common import images
@@ -101,20 +101,11 @@ async def read_edit_form(request: Request) -> tuple[dict[str, Any], dict[str, li
                 if not isinstance(items, list):
                     raise field_error(name, "was sent twice", value[:60])
                 items.append(value)
-            elif name in data:
-                raise field_error(name, "was sent twice", value[:60])
-            elif name in JSON_FORM_FIELDS and value.lstrip()[:1] in ("{", "["):
-                try:
-                    data[name] = json.loads(value)
-                except ValueError:
-                    raise field_error(name, "must be JSON in a form field", value[:60]) from None
             else:
-                data[name] = value
+                put_field(data, name, value)
     finally:
         await form.close()
-    for name in files:
-        if name in data:
-            raise field_error(name, "was sent both as a file part and as a field", str(data[name])[:60])
+    check_no_clash(data, files)
     return data, files
 
 
