@@ -49,7 +49,15 @@ venv: $(VENV)/.installed
 $(MODEL_DIR)/base/model_index.json: | venv
 	HF_HUB_OFFLINE=1 $(PY) -m tools.models build-tiny $(MODEL_DIR)
 
-model: $(if $(filter $(MODEL_DIR)/base,$(SDXL_BASE_MODEL)),$(MODEL_DIR)/base/model_index.json,)
+# the previews' tiny TAESD-XL, beside the tiny model (a model built before it existed gets it here)
+$(MODEL_DIR)/taesd/config.json: | venv
+	HF_HUB_OFFLINE=1 $(PY) -m tools.models build-tiny-taesd $(MODEL_DIR)/taesd
+
+# tiny random LoRA adapters and presets beside it (docs/adapters.md): what `make run` serves as SDXL_ADAPTERS_DIR
+$(MODEL_DIR)/adapters/adapters.json: | venv
+	HF_HUB_OFFLINE=1 $(PY) -m tools.models build-tiny-adapters $(MODEL_DIR)/adapters
+
+model: $(if $(filter $(MODEL_DIR)/base,$(SDXL_BASE_MODEL)),$(MODEL_DIR)/base/model_index.json $(MODEL_DIR)/taesd/config.json $(MODEL_DIR)/adapters/adapters.json,)
 
 run: venv model
 	$(PY) scripts/run_local.py

@@ -11,6 +11,7 @@ import redis.asyncio as aredis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from app.adapters import preset_fields, resolve_adapters
 from app.error_messages import merge
 from app.errors import Problem, field_error
 from app.schemas import GenerationCreate
@@ -18,6 +19,7 @@ from app.settings import Settings
 from app.tokens import CLIP_WINDOW, TokenCounter
 from common.contract import keys, queueing
 from common.contract.params import (
+    DEFAULT_PREVIEW_EVERY,
     MAX_SEED,
     SDXL_BUCKETS,
     GenerationParams,
@@ -90,6 +92,10 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
 
     `image`/`mask`: the request's inputs, already stored (app/uploads.py)."""
     check_inputs(req, image, mask)
+    chosen = resolve_adapters(req, settings)  # loras and preset (app/adapters.py)
+    adapter_fields = preset_fields(req, chosen)
+    if chosen.preset is not None:  # the preset's steps and guidance, where the request did not set its own
+        req = req.model_copy(update={k: adapter_fields[k] for k in ("num_inference_steps", "guidance_scale")})
     width, height = req.width, req.height
     if req.snap_to_bucket:
         if image is not None and not {"width", "height"} & req.model_fields_set:
@@ -113,7 +119,8 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
         text = getattr(req, name)
         if text is not None and len(text) > settings.max_prompt_chars:
             raise field_error(name, f"must be at most {settings.max_prompt_chars} characters", text[:50] + "...")
-    mode = req.refiner.mode or settings.resolved_default_refiner_mode
+    # presets run base-only unless the request names a refiner mode itself
+    mode = req.refiner.mode or (RefinerMode.none if chosen.preset else settings.resolved_default_refiner_mode)
     if mask is not None and req.padding_mask_crop is not None and mode == RefinerMode.ensemble:
         # the refiner would finish latents of the crop, not of the picture: no ensemble with a crop
         if req.refiner.mode == RefinerMode.ensemble:
@@ -125,7 +132,7 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
     refiner = RefinerParams(**{**req.refiner.model_dump(), "mode": mode})
     seed = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED + 1)
     data = req.model_dump(exclude={"snap_to_bucket", "priority", "deadline", "webhook", "refiner", "seed", "image",
-                                   "mask_image", "strength"})
+                                   "mask_image", "strength", "loras", "preset"})
     input_mode = "inpaint" if mask else "img2img" if image else None
     strength = (req.strength or DEFAULT_STRENGTH[input_mode]) if input_mode else None
     # diffusers denoises int(steps * strength) steps of an input image: none would fail the job in the worker
@@ -137,8 +144,14 @@ def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, 
         if int(r_steps * req.refiner.strength) < 1:
             raise field_error("refiner.strength", f"{req.refiner.strength} of {r_steps} refiner steps is no whole "
                               "denoising step; raise either so their product is at least 1", req.refiner.strength)
-    return GenerationParams(**{**data, "width": width, "height": height, "seed": seed, "refiner": refiner,
-                               "image": image, "mask_image": mask, "strength": strength})
+    if req.preview_every is not None and not req.previews:
+        raise field_error("preview_every", "applies to live previews only; send `previews: true` too",
+                          req.preview_every)
+    preview_every = (req.preview_every or DEFAULT_PREVIEW_EVERY) if req.previews else None
+    return GenerationParams(**{**data, **adapter_fields, "width": width, "height": height, "seed": seed,
+                               "refiner": refiner,
+                               "image": image, "mask_image": mask, "strength": strength,
+                               "preview_every": preview_every})
 
 
 def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> dict[str, int] | None:

@@ -15,7 +15,7 @@ from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
-from app.routes import events, generations, health, metrics, openai_images, playground, uploads, webhooks
+from app.routes import adapters, events, generations, health, metrics, openai_images, playground, uploads, webhooks
 from app.settings import Settings, get_settings
 from common import logs
 from common.storage import ObjectStore, build_store
@@ -37,6 +37,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
                                    socket_timeout=settings.max_wait_seconds + 10)
         store: ObjectStore = build_store(settings)
+        # checked now for a start-up log line that says whether images can be stored. The API starts either
+        # way: a misconfigured store makes /readyz answer 503 until it is fixed (app/routes/health.py)
+        app.state.storage = health.StorageReadiness(store)
+        await app.state.storage.refresh()
         app.state.settings = settings
         app.state.service = GenerationService(r, ar, settings, store)
         stop_watching = shutdown.watch(app.state.service.stopping)  # SIGTERM: long-polls answer at once
@@ -45,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             registry_watch.cancel()
+            app.state.storage.close()
             stop_watching()
             await app.state.service.uploads.fetcher.aclose()
             await ar.aclose()
@@ -72,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(webhooks.router)
     app.include_router(uploads.router)
+    app.include_router(adapters.router)  # GET /v1/adapters (docs/adapters.md)
     app.include_router(openai_images.router)  # OpenAI's images API, in its error shape (docs/openai.md)
     app.include_router(metrics.router)
     app.include_router(playground.router)  # the web page at / (no key needed to load it)

@@ -198,6 +198,9 @@ class ClusterCollector(Collector):
             "sdxl_images_generated", "Images stored by succeeded generations; images per second = rate() of this"
         )
         images.add_metric([], counters.get("images", 0.0))
+        adapter_events = CounterMetricFamily(
+            "sdxl_adapter_events", "LoRA adapter cache events on the workers: load (cold), swap (the weights "
+            "changed to another adapter set), evict", labels=["event"])
         for field, value in sorted(counters.items()):
             kind, _, rest = field.partition("|")
             if kind == "gen":
@@ -207,6 +210,8 @@ class ClusterCollector(Collector):
                 requeues.add_metric([rest], value)
             elif kind == "webhook":
                 hooks.add_metric([rest], value)
+            elif kind == "adapter":
+                adapter_events.add_metric([rest], value)
         stages = HistogramMetricFamily(
             "sdxl_generation_stage_seconds",
             "Time spent per stage: queue_wait "
@@ -220,7 +225,13 @@ class ClusterCollector(Collector):
         total = HistogramMetricFamily("sdxl_generation_duration_seconds", "Creation to success, succeeded generations")
         h = hists.get(stats.TOTAL, stats.Histogram())
         total.add_metric([], h.cumulative(), h.sum)
-        return [gens, images, requeues, hooks, stages, total]
+        adapter_seconds = HistogramMetricFamily(
+            "sdxl_adapter_seconds", "Seconds per adapter load (file to device) and swap (fusing into the weights)",
+            labels=["event"])
+        for event in ("load", "swap"):
+            h = hists.get(f"adapter_{event}", stats.Histogram())
+            adapter_seconds.add_metric([event], h.cumulative(), h.sum)
+        return [gens, images, requeues, hooks, stages, total, adapter_events, adapter_seconds]
 
     def workers(self, hashes: list[dict[str, str]], now: float) -> list[Metric]:
         lab = ["worker"]

@@ -43,6 +43,7 @@ answer `422` naming the field and the limit.
 TAGS = [
     {"name": "generations", "description": "Submit, follow, download, cancel and delete generations"},
     {"name": "webhooks", "description": "What happened to a generation's webhook deliveries"},
+    {"name": "adapters", "description": "The LoRA adapters and few-step presets a generation may use"},
     {"name": "health", "description": "Probes for orchestrators and load balancers (no key needed)"},
 ]
 SERVERS = [{"url": "http://127.0.0.1:8000", "description": "`make run` on this machine; deployments use their own"}]

@@ -31,6 +31,17 @@ class WebhookCreate(BaseModel):
     events: list[EVENT_TYPES] = Field(default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS))
 
 
+class LoraCreate(BaseModel):
+    """One LoRA adapter for a request: a name from `GET /v1/adapters` and its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64, description="An adapter's name (`GET /v1/adapters`)",
+                      examples=["tiny-style"])
+    scale: float = Field(1.0, description="Its weight; within the adapter's `scale_min`..`scale_max`",
+                         examples=[0.8])
+
+
 class GenerationCreate(BaseModel):
     """A text-to-image request. Absent fields take the deployment's defaults, reported back in `params`."""
 
@@ -72,6 +83,10 @@ class GenerationCreate(BaseModel):
     priority: int = Field(0, ge=0, le=2, description="Orders this key's own queued work (higher first)")
     deadline: float | None = Field(None, gt=0, le=86400, description="Seconds this may wait in the queue")
     webhook: WebhookCreate | None = None
+    previews: bool = Field(False, description="Live previews: `generation.preview` server-sent events with a small "
+                           "WebP/JPEG of the image as it denoises (never sent to webhooks)")
+    preview_every: int | None = Field(None, ge=1, le=1000, description="With `previews`: one preview every this "
+                                      "many denoising steps (default 5)")
     image: str | None = Field(
         None, description="Image to image, or inpainting with `mask_image`: an image upload id (`upl_...`), a "
         "base64 `data:` URI, or an https URL the API fetches at submit. PNG, JPEG or WebP; EXIF orientation is "
@@ -87,6 +102,15 @@ class GenerationCreate(BaseModel):
     padding_mask_crop: int | None = Field(
         None, ge=0, le=1024, description="Inpainting: repaint only the mask's bounding box grown by this many "
         "pixels, at full resolution, and paste it back")
+    loras: list[LoraCreate] = Field(
+        default_factory=list, description="LoRA adapters from the registry (`GET /v1/adapters`), applied in this "
+        "order to the base (and the refiner where the adapter has weights for it); at most SDXL_MAX_LORAS",
+        examples=[[{"name": "tiny-style", "scale": 0.8}]])
+    preset: str | None = Field(
+        None, max_length=64, description="A few-step preset (`GET /v1/adapters`, kind `preset`): its adapter, "
+        "scheduler, steps and guidance, and no refiner unless `refiner.mode` says otherwise. "
+        "`num_inference_steps` may be set within the preset's range; `scheduler` is the preset's own",
+        examples=["lcm"])
 
     @field_validator("prompt", "prompt_2")
     @classmethod
@@ -190,6 +214,35 @@ class Generation(BaseModel):
     manifest: dict[str, Any] | None = Field(None, description="What produced the images: parameters, "
                                             "scheduler configuration and model revisions")
     webhook: dict[str, Any] | None = Field(None, description="The webhook this generation notifies, if any")
+
+
+class AdapterInfo(BaseModel):
+    """A LoRA adapter (`kind: adapter`) or a few-step preset (`kind: preset`) this deployment serves."""
+
+    name: str = Field(..., examples=["tiny-style"])
+    kind: Literal["adapter", "preset"]
+    description: str = ""
+    base: str | None = Field(None, description="The model family it was trained for (`sdxl`)", examples=["sdxl"])
+    base_source: str | None = Field(None, description="Where `base` comes from: `manifest`, `metadata` (the "
+                                    "file's kohya metadata) or `assumed` (the deployment's own)")
+    sha256: str | None = Field(None, description="Hex sha256 of the adapter file (a preset's: of its adapter)")
+    bytes: int | None = Field(None, description="Size of the adapter file")
+    scale_min: float | None = Field(None, description="Adapters: the lowest `scale` accepted", examples=[-2.0])
+    scale_max: float | None = Field(None, description="Adapters: the highest `scale` accepted", examples=[2.0])
+    refiner: bool | None = Field(None, description="Adapters: whether it has weights for the refiner too")
+    adapter: str | None = Field(None, description="Presets: the adapter it applies")
+    adapter_scale: float | None = None
+    scheduler: str | None = Field(None, description="Presets: the scheduler", examples=["lcm"])
+    scheduler_config: dict[str, Any] | None = Field(None, description="Presets: the scheduler's settings")
+    steps: int | None = Field(None, description="Presets: default `num_inference_steps`", examples=[4])
+    steps_min: int | None = None
+    steps_max: int | None = None
+    guidance_scale: float | None = Field(None, description="Presets: default `guidance_scale`", examples=[1.0])
+
+
+class AdapterList(BaseModel):
+    data: list[AdapterInfo] = Field(..., description="Adapters, then presets")
+    max_loras: int = Field(..., description="`loras` per request (SDXL_MAX_LORAS)", examples=[4])
 
 
 class FieldError(BaseModel):

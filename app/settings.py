@@ -52,6 +52,9 @@ class Settings(CommonSettings):
     base_model: str = "stabilityai/stable-diffusion-xl-base-1.0"
     refiner_model: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
     default_refiner_mode: RefinerMode | None = None  # None: ensemble when a refiner is configured
+    # LoRA adapters and presets (common/adapters.py, docs/adapters.md): the registry the workers load from too
+    adapters_dir: Path | None = None  # unset: no adapters, no presets
+    max_loras: int = Field(default=4, ge=0)  # `loras` per request (a preset's own adapter not counted)
 
     # webhook SSRF policy at submit (common/ssrf.py); the dispatcher applies the same two settings again
     webhook_allow_addresses: str = ""  # comma-separated exact IPs or ip:port allowed even if private/loopback

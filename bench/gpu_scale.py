@@ -40,9 +40,9 @@ def start_sleep_worker(svc: Service, seconds: float) -> None:
     svc.wait_worker_ready(wid)
 
 
-async def one(http: httpx.AsyncClient) -> tuple[float, dict[str, Any]]:
+async def one(http: httpx.AsyncClient, body: dict[str, Any] = BODY) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    resp = await http.post("/v1/generations", json=BODY, headers={"Prefer": "wait=60"})
+    resp = await http.post("/v1/generations", json=body, headers={"Prefer": "wait=60"})
     if resp.status_code != 201:
         raise RuntimeError(f"expected 201, got {resp.status_code}: {resp.text[:300]}")
     res = resp.json()
@@ -52,23 +52,23 @@ async def one(http: httpx.AsyncClient) -> tuple[float, dict[str, Any]]:
     return time.perf_counter() - t0, res
 
 
-async def sequential(url: str, n: int) -> list[float]:
+async def sequential(url: str, n: int, body: dict[str, Any] = BODY) -> list[float]:
     ratios = []
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
-        await one(http)  # warm the connection and the worker
+        await one(http, body)  # warm the connection and the worker
         for _ in range(n):
-            wall, res = await one(http)
+            wall, res = await one(http, body)
             ratios.append(wall / res["timings"]["pipeline"])
     return ratios
 
 
-async def concurrent(url: str, clients: int, total: int) -> float:
+async def concurrent(url: str, clients: int, total: int, body: dict[str, Any] = BODY) -> float:
     remaining = [total]
 
     async def client(http: httpx.AsyncClient) -> None:
         while remaining[0] > 0:
             remaining[0] -= 1
-            await one(http)
+            await one(http, body)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:

@@ -12,6 +12,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from common.contract.params import GenerationParams  # noqa: E402
@@ -26,6 +27,9 @@ class SleepEngine:
     def __init__(self, settings: WorkerSettings, pipelines: Any = None) -> None:
         self.seconds = float(os.environ.get("SDXL_SLEEP_SECONDS", "1.0"))
         self.refiner = None
+        # the worker builds its preview decoder on the engine's device (worker/__main__.py)
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
         SleepEngine.load_count += 1
 
     def run(self, params: GenerationParams, specs: list[pipeline.ImageSpec], hook: pipeline.StepHook,

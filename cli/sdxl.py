@@ -8,6 +8,7 @@ request itself did not cause), 2 invalid request (the server's 400/413/415/422, 
 """
 
 import argparse
+import base64
 import hashlib
 import json
 import mimetypes
@@ -95,6 +96,15 @@ class Client:
                 res.read()
                 check(res)
             yield from parse_sse(res.iter_lines())
+
+    def fetch(self, url: str) -> bytes:
+        """A URL an event named: the API's own (with the key), or another host's (a presigned one: no key)."""
+        if url.startswith("/") or url.startswith(str(self.http.base_url).rstrip("/") + "/"):
+            return self.request("GET", url, headers={"Accept": "*/*"}).content
+        try:
+            return check(httpx.get(url, timeout=self.http.timeout, trust_env=False)).content
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot fetch {url}: {exc}") from exc
 
     def download(self, gen_id: str, index: int) -> bytes:
         # a 307 points at the object store (presigned); httpx drops Authorization when the host changes
@@ -187,15 +197,36 @@ class ProgressBar:
         self.last = ""
 
 
-def follow(client: Client, gen: dict[str, Any], bar: ProgressBar) -> dict[str, Any]:
-    """Watch until the generation is final; reconnects resume after the last event seen."""
+PREVIEW_EVENT = "generation.preview"
+PREVIEW_EXTENSIONS = {"image/webp": "webp", "image/jpeg": "jpeg"}
+
+
+def save_preview(client: Client, preview: dict[str, Any], directory: Path) -> None:
+    """A `generation.preview` event's image as DIR/<image index>-<step, 4 digits>.<ext>; one that cannot be
+    fetched is skipped (previews are best-effort)."""
+    try:
+        data = base64.b64decode(preview["b64"]) if preview.get("b64") else client.fetch(preview["url"])
+    except (CliError, KeyError, TypeError, ValueError) as exc:
+        print(f"preview at step {preview.get('step')} skipped: {exc}", file=sys.stderr)
+        return
+    ext = PREVIEW_EXTENSIONS.get(preview.get("content_type", ""), "webp")
+    write_file(directory / f"{int(preview['index'])}-{int(preview['step']):04d}.{ext}", data)
+
+
+def follow(client: Client, gen: dict[str, Any], bar: ProgressBar, previews: Path | None = None) -> dict[str, Any]:
+    """Watch until the generation is final; reconnects resume after the last event seen. `previews`: write the
+    live previews there as they arrive."""
     gen_id = gen["id"]
     bar.update(gen)
     last_id: str | None = None
     for _attempt in range(STREAM_RETRIES):
         try:
-            for event_id, _name, resource in client.events(gen_id, last_id):
+            for event_id, name, resource in client.events(gen_id, last_id):
                 last_id = event_id or last_id
+                if name == PREVIEW_EVENT:  # its data is a preview, not the resource
+                    if previews is not None:
+                        save_preview(client, resource, previews)
+                    continue
                 gen = resource
                 bar.update(gen)
                 if gen.get("status") in TERMINAL:
@@ -272,8 +303,13 @@ def generation_body(args: argparse.Namespace) -> dict[str, Any]:
         "output_format": fmt,
         "strength": args.strength,
         "padding_mask_crop": args.padding_mask_crop,
+        "previews": True if getattr(args, "previews", None) else None,
     }
     body.update({k: v for k, v in optional.items() if v is not None})
+    if getattr(args, "lora", None):  # LoRA adapters and presets (docs/adapters.md)
+        body["loras"] = args.lora
+    if getattr(args, "preset", None):
+        body["preset"] = args.preset
     if args.refiner is not None:
         body["refiner"] = {"mode": args.refiner}
     return body
@@ -331,7 +367,7 @@ def cmd_generate(client: Client, args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{gen['id']} {gen['status']}", file=sys.stderr, flush=True)
     try:
-        gen = follow(client, gen, bar)
+        gen = follow(client, gen, bar, Path(args.previews) if args.previews else None)
     except KeyboardInterrupt:
         bar.done()
         interrupt(client, gen["id"])
@@ -494,6 +530,32 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def lora_spec(text: str) -> dict[str, Any]:
+    """`--lora NAME[:SCALE]` -> {"name": NAME, "scale": SCALE}; the scale defaults to 1."""
+    name, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    if not name:
+        raise argparse.ArgumentTypeError(f"must be NAME or NAME:SCALE, not {text!r}")
+    try:
+        return {"name": name, "scale": float(scale) if sep else 1.0}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the scale in {text!r} must be a number") from None
+
+
+def cmd_adapters(client: Client, args: argparse.Namespace) -> int:
+    body = client.json("GET", "/v1/adapters")
+    if args.json:
+        print_json(body)
+        return 0
+    for a in body["data"]:
+        if a["kind"] == "preset":
+            print(f"preset   {a['name']:<20} {a.get('scheduler')}, {a.get('steps')} steps ({a.get('steps_min')}-"
+                  f"{a.get('steps_max')}), guidance {a.get('guidance_scale')}, adapter {a.get('adapter')}")
+        else:
+            print(f"adapter  {a['name']:<20} {a.get('base')}, scale {a.get('scale_min')}..{a.get('scale_max')}, "
+                  f"{a.get('bytes')} bytes, sha256 {str(a.get('sha256'))[:12]}")
+    return 0
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -579,6 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="inpainting: repaint only the mask's bounding box grown by N pixels, at full resolution",
     )
+    gen.add_argument(
+        "--previews",
+        metavar="DIR",
+        help="ask for live previews (every 5 steps) and write each as DIR/<image>-<step>.webp as it arrives",
+    )
     gen.add_argument("--no-wait", action="store_true", help="print the generation id and return at once")
     gen.add_argument(
         "--json",
@@ -587,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the submitted resource); images are still written",
     )
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    ada = gen.add_argument_group("adapters and presets (`sdxl adapters` lists them; docs/adapters.md)")
+    ada.add_argument("--lora", action="append", type=lora_spec, metavar="NAME[:SCALE]",
+                     help="apply a LoRA adapter at SCALE (default 1); repeat for several, applied in order")
+    ada.add_argument("--preset", metavar="NAME", help="a few-step preset (its adapter, scheduler, steps and "
+                     "guidance; --steps may change the steps within its range)")
     gen.set_defaults(func=cmd_generate)
 
     dl = sub.add_parser(
@@ -644,6 +716,11 @@ def build_parser() -> argparse.ArgumentParser:
     upl.add_argument("--json", action="store_true", help="print the upload's JSON instead of its id")
     upl.add_argument("-q", "--quiet", action="store_true", help="no details on stderr")
     upl.set_defaults(func=cmd_upload)
+
+    ada_list = sub.add_parser("adapters", parents=[conn], help="list the LoRA adapters and presets served",
+                              description="GET /v1/adapters: what `generate --lora` and `--preset` may name.")
+    ada_list.add_argument("--json", action="store_true", help="print the raw listing")
+    ada_list.set_defaults(func=cmd_adapters)
     return parser
 
 

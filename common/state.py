@@ -180,6 +180,15 @@ class GenerationState:
             self._webhook(c, EventType.progress)
         return c.outcome, c.queue_length
 
+    def preview(self, a: Owned, data: dict[str, Any]) -> str:
+        """A `generation.preview` event (data: worker/previews.py `event_data`) while this attempt owns the running
+        generation; it changes no field and goes to no webhook. "OK" or the refusal."""
+        res = self._transition_emit(
+            keys=[keys.generation(a.gen_id), keys.events(a.gen_id)],
+            args=[a.token, RUNNING, STREAM_MAXLEN, self.settings.generation_ttl_seconds, EventType.preview.value,
+                  json.dumps(data, separators=(",", ":"))])
+        return as_str(res[0])
+
     def finish(self, a: Owned, fields: dict[str, Any], event: EventType) -> str:
         """End a running generation with its final event; then, off the waiting clients' path (the event has
         woken them), drop the RUNNING entry and lease, count the metrics and enqueue the webhook. A refusal:

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NoReturn, Protocol
@@ -27,7 +28,15 @@ log = logging.getLogger("common.storage")
 
 
 class StorageUnavailable(Exception):
-    """The store could not be reached or refused the operation; callers may retry."""
+    """The store could not be reached or refused the operation; callers may retry.
+
+    `code` is the store's own name for the failure (`NoSuchBucket`, `SlowDown`, `EndpointConnectionError`,
+    `EACCES`...), for log fields and the retry log line; the message says it too, with the bucket or directory.
+    """
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class StoragePermanentError(StorageUnavailable):
@@ -64,6 +73,21 @@ class ObjectStore(Protocol):
 
     def presigned_url(self, key: str) -> str | None:
         """A time-limited GET URL, or None when the backend cannot make one."""
+        ...
+
+    def check(self) -> None:
+        """Whether the store is usable, with one cheap request (S3: a HEAD on the bucket; local: a test write).
+
+        Returns None when it is; raises StoragePermanentError for what an operator must fix (missing bucket,
+        refused or unknown credentials, no permission, read-only directory) and StorageUnavailable for what
+        may clear by itself (connection refused, timeouts, 5xx). The message names the bucket or directory,
+        the endpoint and the error code. The API's /readyz and the worker's start run it.
+        """
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the objects go, for log lines: `s3 bucket `b` at <endpoint>`, `local directory <path>`."""
         ...
 
 
@@ -139,15 +163,31 @@ class LocalStore:
     def presigned_url(self, key: str) -> str | None:
         return None
 
+    @property
+    def location(self) -> str:
+        return f"local directory {self._root}"
 
-# no permission, or a read-only filesystem: an operator has to fix the mount; a full disk (ENOSPC) may clear
-LOCAL_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+    def check(self) -> None:
+        """The root exists (created when missing, as `put` would) and takes a file: a test file is written
+        and removed, so a read-only mount or a directory owned by another user shows here, not at a job's end."""
+        try:
+            os.makedirs(self._root, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self._root, prefix=".check-")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise _local_error(f"local store directory {self._root} is not writable", exc) from exc
+
+
+# no permission, a read-only filesystem, a file where a directory must be: an operator has to fix the mount or
+# the path; a full disk (ENOSPC) or an I/O error may clear
+LOCAL_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST}
 
 
 def _local_error(what: str, exc: OSError) -> StorageUnavailable:
     code = errno.errorcode.get(exc.errno or 0, "OSError")
     cls = StoragePermanentError if exc.errno in LOCAL_PERMANENT_ERRNOS else StorageUnavailable
-    return cls(f"{what}: {code} ({exc.strerror or exc})")
+    return cls(f"{what}: {code} ({exc.strerror or exc})", code=code)
 
 
 def _read_file(path: str) -> bytes:
@@ -157,6 +197,11 @@ def _read_file(path: str) -> bytes:
 
 
 MAX_RETRY_DELAY = 5.0  # seconds between two attempts at most
+
+
+def error_code(exc: BaseException | None) -> str:
+    """The store's name for a failure (StorageUnavailable.code), else the exception's type."""
+    return getattr(exc, "code", None) or type(exc).__name__
 
 
 def _transient(exc: BaseException) -> bool:
@@ -185,19 +230,23 @@ def get_with_retry(store: ObjectStore, key: str, budget_seconds: float) -> Store
 def _retrying(op: str, key: str, budget_seconds: float) -> Retrying:
     def log_retry(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
+        code = error_code(exc)
         log.warning(
-            "storage %s failed for %s (attempt %d): %s; retrying in %.2fs",
+            "storage %s failed for %s (attempt %d, %s): %s; retrying in %.2fs",
             op,
             key,
             state.attempt_number,
+            code,
             exc,
             state.upcoming_sleep,
+            extra={"storage_op": op, "key": key, "attempt": state.attempt_number, "error_code": code},
         )
 
     def give_up(state: RetryCallState) -> NoReturn:
         exc = state.outcome.exception() if state.outcome else None
         raise StorageUnavailable(
-            f"{exc} (gave up after {state.attempt_number} attempts in {state.seconds_since_start or 0:.1f}s)"
+            f"{exc} (gave up after {state.attempt_number} attempts in {state.seconds_since_start or 0:.1f}s)",
+            code=error_code(exc),
         ) from exc
 
     return Retrying(
@@ -239,6 +288,35 @@ def build_store(settings: StorageSettings) -> ObjectStore:
 
         return S3Store.from_settings(settings)
     return LocalStore(settings.storage_dir)
+
+
+@dataclass(frozen=True)
+class StorageStatus:
+    """One `check()` of a store: `error` is None when it passed; `permanent` when only an operator can fix it."""
+
+    error: str | None
+    permanent: bool = False
+    code: str | None = None
+    checked_at: float = 0.0  # time.monotonic() when the check ended
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def describe(self) -> str:
+        """`ok`, or the error: what /readyz and the worker's registry entry show."""
+        return self.error or "ok"
+
+
+def check_storage(store: ObjectStore) -> StorageStatus:
+    """`store.check()` as a status: never raises for a store failure (a programming error still passes)."""
+    try:
+        store.check()
+    except StoragePermanentError as exc:
+        return StorageStatus(str(exc), permanent=True, code=exc.code, checked_at=time.monotonic())
+    except StorageUnavailable as exc:
+        return StorageStatus(str(exc), permanent=False, code=exc.code, checked_at=time.monotonic())
+    return StorageStatus(None, checked_at=time.monotonic())
 
 
 def image_url(settings: StorageSettings, store: ObjectStore, gen_id: str, img: dict[str, Any]) -> str:

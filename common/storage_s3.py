@@ -13,14 +13,21 @@ from typing import Any, Literal, Protocol
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
 
 from common.storage import ObjectNotFound, StoragePermanentError, StorageUnavailable, StoredObject
 
 log = logging.getLogger("common.storage_s3")
 
 NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404"}
-# a missing bucket, refused or unknown credentials: a deployment error that no retry fixes
+# a missing bucket, refused or unknown credentials, a request signed for the wrong region: a deployment error
+# that no retry fixes
 PERMANENT_CODES = {
     "NoSuchBucket",
     "AccessDenied",
@@ -28,7 +35,22 @@ PERMANENT_CODES = {
     "SignatureDoesNotMatch",
     "AllAccessDisabled",
     "InvalidBucketName",
+    "InvalidToken",
+    "AuthorizationHeaderMalformed",
 }
+# what the operator should look at, appended to a check's message
+HINTS = {
+    "NoSuchBucket": "create the bucket or fix SDXL_S3_BUCKET",
+    "AccessDenied": "the credentials lack s3:ListBucket (and object read/write) on this bucket",
+    "InvalidAccessKeyId": "the store does not know this access key: check AWS_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "the secret does not match the access key: check AWS_SECRET_ACCESS_KEY",
+    "AuthorizationHeaderMalformed": "the requests are signed for another region: check SDXL_S3_REGION",
+    "NoCredentialsError": "no credentials in the AWS chain (AWS_ACCESS_KEY_ID, AWS_PROFILE, an instance role)",
+    "EndpointConnectionError": "nothing answers at the endpoint: check SDXL_S3_ENDPOINT_URL and the network",
+}
+# no usable credentials at all: a deployment error at a check (a job's put still retries it: an instance role's
+# credentials can be missing for a moment)
+CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError)
 
 
 class S3Settings(Protocol):
@@ -40,18 +62,17 @@ class S3Settings(Protocol):
     presign_expiry_seconds: int
 
 
-def _unavailable(op: str, key: str, exc: Exception) -> StorageUnavailable:
-    """StoragePermanentError for the PERMANENT_CODES, else StorageUnavailable; the S3 error code in both."""
+def _describe(exc: Exception) -> tuple[str, str, bool]:
+    """(code, detail, permanent): the S3 error code (or botocore's exception name) and what it said."""
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         code = str(err.get("Code", "error"))
-        detail = f"{code} (HTTP {status})"
-        if code in PERMANENT_CODES:
-            return StoragePermanentError(f"s3 {op} of `{key}` failed: {detail}")
-    else:
-        detail = type(exc).__name__
-    return StorageUnavailable(f"s3 {op} of `{key}` failed: {detail}")
+        message = err.get("Message")
+        detail = f"{code} (HTTP {status})" + (f": {message}" if message and message != code else "")
+        return code, detail, code in PERMANENT_CODES
+    code = type(exc).__name__
+    return code, f"{code}: {exc}", False
 
 
 class S3Store:
@@ -96,6 +117,56 @@ class S3Store:
             if public_endpoint_url
             else self.client
         )
+        # the readiness check's own client: one attempt with short timeouts, so that /readyz answers quickly
+        # and a check never waits out botocore's backoff
+        self.probe = session.client(
+            "s3",
+            region_name=self.region,
+            endpoint_url=endpoint_url,
+            config=config.merge(
+                Config(connect_timeout=2, read_timeout=5, retries={"mode": "standard", "total_max_attempts": 1})
+            ),
+        )
+        self.endpoint = str(self.client.meta.endpoint_url)
+
+    @property
+    def location(self) -> str:
+        return f"s3 bucket `{self.bucket}` at {self.endpoint}"
+
+    def _unavailable(self, op: str, key: str, exc: Exception) -> StorageUnavailable:
+        """StoragePermanentError for the PERMANENT_CODES, else StorageUnavailable; the message names the
+        bucket, the endpoint and the S3 error code (a job's `storage_unavailable` error carries it)."""
+        code, detail, permanent = _describe(exc)
+        cls = StoragePermanentError if permanent else StorageUnavailable
+        return cls(f"s3 {op} of `{key}` in {self.location} failed: {detail}", code=code)
+
+    def check(self) -> None:
+        """HEAD on the bucket. A HEAD answer carries no error code, so a refused one is asked again as a
+        one-key listing (the same s3:ListBucket permission), whose answer names it: NoSuchBucket,
+        AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch..."""
+        try:
+            self.probe.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            head = exc
+        except ParamValidationError as exc:  # a bucket name botocore refuses to send
+            raise StoragePermanentError(f"{self.location} is not usable: {exc}", code="InvalidBucketName") from exc
+        except BotoCoreError as exc:
+            raise self._check_error(exc) from exc
+        try:
+            self.probe.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except (BotoCoreError, ClientError) as exc:
+            raise self._check_error(exc) from exc
+        # the listing works where the HEAD did not (a store that refuses HEAD on buckets): usable
+        log.info("HEAD on %s answered %s, a listing works: treated as usable", self.location,
+                 _describe(head)[1])
+
+    def _check_error(self, exc: Exception) -> StorageUnavailable:
+        code, detail, permanent = _describe(exc)
+        permanent = permanent or isinstance(exc, CREDENTIAL_ERRORS)
+        hint = HINTS.get(code)
+        cls = StoragePermanentError if permanent else StorageUnavailable
+        return cls(f"{self.location} is not usable: {detail}" + (f" ({hint})" if hint else ""), code=code)
 
     @classmethod
     def from_settings(cls, settings: Any) -> "S3Store":
@@ -123,7 +194,7 @@ class S3Store:
         except ParamValidationError:
             raise  # a programming error, not an outage: retrying cannot help
         except (BotoCoreError, ClientError) as exc:
-            raise _unavailable("put", key, exc) from exc
+            raise self._unavailable("put", key, exc) from exc
 
     def get(self, key: str) -> StoredObject:
         try:
@@ -132,9 +203,9 @@ class S3Store:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in NOT_FOUND_CODES:
                 raise ObjectNotFound(key) from exc
-            raise _unavailable("get", key, exc) from exc
+            raise self._unavailable("get", key, exc) from exc
         except (BotoCoreError, OSError) as exc:  # includes a body cut off mid-read
-            raise _unavailable("get", key, exc) from exc
+            raise self._unavailable("get", key, exc) from exc
         return StoredObject(data=data, content_type=res.get("ContentType") or "application/octet-stream")
 
     def delete_prefix(self, prefix: str) -> int:
@@ -150,7 +221,7 @@ class S3Store:
                     self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
                     deleted += 1
         except (BotoCoreError, ClientError) as exc:
-            raise _unavailable("delete", prefix, exc) from exc
+            raise self._unavailable("delete", prefix, exc) from exc
         return deleted
 
     def presigned_url(self, key: str) -> str | None:

@@ -120,6 +120,8 @@ def main() -> int:
         secret, made = dev_secret(data)
         env["SDXL_WEBHOOK_SECRETS"] = secret
 
+    if is_tiny(env):  # the tiny test adapters and presets `make model` built beside the tiny model
+        env.setdefault("SDXL_ADAPTERS_DIR", str(Path(env.get("MODEL_DIR", ".models/tiny"), "adapters").resolve()))
     py = sys.executable
     procs.append(("worker", subprocess.Popen([py, "-m", "worker"], env=env, cwd=ROOT)))
     procs.append(("api", subprocess.Popen([py, "-m", "app"], env={**env, "SDXL_HOST": "127.0.0.1",

@@ -37,6 +37,10 @@ def tiny_model() -> Path:
         from tools.models import build_tiny
 
         build_tiny(target)
+    if not (target / "taesd" / "config.json").exists():  # a tiny model built before previews existed
+        from tools.models import build_tiny_taesd
+
+        build_tiny_taesd(target / "taesd")
     return target
 
 

@@ -8,6 +8,7 @@ CLI::
 
     python -m tools.models build-tiny DIR [--seed N] [--force]
     python -m tools.models build-full DIR [--device cuda] [--dtype float16]
+    python -m tools.models build-tiny-adapters DIR [--full]
     python -m tools.models count
 """
 
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerDiscreteScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -46,6 +48,7 @@ __all__ = [
     "build_full",
     "build_pipelines",
     "build_tiny",
+    "build_tiny_adapters",
     "count_full_parameters",
     "make_tokenizer",
     "write_bpe_files",
@@ -557,6 +560,7 @@ def build_tiny(out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     both folders, as on the hub). Deterministic: the same seed gives byte-identical safetensors.
     """
     build_pipelines(TINY_CONFIGS, "cpu", torch.float32, seed=seed, out_dir=Path(out_dir))
+    build_tiny_taesd(Path(out_dir) / "taesd", seed=seed)  # the previews' decoder, found beside `base`
     return Path(out_dir) / "base", Path(out_dir) / "refiner"
 
 
@@ -567,6 +571,24 @@ def build_tiny_inpaint_unet(out_dir: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{**copy.deepcopy(TINY_CONFIGS["unet"]), "in_channels": 9})
     unet.save_pretrained(Path(out_dir) / "unet")  # type: ignore[attr-defined]  # ModelMixin, untyped
+    return Path(out_dir)
+
+
+# TAESD-XL's layout (madebyollin/taesdxl) at a fraction of its width: live previews in tests
+TINY_TAESD_CONFIG: Config = {"encoder_block_out_channels": (8, 8, 8, 8), "decoder_block_out_channels": (8, 8, 8, 8),
+                             "num_encoder_blocks": (1, 1, 1, 1), "num_decoder_blocks": (1, 1, 1, 1)}
+
+
+def build_tiny_taesd(out_dir: Path, seed: int = 0, config: Config | None = None) -> Path:
+    """A random-weight TAESD-XL (diffusers' `AutoencoderTiny`) saved to out_dir in the hub layout
+    (config.json + safetensors), the folder SDXL_PREVIEW_VAE reads; `auto` finds `<dir>/taesd` beside
+    `<dir>/base`. `config`: overrides of AutoencoderTiny's defaults (its defaults are TAESD-XL's real size)."""
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(**(TINY_TAESD_CONFIG if config is None else config))
+    vae.save_pretrained(Path(out_dir))  # type: ignore[attr-defined]  # ModelMixin, untyped
+    mode = (Path(out_dir) / "config.json").stat().st_mode & 0o777  # as _fix_weight_modes: readable by others
+    for path in Path(out_dir).glob("*.safetensors"):
+        path.chmod(mode)
     return Path(out_dir)
 
 
@@ -596,6 +618,97 @@ def count_full_parameters() -> dict[str, int]:
     with torch.device("meta"):
         parts = _make_components(FULL_CONFIGS, seed=0, vocab_size=0)
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny random LoRA adapters and presets (docs/adapters.md): a registry folder for SDXL_ADAPTERS_DIR
+# --------------------------------------------------------------------------------------------------------
+
+_UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_TE_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# name -> (format, components, rank, seed); random weights large enough to change the image visibly
+TINY_ADAPTERS: dict[str, tuple[str, tuple[str, ...], int, int]] = {
+    "tiny-style": ("peft", ("unet", "text_encoder"), 4, 1),
+    "tiny-kohya": ("kohya", ("unet",), 4, 2),
+    "tiny-lcm": ("peft", ("unet",), 8, 3),  # stands in for latent-consistency/lcm-lora-sdxl
+    "tiny-lightning": ("kohya", ("unet",), 8, 4),  # stands in for ByteDance/SDXL-Lightning's 4-step LoRA
+}
+TINY_ADAPTER_MANIFEST: dict[str, Any] = {
+    "adapters": {
+        "tiny-style": {"file": "tiny-style.safetensors", "refiner_file": "tiny-style-refiner.safetensors",
+                       "base": "sdxl", "scale_min": -1.0, "scale_max": 1.5,
+                       "description": "random test LoRA, PEFT/diffusers format: UNet, text encoder and refiner"},
+        "tiny-kohya": {"file": "tiny-kohya.safetensors",
+                       "description": "random test LoRA, kohya format (base model from its metadata)"},
+        "tiny-lcm": {"file": "tiny-lcm.safetensors", "base": "sdxl",
+                     "description": "random stand-in for latent-consistency/lcm-lora-sdxl"},
+        "tiny-lightning": {"file": "tiny-lightning.safetensors",
+                           "description": "random stand-in for ByteDance/SDXL-Lightning (4-step LoRA)"},
+    },
+    "presets": {
+        "lcm": {"adapter": "tiny-lcm", "scheduler": "lcm", "steps": 4, "steps_min": 2, "steps_max": 8,
+                "guidance_scale": 1.0, "description": "LCM-LoRA: 4 steps with LCMScheduler, no guidance"},
+        "lightning": {"adapter": "tiny-lightning", "scheduler": "euler", "scheduler_config":
+                      {"timestep_spacing": "trailing"}, "steps": 4, "steps_min": 1, "steps_max": 8,
+                      "guidance_scale": 0.0, "description": "SDXL-Lightning: 4 Euler steps, trailing timesteps"},
+    },
+}
+
+
+def _lora_pairs(model: Any, targets: tuple[str, ...], rank: int, gen: torch.Generator
+                ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(module name, down (r, in), up (out, r)) for every nn.Linear whose name ends in one of `targets`."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            down = torch.randn(rank, module.in_features, generator=gen) / module.in_features ** 0.5
+            up = torch.randn(module.out_features, rank, generator=gen) * (0.6 / rank ** 0.5)
+            yield name, down, up
+
+
+def tiny_lora_state_dict(fmt: str, components: dict[str, Any], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A random LoRA for `components` ({"unet": model, "text_encoder": model, ...}) in `fmt`: "peft" (diffusers'
+    own keys: `unet.<module>.lora_A.weight`) or "kohya" (`lora_unet_<module_with_underscores>.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`)."""
+    gen = torch.Generator().manual_seed(seed)
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    out: dict[str, torch.Tensor] = {}
+    for comp, model in components.items():
+        targets = _UNET_LORA_TARGETS if comp == "unet" else _TE_LORA_TARGETS
+        for name, down, up in _lora_pairs(model, targets, rank, gen):
+            if fmt == "peft":
+                out[f"{comp}.{name}.lora_A.weight"] = down.contiguous()
+                out[f"{comp}.{name}.lora_B.weight"] = up.contiguous()
+            else:
+                key = kohya_prefix[comp] + name.replace(".", "_")
+                out[f"{key}.lora_down.weight"] = down.contiguous()
+                out[f"{key}.lora_up.weight"] = up.contiguous()
+                out[f"{key}.alpha"] = torch.tensor(float(rank))  # alpha = rank: scaling 1, as PEFT's files
+    return out
+
+
+def build_tiny_adapters(out_dir: Path, configs: dict[str, Config] | None = None, rank: int | None = None) -> Path:
+    """Random LoRA adapters for the tiny model (or `configs`' model, e.g. FULL_CONFIGS) in PEFT/diffusers and
+    kohya formats, a refiner LoRA for one of them, and `adapters.json` with two presets (docs/adapters.md).
+    `rank`: every adapter's rank instead of the small defaults (real SDXL LoRAs have 32-128)."""
+    from safetensors.torch import save_file
+
+    configs = configs or TINY_CONFIGS
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):  # shapes only: the weights come from the generator below
+        parts = _make_components(configs, seed=0, vocab_size=1000)
+    kohya_meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora",
+                  "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
+    for name, (fmt, comps, default_rank, seed) in TINY_ADAPTERS.items():
+        sd = tiny_lora_state_dict(fmt, {c: parts[c] for c in comps}, rank or default_rank, seed)
+        save_file(sd, str(out_dir / f"{name}.safetensors"), metadata=kohya_meta if fmt == "kohya" else None)
+    refiner = tiny_lora_state_dict("peft", {"unet": parts["refiner_unet"]}, rank or 4, 5)
+    save_file(refiner, str(out_dir / "tiny-style-refiner.safetensors"))
+    (out_dir / "adapters.json").write_text(json.dumps(TINY_ADAPTER_MANIFEST, indent=2) + "\n")
+    mode = out_dir.stat().st_mode & 0o666 | 0o444
+    for path in out_dir.iterdir():
+        path.chmod(mode)
+    return out_dir
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -632,6 +745,16 @@ def main(argv: list[str] | None = None) -> int:
     p_inpaint.add_argument("dir", type=Path)
     p_inpaint.add_argument("--seed", type=int, default=0)
 
+    p_taesd = sub.add_parser("build-tiny-taesd", help="build a tiny random TAESD-XL (previews) into DIR")
+    p_taesd.add_argument("dir", type=Path)
+    p_taesd.add_argument("--seed", type=int, default=0)
+
+    p_adapters = sub.add_parser("build-tiny-adapters", help="build random LoRA adapters, a manifest and presets "
+                                "for the tiny model into DIR (an SDXL_ADAPTERS_DIR)")
+    p_adapters.add_argument("dir", type=Path)
+    p_adapters.add_argument("--full", action="store_true", help="for the full-size random model instead")
+    p_adapters.add_argument("--rank", type=int, help="every adapter's rank (default: 4 or 8)")
+
     sub.add_parser("count", help="print SDXL 1.0 parameter counts (meta device) as JSON")
 
     args = parser.parse_args(argv)
@@ -648,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         print(args.dir / "refiner")
     elif args.command == "build-tiny-inpaint":
         print(build_tiny_inpaint_unet(args.dir, seed=args.seed))
+    elif args.command == "build-tiny-adapters":
+        print(build_tiny_adapters(args.dir, FULL_CONFIGS if args.full else None, args.rank))
+    elif args.command == "build-tiny-taesd":
+        print(build_tiny_taesd(args.dir, seed=args.seed))
     else:
         print(json.dumps(count_full_parameters(), indent=2))
     return 0

@@ -1,10 +1,21 @@
-"""`python -m worker`: register, load the models once, warm up, then serve rq jobs until SIGTERM."""
+"""`python -m worker`: register, check the store, load the models once, warm up, then serve rq jobs until SIGTERM.
+
+The object store is checked at the start (a log line either way) and again just before the worker would
+become ready. A worker whose store fails that check takes no job, because it could not store the result: it
+stays registered as `waiting_for_storage` (its registry entry's `storage` field, /readyz and
+`python -m worker.health` say why), logs the reason, and re-checks every STORAGE_RECHECK_SECONDS until the
+bucket, credentials or directory are fixed, then becomes ready without a restart (its models stay loaded).
+Storage settings that cannot even build a store (S3 without a bucket name, a malformed endpoint) stop it
+with exit 2, as a broken model path does.
+"""
 
 import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -13,10 +24,16 @@ from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
 from common.logs import configure
-from common.storage import build_store
+from common.storage import ObjectStore, StorageStatus, build_store, check_storage
 from worker.settings import WorkerSettings
 
+if TYPE_CHECKING:
+    from worker.worker import Registry
+
 log = logging.getLogger("worker")
+
+STORAGE_RECHECK_SECONDS = 5.0  # while the store fails its check
+STORAGE_REMIND_SECONDS = 60.0  # the same failure is logged again this often
 
 
 def redis_client(url: str, retry_seconds: float) -> redis.Redis:
@@ -34,6 +51,42 @@ def redis_client(url: str, retry_seconds: float) -> redis.Redis:
 
 def _stop_before_serving(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)  # still loading or warming: no job taken, nothing to hand back
+
+
+def log_storage(store: ObjectStore, status: StorageStatus, waiting: bool) -> None:
+    fields = {"storage": store.location, "error_code": status.code}
+    if status.ok:
+        log.info("storage ok: %s", store.location, extra=fields)
+        return
+    level = logging.ERROR if status.permanent else logging.WARNING
+    if waiting:
+        log.log(level, "storage check failed: %s; this worker takes no job until it passes (checked again every "
+                "%gs)", status.error, STORAGE_RECHECK_SECONDS, extra=fields)
+    else:
+        log.log(level, "storage check failed: %s; loading the models meanwhile, the worker will not become ready "
+                "until it passes", status.error, extra=fields)
+
+
+def wait_for_storage(store: ObjectStore, registry: "Registry", state: str) -> None:
+    """Returns once the store passes its check; meanwhile the registry says `waiting_for_storage` and why."""
+    status = check_storage(store)
+    if status.ok:
+        registry.update(storage="ok")
+        return
+    started = logged_at = time.monotonic()
+    log_storage(store, status, waiting=True)
+    last_error = status.error
+    while not status.ok:
+        registry.update(state="waiting_for_storage", storage=status.describe())
+        time.sleep(STORAGE_RECHECK_SECONDS)  # SIGTERM here exits at once: no job taken
+        status = check_storage(store)
+        now = time.monotonic()
+        if not status.ok and (status.error != last_error or now - logged_at >= STORAGE_REMIND_SECONDS):
+            log_storage(store, status, waiting=True)
+            last_error, logged_at = status.error, now
+    log.info("storage ok: %s (after waiting %.0fs)", store.location, time.monotonic() - started,
+             extra={"storage": store.location})
+    registry.update(state=state, storage="ok")
 
 
 def main() -> int:
@@ -58,6 +111,16 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _stop_before_serving)  # rq installs its own handlers once it serves
     signal.signal(signal.SIGINT, _stop_before_serving)
     try:
+        store = build_store(settings)
+    except ValueError as exc:  # S3 without a bucket, a malformed endpoint: settings to fix, not a state to wait out
+        log.error("could not build the object store: %s", exc)
+        loading_beat.set()
+        registry.remove()
+        return 2
+    first = check_storage(store)  # at once, not after minutes of loading: the log says it early
+    log_storage(store, first, waiting=False)
+    registry.update(storage=first.describe())
+    try:
         from worker.pipeline import Engine
 
         engine = Engine(settings)
@@ -72,12 +135,27 @@ def main() -> int:
     from worker.runner import Runner
 
     finisher = Finisher() if settings.finish_in_background else None
-    runner = Runner(r, engine, build_store(settings), settings, worker_id, finisher)
+    runner = Runner(r, engine, store, settings, worker_id, finisher)
+    try:
+        from worker.previews import Previewer
+
+        runner.previewer = Previewer.load(settings, engine.device, engine.dtype)
+    except Exception as exc:  # an SDXL_PREVIEW_VAE named explicitly that does not load: a setting to fix
+        log.error("could not load the preview decoder: %s: %s", type(exc).__name__, exc)
+        loading_beat.set()
+        registry.remove()
+        return 2
     state.set_runner(runner)
     registry.update(state="warming", has_refiner=int(engine.refiner is not None), model_loads=engine.load_count,
                     load_seconds=round(engine.load_seconds, 3))
     if settings.warmup:
         engine.warmup()
+    try:
+        wait_for_storage(store, registry, state="warming")  # the last step before serving: no job it cannot store
+    except SystemExit:  # SIGTERM while waiting: nothing taken, no registry entry left behind
+        loading_beat.set()
+        registry.remove()
+        raise
     worker = SDXLWorker([make_queue(r)], connection=r, name=worker_id, serializer=JSONSerializer,
                         exception_handlers=[runner.rq_exception_handler])
     worker.attach(runner, registry, settings)

@@ -14,11 +14,24 @@ import redis
 from PIL import Image
 
 from common import images as input_images
+from common.contract import stats
+from common.contract.events import preview_key
 from common.contract.params import GenerationParams, InputImage
 from common.contract.status import ErrorType
 from common.storage import ObjectNotFound, StorageUnavailable, get_with_retry
+from worker.adapters import AdapterUnavailable
 from worker.attempt import Member, progress_value
-from worker.pipeline import ImageSpec, Inputs, NonFiniteOutput, Progress, PromptTooLong, StepAbort, is_oom
+from worker.pipeline import (
+    ImageSpec,
+    Inputs,
+    NonFiniteOutput,
+    PreviewHook,
+    Progress,
+    PromptTooLong,
+    StepAbort,
+    is_oom,
+)
+from worker.previews import Preview, event_data, preview_name
 
 if TYPE_CHECKING:
     from worker.runner import Runner
@@ -62,13 +75,18 @@ class Executing:
         except input_images.InvalidImage as exc:  # checked at submit: only a store that changed the bytes gets here
             self.fail_all(members, ErrorType.invalid_payload, f"an input image {exc}")
             return
+        if not self.apply_adapters(members, params):
+            return
         active = members
         while active:
             specs = [ImageSpec(m.payload.params.prompt, m.payload.params.prompt_2, m.payload.params.negative_prompt,
                                m.payload.params.negative_prompt_2, m.payload.params.image_seed(i))
                      for m in active for i in range(m.payload.params.num_images_per_prompt)]
+            # each image of the call, in spec order: (its generation, its index there), for the previews
+            owners = [(m, i) for m in active for i in range(m.payload.params.num_images_per_prompt)]
             try:
-                images, times = self.run_with_oom_fallback(params, specs, hook, inputs)
+                images, times = self.run_with_oom_fallback(params, specs, hook, inputs,
+                                                           self.preview_hooks(params, owners))
             except StepAbort as abort:
                 if str(abort) == "shutdown":
                     for m in active:
@@ -118,6 +136,28 @@ class Executing:
                                                    times, len(images)))
             return
 
+    def apply_adapters(self: "Runner", members: list[Member], params: GenerationParams) -> bool:
+        """The call's LoRA adapters fused into the weights (worker/adapters.py); False: the members failed."""
+        adapters = getattr(self.engine, "adapters", None)
+        if adapters is None:  # an engine without adapter support (test doubles)
+            return True
+        try:
+            adapters.apply(params.loras)
+        except AdapterUnavailable as exc:
+            self.fail_all(members, ErrorType.adapter_unavailable, str(exc))
+            return False
+        finally:
+            events = adapters.take_events()
+            if events:
+                try:
+                    pipe = self.r.pipeline(transaction=False)
+                    for kind, seconds in events:
+                        stats.count_adapter(pipe, kind, seconds)
+                    pipe.execute()
+                except redis.RedisError:
+                    log.warning("adapter metrics not recorded", exc_info=True)
+        return True
+
     def load_inputs(self: "Runner", params: GenerationParams) -> Inputs | None:
         """The call's image and mask from the object store, decoded as the API checked them, at the output size."""
         if params.image is None:
@@ -153,15 +193,28 @@ class Executing:
         return {
             "mode": params.mode,
             **({"inputs": inputs} if inputs else {}),
-            "params": params.model_dump(mode="json", exclude={"image": by_content, "mask_image": by_content}),
-            "scheduler_config": self.engine.scheduler_config(params.scheduler),
+            # previews leave the pixels alone: a request with them gives the same bytes as one without
+            "params": params.model_dump(mode="json", exclude={"image": by_content, "mask_image": by_content,
+                                                              "preview_every": True}),
+            "scheduler_config": self.engine.scheduler_config(params.scheduler, params.scheduler_config),
+            # the LoRA files by content (also in `params`): what to fetch to reproduce the image
+            **({"adapters": [r.model_dump() for r in params.loras], "preset": params.preset} if params.loras
+               or params.preset else {}),
             **self.engine.model_info(),
         }
 
     def run_with_oom_fallback(self: "Runner", params: GenerationParams, specs: list[ImageSpec],
-                              hook: Any, inputs: Inputs | None = None) -> tuple[list[Any], Any]:
+                              hook: Any, inputs: Inputs | None = None,
+                              previews: Any = None) -> tuple[list[Any], Any]:
+        """`previews`: (first spec's position, spec count) -> the call's preview hook, or None for no previews."""
+
+        def run(call_specs: list[ImageSpec], first: int) -> tuple[list[Any], Any]:
+            preview = previews(first, len(call_specs)) if previews is not None else None
+            extra = {"preview": preview} if preview is not None else {}
+            return self.engine.run(params, call_specs, hook, inputs, **extra)  # type: ignore[no-any-return]
+
         try:
-            return self.engine.run(params, specs, hook, inputs)
+            return run(specs, 0)
         except Exception as exc:
             if not is_oom(exc) or len(specs) == 1:
                 raise
@@ -169,8 +222,8 @@ class Executing:
             log.warning("out of memory at batch %d: retrying one image at a time", len(specs))
             images: list[Any] = []
             times = None
-            for spec in specs:
-                imgs, times = self.engine.run(params, [spec], hook, inputs)
+            for k, spec in enumerate(specs):
+                imgs, times = run([spec], k)
                 images += imgs
             return images, times
 
@@ -184,3 +237,51 @@ class Executing:
         except redis.RedisError:
             log.warning("progress update failed", exc_info=True)
         return length
+
+    # --- live previews ----------------------------------------------------------------------------
+    def preview_hooks(self: "Runner", params: GenerationParams, owners: list[tuple[Member, int]]) -> Any:
+        """(first, count) -> the preview hook of a call on specs[first:first + count], or None (previews off,
+        or this worker has no preview decoder)."""
+        if not params.preview_every or self.previewer is None:
+            return None
+
+        def hooks(first: int, count: int) -> PreviewHook:
+            def preview(progress: Progress, latents: Any) -> None:
+                self.publish_previews(owners[first:first + count], progress, latents)
+
+            return preview
+
+        return hooks
+
+    def publish_previews(self: "Runner", owners: list[tuple[Member, int]], progress: Progress, latents: Any) -> None:
+        """Decode, encode and publish one preview per image, each on its own generation's stream. A preview that
+        fails is logged and skipped: previews never fail a job."""
+        assert self.previewer is not None
+        try:
+            rendered = self.previewer.render(latents)
+        except Exception:
+            log.warning("preview decode failed", exc_info=True)
+            return
+        for (m, index), pv in zip(owners, rendered, strict=True):
+            if m.outcome is not None:  # canceled or superseded meanwhile: its stream is finished or about to be
+                continue
+            try:
+                url = self.store_preview(m, index, progress.step, pv)
+                self.state.preview(m, event_data(m.gen_id, index, progress.step, progress.total_steps,
+                                                 progress.stage, pv, url))
+            except Exception:
+                log.warning("preview publish failed", exc_info=True, extra={"generation_id": m.gen_id})
+
+    def store_preview(self: "Runner", m: Member, index: int, step: int, pv: Preview) -> str | None:
+        """None when the preview goes inline; else it is stored under the generation's prefix (deleted with it)
+        and this is its URL: presigned in presigned mode, else the API's."""
+        if len(pv.data) <= self.settings.preview_inline_max_bytes:
+            return None
+        key = preview_key(self.settings.storage_prefix, m.gen_id, preview_name(index, step, pv.ext))
+        self.store.put(key, pv.data, pv.content_type, {})
+        if self.settings.image_url_mode == "presigned":
+            url = self.store.presigned_url(key)
+            if url:
+                return url
+        base = (self.settings.public_base_url or "").rstrip("/")
+        return f"{base}/v1/generations/{m.gen_id}/previews/{preview_name(index, step, pv.ext)}"

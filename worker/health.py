@@ -5,7 +5,8 @@ state and heartbeat, written by the worker's heartbeat thread) rather than askin
 costs the worker nothing and needs no torch. Which worker: SDXL_WORKER_ID, or else the freshest entry whose
 id starts with this host's name (the default worker id is `<hostname>-<random>`). Healthy means a heartbeat
 younger than SDXL_LEASE_SECONDS and state `ready` or `busy`; loading, warming and stopping are not healthy
-(the image's start period covers loading).
+(the image's start period covers loading). A worker `waiting_for_storage` (its object store fails its check)
+is not healthy either, and the report's reason carries the store's error.
 """
 
 import json
@@ -42,7 +43,10 @@ def check(r: redis.Redis, worker_id: str | None, lease_seconds: float, host: str
     healthy = age <= lease_seconds and state in ("ready", "busy")
     report = {"healthy": healthy, "worker": wid, "state": state, "heartbeat_age_seconds": round(age, 3)}
     if not healthy:
-        report["reason"] = f"state {state}" if age <= lease_seconds else f"heartbeat {age:.0f}s old"
+        reason = f"state {state}" if age <= lease_seconds else f"heartbeat {age:.0f}s old"
+        if raw.get("storage") not in (None, "ok"):
+            reason += f"; storage: {raw['storage']}"
+        report["reason"] = reason
     return healthy, report
 
 

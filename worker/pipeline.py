@@ -4,6 +4,7 @@ Runs on the worker's main thread only: a diffusers pipeline is not safe to share
 torch's CPU thread pool is per thread.
 """
 
+import json
 import logging
 import math
 import time
@@ -19,15 +20,18 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
+    TCDScheduler,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 from PIL import Image
 
 from common.contract.params import GenerationParams, LongPrompt, RefinerMode, RefinerParams
+from worker.adapters import AdapterCache
 from worker.prompts import long_prompt_embeds, needs_chunks
 from worker.settings import WorkerSettings
 
@@ -45,10 +49,16 @@ SCHEDULER_CLASSES: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    # few-step schedulers for presets (LCM-LoRA; Hyper-SD's TCD): their settings come with the preset
+    "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 
 WATERMARK_MIN_PIXELS = 256 * 256
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# inductor modes that record CUDA graphs -> the same mode without them (for the VAE decode, see compile_vae)
+WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+FP8_MIN_CAPABILITY = (8, 9)  # float8 matrix units: Ada and Hopper
 
 
 class StepAbort(Exception):
@@ -90,6 +100,8 @@ class Progress:
 
 # (progress) -> None; may raise StepAbort
 StepHook = Callable[[Progress], None]
+# (progress, the batch's latents after that step) -> None: live previews every `params.preview_every` steps
+PreviewHook = Callable[[Progress, torch.Tensor], None]
 
 
 @dataclass
@@ -109,6 +121,8 @@ class Engine:
         self.settings = settings
         self.device = torch.device(settings.resolved_device)
         self.dtype = DTYPES[settings.resolved_dtype]
+        # before any loading: a worker that cannot quantize says so at once, not after minutes of loading
+        self._fp8 = self._fp8_quantizer() if settings.fp8 else None
         t0 = time.monotonic()
         self.refiner: StableDiffusionXLImg2ImgPipeline | None = None
         if pipelines is not None:
@@ -132,8 +146,12 @@ class Engine:
                 pipe.unet.to(memory_format=torch.channels_last)
             if settings.fuse_qkv:
                 pipe.fuse_qkv_projections()
+            if self._fp8 is not None:
+                self._fp8(pipe.unet)
             if settings.compile_mode:
                 pipe.unet = self._compile(pipe.unet)
+        # our own decode path only (Engine.decode): the shared VAE module itself stays as it is
+        self._vae_decode = self._compile(self.base.vae.decode, cudagraphs=False) if settings.compile_vae else None
         # image to image and inpainting: the same modules as the text-to-image pipelines (from_pipe shares them,
         # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it).
         # from_pipe ends with `.to(dtype)`, float32 unless told: without `dtype` it would cast the shared modules,
@@ -146,17 +164,41 @@ class Engine:
             if pipe is not None:
                 pipe.set_progress_bar_config(disable=True)
         self.watermarker = self._watermarker(settings.watermark)
-        self._schedulers: dict[tuple[int, str], Any] = {}
+        self._schedulers: dict[tuple[int, str, str], Any] = {}
+        # LoRA adapters (worker/adapters.py): fused into these pipelines' weights per request
+        self.adapters = AdapterCache({"base": self.base, "refiner": self.refiner}, settings)
         Engine.load_count += 1
         self.load_seconds = time.monotonic() - t0
         log.info("models loaded", extra={"seconds": round(self.load_seconds, 3), "base": settings.base_model,
                                          "refiner": settings.refiner_model})
 
-    def _compile(self, module: Any) -> Any:
+    def _compile(self, module: Any, cudagraphs: bool = True) -> Any:
         backend = self.settings.compile_backend
         # `mode` is inductor's: other backends take none
         mode = self.settings.compile_mode if backend == "inductor" else None
+        if mode and not cudagraphs:
+            mode = WITHOUT_CUDAGRAPHS.get(mode, mode)
         return torch.compile(module, backend=backend, mode=mode, fullgraph=False)
+
+    def _fp8_quantizer(self) -> Callable[[Any], None]:
+        """SDXL_FP8: torchao's float8 dynamic activation + weight quantization, applied to a UNet in place."""
+        try:
+            from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
+        except ImportError as exc:
+            raise RuntimeError(f"SDXL_FP8=true needs torchao, which is not importable here ({exc}): install it "
+                               "(`pip install torchao`) or set SDXL_FP8=false") from exc
+        if self.device.type != "cuda" or torch.cuda.get_device_capability(self.device) < FP8_MIN_CAPABILITY:
+            found = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else str(self.device)
+            raise RuntimeError(f"SDXL_FP8=true needs a CUDA GPU of compute capability 8.9 or later (Ada, Hopper), "
+                               f"but this worker runs on {found}: set SDXL_FP8=false")
+        # per-tensor scales (they also take fp16 activations); inductor's settings left alone: torchao's recommended
+        # ones (coordinate-descent tuning of every kernel, TF32 matmuls) would change the whole process's compiles
+        config = Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+
+        def quantize(unet: Any) -> None:
+            quantize_(unet, config)
+
+        return quantize
 
     def _inpaint_pipeline(self, settings: WorkerSettings) -> Any:
         """Inpainting on the base UNet, or on a dedicated inpainting UNet (9 input channels) when one is named:
@@ -168,6 +210,8 @@ class Engine:
                                                     dtype=self.dtype).to(self.device)
         if settings.channels_last:
             unet.to(memory_format=torch.channels_last)
+        if self._fp8 is not None:
+            self._fp8(unet)
         if settings.compile_mode:
             unet = self._compile(unet)
         return StableDiffusionXLInpaintPipeline.from_pipe(self.base, unet=unet, dtype=self.dtype)
@@ -205,40 +249,43 @@ class Engine:
                          "torch": torch.__version__.split("+")[0]},
         }
 
-    def scheduler(self, pipe: Any, name: str) -> Any:
-        key = (id(pipe), name)
+    def scheduler(self, pipe: Any, name: str, config: dict[str, Any] | None = None) -> Any:
+        """`config`: a preset's settings over the table's (GenerationParams.scheduler_config)."""
+        key = (id(pipe), name, json.dumps(config or {}, sort_keys=True))
         if key not in self._schedulers:
             cls, overrides = SCHEDULER_CLASSES[name]
-            self._schedulers[key] = cls.from_config(pipe.scheduler.config, **overrides)
+            self._schedulers[key] = cls.from_config(pipe.scheduler.config, **{**overrides, **(config or {})})
         return self._schedulers[key]
 
-    def scheduler_config(self, name: str) -> dict[str, Any]:
+    def scheduler_config(self, name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
         # some configs hold infinities (DPM-Solver's lambda_min_clipped = -inf), which JSON cannot carry:
         # the manifest travels in the resource, SSE data and webhooks, so they are written as strings
         return {k: str(v) if isinstance(v, float) and not math.isfinite(v) else v
-                for k, v in self.scheduler(self.base, name).config.items()}
+                for k, v in self.scheduler(self.base, name, config).config.items()}
 
-    def full_step_count(self, name: str, steps: int) -> int:
-        sched = SCHEDULER_CLASSES[name][0].from_config(self.base.scheduler.config, **SCHEDULER_CLASSES[name][1])
+    def full_step_count(self, name: str, steps: int, config: dict[str, Any] | None = None) -> int:
+        cls, overrides = SCHEDULER_CLASSES[name]
+        sched = cls.from_config(self.base.scheduler.config, **{**overrides, **(config or {})})
         sched.set_timesteps(steps)
         return len(sched.timesteps)
 
     # --- running ----------------------------------------------------------------------------------
-    def run(self, params: GenerationParams, specs: list[ImageSpec], hook: StepHook, inputs: Inputs | None = None
-            ) -> tuple[list[Image.Image], StageTimes]:
+    def run(self, params: GenerationParams, specs: list[ImageSpec], hook: StepHook, inputs: Inputs | None = None,
+            preview: PreviewHook | None = None) -> tuple[list[Image.Image], StageTimes]:
         """Base (+ refiner) for every spec with the shared params; returns PIL images in spec order.
 
         `inputs`: image to image (an image) or inpainting (and a mask), as `params.mode` says."""
         times = StageTimes()
+        self.adapters.apply(params.loras)  # no-op when they are applied already (the runner applies them first)
         mode = params.refiner.mode if self.refiner is not None else RefinerMode.none
         if (params.image is None) != (inputs is None):
             raise ValueError("inputs must be given exactly when params name an image")
         progress = Progress(stage="base")
-        full = self.full_step_count(params.scheduler, params.num_inference_steps)
+        full = self.full_step_count(params.scheduler, params.num_inference_steps, params.scheduler_config)
         progress.total_steps = full
         if mode == RefinerMode.img2img:
             r_steps = params.refiner.num_inference_steps or params.num_inference_steps
-            r_full = self.full_step_count(params.scheduler, r_steps)
+            r_full = self.full_step_count(params.scheduler, r_steps, params.scheduler_config)
             progress.total_steps += max(1, int(r_full * params.refiner.strength))
 
         def callback(stage: str, offset: int) -> Callable[..., dict[str, Any]]:
@@ -255,6 +302,8 @@ class Engine:
                 progress.stage = stage
                 progress.step = offset + i + 1
                 hook(progress)
+                if preview is not None and params.preview_every and progress.step % params.preview_every == 0:
+                    preview(progress, kwargs["latents"])  # the refiner's latents too: the same latent space
                 return {}
 
             return on_step_end
@@ -269,6 +318,7 @@ class Engine:
             **self._micro_conditioning(params),
             output_type="latent",
             callback_on_step_end=callback("base", 0),
+            callback_on_step_end_tensor_inputs=["latents"],
         )
         base_pipe: Any = self.base
         if inputs is None:
@@ -285,7 +335,7 @@ class Engine:
                 image, mask = self._crop(inputs, params)
             base_kwargs.update(image=image, mask_image=mask, strength=params.strength,
                                width=params.width, height=params.height)
-        base_pipe.scheduler = self.scheduler(self.base, params.scheduler)
+        base_pipe.scheduler = self.scheduler(self.base, params.scheduler, params.scheduler_config)
         if mode == RefinerMode.ensemble:
             base_kwargs["denoising_end"] = params.refiner.denoising_start
         latents = base_pipe(**base_kwargs).images
@@ -295,7 +345,7 @@ class Engine:
         if mode != RefinerMode.none:
             refiner: Any = self.refiner  # diffusers' pipelines are untyped enough to confuse mypy
             assert refiner is not None
-            scheduler = self.scheduler(refiner, params.scheduler)
+            scheduler = self.scheduler(refiner, params.scheduler, params.scheduler_config)
             if mode == RefinerMode.ensemble and inputs is not None and inputs.mask is not None:
                 # the refiner finishes the inpainting: it needs the mask too (base latents as its image)
                 refiner = self.refiner_inpaint
@@ -308,6 +358,7 @@ class Engine:
                 guidance_rescale=params.guidance_rescale,
                 output_type="latent",
                 callback_on_step_end=callback("refiner", base_steps),
+                callback_on_step_end_tensor_inputs=["latents"],
             )
             if mode == RefinerMode.ensemble:
                 refiner_kwargs.update(image=latents, num_inference_steps=params.num_inference_steps,
@@ -413,7 +464,8 @@ class Engine:
         latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
         latents = latents / vae.config.scaling_factor
         chunks = latents.split(1) if self.settings.vae_slicing else [latents]
-        out = torch.cat([vae.decode(c, return_dict=False)[0] for c in chunks])
+        decode = self._vae_decode or vae.decode
+        out = torch.cat([decode(c, return_dict=False)[0] for c in chunks])
         if needs_upcast:
             vae.to(dtype=torch.float16)
         if not torch.isfinite(out).all():
@@ -438,9 +490,10 @@ class Engine:
         micro-batch at the first), so a request at a declared size never compiles inside itself: the first shapes
         compile, and torch's automatic dynamic shapes turn the later ones into hits on a dynamic graph."""
         refiner = RefinerParams(mode=RefinerMode.ensemble if self.refiner else RefinerMode.none)
-        sizes = self.settings.warmup_sizes if self.settings.compile_mode else [(256, 256)]
+        compiled = bool(self.settings.compile_mode or self.settings.compile_vae)
+        sizes = self.settings.warmup_sizes if compiled else [(256, 256)]
         runs = [(w, h, 1) for w, h in sizes]
-        if self.settings.compile_mode and self.settings.batch_max > 1 and sizes:
+        if compiled and self.settings.batch_max > 1 and sizes:
             runs.append((sizes[0][0], sizes[0][1], self.settings.batch_max))
         t0 = time.monotonic()
         for w, h, n in runs:
@@ -448,7 +501,8 @@ class Engine:
                                  seed=0, refiner=refiner)
             self.run(p, [ImageSpec("warm-up", None, None, None, i) for i in range(n)], lambda _p: None)
         log.info("warm-up done", extra={"seconds": round(time.monotonic() - t0, 3), "runs": len(runs),
-                                        "compile": self.settings.compile_mode})
+                                        "compile": self.settings.compile_mode,
+                                        "compile_vae": self.settings.compile_vae})
 
     def memory(self) -> dict[str, int]:
         if self.device.type != "cuda":

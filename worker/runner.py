@@ -28,6 +28,7 @@ from worker.execute import Executing
 from worker.finish import Finishing
 from worker.finisher import Finisher
 from worker.pipeline import Engine
+from worker.previews import Previewer
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.runner")
@@ -52,6 +53,7 @@ class Runner(Claiming, Executing, Finishing):
         self.jobs_done = 0
         self.images_done = 0
         self.busy_seconds = 0.0
+        self.previewer: Previewer | None = None  # live previews: worker/__main__.py loads it (Previewer.load)
 
     # --- helpers ----------------------------------------------------------------------------------
     def image_url(self, gen_id: str, img: dict[str, Any]) -> str:

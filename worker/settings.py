@@ -3,6 +3,7 @@
 import json
 import secrets
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -33,16 +34,28 @@ class WorkerSettings(CommonSettings):
     # auto: CUDA (in float16) where torch sees a GPU, else the CPU (in float32)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: str = "auto"
-    compile_mode: str | None = None  # e.g. "default", "max-autotune": torch.compile the UNets at start
+    # torch.compile the UNets at start: "default", or "reduce-overhead" / "max-autotune", which also run them as
+    # CUDA graphs (one recorded per shape; no launch overhead) and, for max-autotune, pick GEMM kernels by timing
+    compile_mode: str | None = None
     compile_backend: str = "inductor"  # torch.compile's backend ("eager" and "aot_eager" trace without codegen)
     # with compile on, warm-up runs each of these sizes once, so no request at a declared size compiles inside
     # it (torch's automatic dynamic shapes make the later ones cheap); default: SDXL's nine trained buckets
     warmup_sizes: Annotated[list[tuple[int, int]], NoDecode] = list(SDXL_BUCKETS)
     fuse_qkv: bool = False
+    # torch.compile the VAE decode too (the compile mode's inductor settings without CUDA graphs: the VAE's weights
+    # are cast to fp32 and back around each decode, so their addresses change between calls)
+    compile_vae: bool = False
+    # opt-in: torchao float8 dynamic activation + weight quantization of the UNets' linear layers (per-tensor
+    # scales); needs torchao and a CUDA GPU of compute capability 8.9+ (Ada, Hopper); changes the images
+    fp8: bool = False
     channels_last: bool = True
     vae_slicing: bool = True  # decode batch members one at a time: bounded peak memory at batch > 1
     watermark: bool | None = None  # None: on where invisible-watermark is installed
     warmup: bool = True
+    # LoRA adapters (worker/adapters.py, docs/adapters.md): the API's registry folder, and the LRU of loaded ones
+    adapters_dir: Path | None = None
+    adapter_cache_max: int = Field(default=8, ge=1)  # adapters kept loaded (on the device)
+    adapter_cache_bytes: int = Field(default=4 * 1024**3, ge=1)  # their LoRA weights' bytes, all together
 
 
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size
@@ -55,6 +68,14 @@ class WorkerSettings(CommonSettings):
     batch_max: int = 1  # micro-batching off by default: lowest latency
     batch_wait_ms: int = 0
     progress_interval_seconds: float = 0.25
+    # live previews (a request's `previews`): TAESD-XL, `auto` = a `taesd` folder beside a local base model, else
+    # madebyollin/taesdxl; `none`: this worker sends none
+    preview_vae: str = "auto"
+    preview_max_size: int = Field(default=256, ge=8, le=1024)  # the preview's longer side, pixels
+    preview_format: Literal["webp", "jpeg"] = "webp"
+    preview_quality: int = Field(default=70, ge=1, le=100)
+    # larger previews go to the object store (under the generation's prefix) and the event carries their URL
+    preview_inline_max_bytes: int = Field(default=65536, ge=0)
     redis_retry_seconds: float = 300.0  # how long a worker rides out a Redis outage before giving up
     metrics_port: int | None = None  # serve this process's own metrics (CPU, memory, GC) here; cluster view: API
     metrics_host: str = "0.0.0.0"

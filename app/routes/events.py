@@ -9,17 +9,19 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Path
 from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from app import openapi as oas
 from app.deps import PrincipalDep, ServiceDep
-from app.errors import field_error
+from app.errors import Problem, field_error
 from app.generations import TERMINAL, TERMINAL_EVENTS, GenerationService, resource_json
 from app.routes.generations import GenId
 from common.contract import keys
-from common.contract.events import EventType
+from common.contract.events import PREVIEW_NAME, EventType, preview_key
 from common.contract.records import as_str, decode
+from common.storage import ObjectNotFound, StorageUnavailable
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
@@ -28,6 +30,28 @@ BLOCK_MS = 5000  # one XREAD wait; well under the async client's socket timeout
 KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SETTLE_MS = 1000  # status is final but its event not yet in the stream: the emitter is a few ms behind
 
+
+# `generation.preview`'s data (worker/previews.py event_data): inline base64 up to SDXL_PREVIEW_INLINE_MAX_BYTES,
+# else a URL (GET /v1/generations/{id}/previews/{name}, or presigned)
+PREVIEW_DATA: dict[str, Any] = {
+    "type": "object",
+    "title": "GenerationPreview",
+    "required": ["generation_id", "index", "step", "total_steps", "stage", "width", "height", "content_type",
+                 "bytes", "b64", "url"],
+    "properties": {
+        "generation_id": {"type": "string"},
+        "index": {"type": "integer", "description": "The image of the generation it previews (0-based)"},
+        "step": {"type": "integer", "description": "Denoising steps done when it was taken"},
+        "total_steps": {"type": "integer"},
+        "stage": {"type": "string", "description": "`base` or `refiner`"},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+        "content_type": {"type": "string", "examples": ["image/webp"]},
+        "bytes": {"type": "integer"},
+        "b64": {"type": ["string", "null"], "description": "The image file, base64; null when `url` is set"},
+        "url": {"type": ["string", "null"], "description": "Where a preview too large to go inline is"},
+    },
+}
 
 # One event of the stream (the stream is a sequence of them): OpenAPI 3.2 names this `itemSchema`; 3.1 tools such
 # as schemathesis read `schema` of text/event-stream that way. `data` is the generation resource as JSON.
@@ -40,7 +64,8 @@ SSE_EVENT: dict[str, Any] = {
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": {"$ref": "#/components/schemas/Generation"},
+            "description": "The generation resource; for `generation.preview`, the preview (PREVIEW_DATA)",
+            "contentSchema": {"oneOf": [{"$ref": "#/components/schemas/Generation"}, PREVIEW_DATA]},
         },
         "retry": {"type": "integer", "description": "Milliseconds to wait before reconnecting"},
     },
@@ -150,3 +175,37 @@ async def stream_generation_events(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+
+@router.get(
+    "/{gen_id}/previews/{name}",
+    operation_id="get_generation_preview",
+    responses={
+        200: oas.success("The preview's bytes", content={m: oas.BINARY for m in ("image/webp", "image/jpeg")}),
+        404: oas.problem(404, "No such generation (`generation-not-found`) or no such preview of it "
+                         "(`preview-not-found`)", f"generation `{oas.GEN}` has no preview 0-5.webp",
+                         "preview-not-found", f"/v1/generations/{oas.GEN}/previews/0-5.webp"),
+    },
+    response_class=Response,
+    summary="Download a live preview too large to travel inline in its `generation.preview` event",
+)
+async def get_generation_preview(
+    gen_id: GenId,
+    name: Annotated[str, Path(max_length=32, description="`<image index>-<step>.<webp|jpeg>`, as the event's "
+                              "`url` names it", openapi_examples={"name": {"value": "0-5.webp"}})],
+    service: ServiceDep,
+    principal: PrincipalDep,
+) -> Response:
+    await service.record(gen_id, principal)  # the owner's only, like its images
+    missing = Problem(404, f"generation `{gen_id}` has no preview {name[:32]}", kind="preview-not-found")
+    if not PREVIEW_NAME.match(name):
+        raise missing
+    try:
+        obj = await run_in_threadpool(service.store.get, preview_key(service.settings.storage_prefix, gen_id, name))
+    except ObjectNotFound as exc:
+        raise missing from exc
+    except StorageUnavailable as exc:
+        raise Problem(503, "object storage is unavailable", kind="storage-unavailable",
+                      headers={"Retry-After": "5"}) from exc
+    return Response(obj.data, media_type=obj.content_type, headers={"Cache-Control": "private, max-age=3600"})

@@ -3,7 +3,8 @@
 It needs no key to load (the page holds no data); every API call it makes carries the key the person enters.
 The files are served by name from a fixed list, so no request path ever reaches the filesystem.
 `/playground/config` tells the page what it cannot learn from the API: whether the deployment's base model is the
-project's tiny test model (tools/models.py `build_tiny`), whose random weights draw noise, so the page can say so.
+project's tiny test model (tools/models.py `build_tiny`), whose random weights draw noise, so the page can say so,
+and whether the service is open (no keys), so the page lists the adapters before any key is typed.
 """
 
 import json
@@ -12,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from app.deps import SettingsDep
@@ -62,8 +63,10 @@ def is_tiny_model(base_model: str) -> bool:
 
 
 @router.get("/playground/config")
-def config(settings: SettingsDep) -> JSONResponse:  # a plain def: the first look may read files
+def config(settings: SettingsDep, request: Request) -> JSONResponse:  # a plain def: the first look may read files
     body: dict[str, Any] = {"tiny_model": is_tiny_model(settings.base_model)}
+    # open (no keys): the page may list the adapters before a key is typed, without a 401 in the console
+    body["open"] = bool(request.app.state.keyring.open)
     return JSONResponse(body, headers=HEADERS)
 
 

@@ -225,6 +225,8 @@
     for (const url of run.objectUrls) URL.revokeObjectURL(url);
     run.objectUrls = [];
     $("images").replaceChildren();
+    $("previews").replaceChildren();
+    $("previews-box").hidden = true;
     $("event-log").replaceChildren();
     $("facts").hidden = true;
     $("timings-box").hidden = true;
@@ -283,6 +285,37 @@
     }
   }
 
+  // A `generation.preview` event: the image as it denoises, inline (base64) or at a URL of this API; one per
+  // image of the batch, each replaced by the next. The box folds away when the final images arrive.
+  async function showLivePreview(p) {
+    const holder = $("previews");
+    let el = holder.querySelector(`img[data-index="${p.index}"]`);
+    if (!el) {
+      el = document.createElement("img");
+      el.dataset.index = p.index;
+      el.alt = `Live preview of image ${p.index + 1}`;
+      holder.append(el);
+    }
+    let src = p.b64 ? `data:${p.content_type};base64,${p.b64}` : null;
+    if (!src && p.url) {
+      try {
+        const res = await api("GET", p.url, { headers: { Accept: "*/*" } });
+        src = URL.createObjectURL(await res.blob());
+        run.objectUrls.push(src);
+      } catch (_err) {
+        return; // previews are best-effort: the next one may arrive
+      }
+    }
+    if (!src) return;
+    el.width = p.width;
+    el.height = p.height;
+    el.dataset.step = p.step;
+    el.title = `Step ${p.step} of ${p.total_steps} (${p.stage})`;
+    el.src = src;
+    $("previews-box").hidden = false;
+    $("previews-box").open = true;
+  }
+
   // --- one generation ----------------------------------------------------------------------------
   async function follow(gen) {
     let lastId = null;
@@ -294,6 +327,12 @@
         if (res.status !== 204) {
           for await (const ev of sseEvents(res)) {
             if (ev.id) lastId = ev.id;
+            if (ev.event === "generation.preview") {
+              // its data is a preview, not the generation
+              logEvent(ev.event, { progress: ev.data });
+              showLivePreview(ev.data);
+              continue;
+            }
             gen = ev.data;
             logEvent(ev.event, gen);
             showProgress(gen);
@@ -328,10 +367,16 @@
       scheduler: $("scheduler").value,
       output_format: $("format").value,
     };
+    if ($("previews-on").checked) body.previews = true;
     const negative = $("negative-prompt").value;
     if (negative.trim()) body.negative_prompt = negative;
     if ($("refiner").value) body.refiner = { mode: $("refiner").value };
     if (chosen("image")) body.strength = num("strength"); // the API refuses a strength without an image
+    if ($("preset").value) {
+      body.preset = $("preset").value;
+      delete body.scheduler; // the preset's own
+    }
+    if ($("lora-name").value) body.loras = [{ name: $("lora-name").value, scale: num("lora-scale") ?? 1 }];
     for (const k of Object.keys(body)) if (body[k] === undefined) delete body[k];
     return body;
   }
@@ -435,6 +480,7 @@
       if (gen.status === "succeeded") {
         showFacts(gen);
         await showImages(gen);
+        $("previews-box").open = false; // the images themselves are here: the last previews stay, folded
       } else if (gen.status === "failed") {
         const err = gen.error || {};
         showProblem(`Generation failed: ${err.message || err.type || "unknown error"}`, []);
@@ -488,6 +534,61 @@
     }
   }
 
+  // --- adapters and presets (GET /v1/adapters; docs/adapters.md) ----------------------------------
+  const adapters = { presets: new Map(), loras: new Map() };
+
+  async function loadAdapters() {
+    let listing;
+    try {
+      if (!$("api-key").value.trim()) {
+        // without a key, only an open service answers: ask first rather than log a 401
+        const res = await fetch("/playground/config", { headers: { Accept: "application/json" }, cache: "no-store" });
+        if (!res.ok || (await res.json()).open !== true) return;
+      }
+      listing = await (await api("GET", "/v1/adapters")).json();
+    } catch (_) {
+      return; // a wrong key, or an older service: the pickers stay hidden
+    }
+    adapters.presets.clear();
+    adapters.loras.clear();
+    for (const a of listing.data || []) (a.kind === "preset" ? adapters.presets : adapters.loras).set(a.name, a);
+    for (const [id, known] of [["preset", adapters.presets], ["lora-name", adapters.loras]]) {
+      const select = $(id);
+      const keep = select.value;
+      select.replaceChildren(new Option("none", ""));
+      for (const [name, a] of known) {
+        const label = a.kind === "preset" ? `${name} (${a.steps} steps, ${a.scheduler})` : name;
+        select.add(new Option(label, name));
+      }
+      select.value = known.has(keep) ? keep : "";
+    }
+    $("adapters").hidden = adapters.presets.size + adapters.loras.size === 0;
+  }
+
+  // A preset's steps and guidance become the form's (editable within its range); its scheduler replaces ours.
+  function presetChanged() {
+    const p = adapters.presets.get($("preset").value);
+    $("scheduler").disabled = Boolean(p);
+    if (!p) {
+      $("steps").removeAttribute("max");
+      $("steps").min = "1";
+      return;
+    }
+    $("steps").value = String(p.steps);
+    $("steps").min = String(p.steps_min);
+    $("steps").max = String(p.steps_max);
+    $("guidance").value = String(p.guidance_scale);
+  }
+
+  function loraChanged() {
+    const a = adapters.loras.get($("lora-name").value);
+    $("lora-scale").disabled = !a;
+    if (a) {
+      $("lora-scale").min = String(a.scale_min);
+      $("lora-scale").max = String(a.scale_max);
+    }
+  }
+
   // Editing a marked control takes its mark away: the message was about the old value.
   function fieldEdited(event) {
     if (event.target instanceof Element && event.target.id) clearField(event.target);
@@ -508,6 +609,10 @@
     $("generate-form").addEventListener("change", fieldEdited);
     imageChanged(); // a reload may keep a chosen file
     showModelNote();
+    $("preset").addEventListener("change", presetChanged);
+    $("lora-name").addEventListener("change", loraChanged);
+    $("api-key").addEventListener("change", loadAdapters);
+    loadAdapters();
   }
 
   init();

@@ -4,6 +4,7 @@ Streams give increasing ids per generation, work across API replicas, and let `L
 """
 
 import json
+import re
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -23,6 +24,8 @@ class EventType(StrEnum):
     succeeded = "generation.succeeded"
     failed = "generation.failed"
     canceled = "generation.canceled"
+    # live previews: on the stream (SSE) only, never in webhooks; its data is a preview, not the resource
+    preview = "generation.preview"
 
     @property
     def is_terminal(self) -> bool:
@@ -30,6 +33,14 @@ class EventType(StrEnum):
 
 
 STREAM_MAXLEN = 2000
+STREAM_ONLY = frozenset({EventType.preview})  # event types no webhook ever carries, whatever it subscribes to
+PREVIEW_NAME = re.compile(r"^(\d{1,3})-(\d{1,5})\.(webp|jpeg)$")  # <image index>-<step>.<ext>
+
+
+def preview_key(storage_prefix: str, gen_id: str, name: str) -> str:
+    """Where a preview too large to go inline is stored: under the generation's prefix (common/storage.py
+    generation_prefix), so deleting the generation deletes it."""
+    return f"{storage_prefix}{gen_id}/previews/{name}"
 
 def emit(
     r: redis.Redis,
@@ -87,6 +98,8 @@ def enqueue_webhook(
     """A delivery job for an event the generation's webhook subscribes to (progress: at most one per interval)."""
     gen_id = rec["id"]
     hook = rec.get("webhook")
+    if event_type in STREAM_ONLY:
+        return
     if webhook_queue is not None and hook and event_type.value in hook.get("events", []):
         if event_type == EventType.progress and progress_interval > 0:
             gate = r.set(keys.webhook_progress_gate(gen_id), b"1", nx=True, px=max(1, int(progress_interval * 1000)))
@@ -109,3 +122,4 @@ def enqueue_webhook(
             result_ttl=300,
             failure_ttl=86400,
         )
+

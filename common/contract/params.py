@@ -35,9 +35,11 @@ class OutputFormat(StrEnum):
 SDXL_BUCKETS = [(1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
                 (1536, 640), (640, 1536)]
 
-SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun")
+SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "heun",
+              "lcm", "tcd")  # the last two: few-step schedulers, for presets (common/adapters.py)
 
 CONTENT_TYPES = {OutputFormat.png: "image/png", OutputFormat.webp: "image/webp", OutputFormat.jpeg: "image/jpeg"}
+DEFAULT_PREVIEW_EVERY = 5  # steps between live previews when a request turns them on without saying
 
 
 class RefinerParams(BaseModel):
@@ -61,6 +63,16 @@ class InputImage(BaseModel):
     sha256: str  # of those bytes: the manifest's proof of what went in
     width: int  # after EXIF orientation
     height: int
+
+
+class LoraRef(BaseModel):
+    """One LoRA adapter of a generation, by registry name and the sha256 of the file (the manifest's proof)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    name: str
+    sha256: str
+    scale: float
 
 
 class GenerationParams(BaseModel):
@@ -98,6 +110,14 @@ class GenerationParams(BaseModel):
     mask_image: InputImage | None = None
     strength: float | None = None  # set whenever `image` is: diffusers' defaults per mode, resolved by the API
     padding_mask_crop: int | None = None
+    # LoRA adapters in the order they are applied (a preset's own first), and the preset that chose them, its
+    # scheduler, steps and guidance; scheduler_config: the preset's overrides of the scheduler's config
+    loras: tuple[LoraRef, ...] = ()
+    preset: str | None = None
+    scheduler_config: dict[str, str | int | float | bool] | None = None
+    # live previews every this many denoising steps (None: off). They leave the images alone (the manifest leaves
+    # it out), but the batch key keeps it: a micro-batch shares one preview cadence
+    preview_every: int | None = None
 
     @property
     def mode(self) -> str:

@@ -8,6 +8,7 @@ the hash back (app/metrics.py), so one scrape of any replica shows the whole clu
     images                      images stored by succeeded generations
     requeue|<reason>            generations put back in line (lease_expired, shutdown)
     webhook|<outcome>           webhook delivery attempts by outcome
+    adapter|<event>             LoRA adapter cache events on the workers (load, swap, evict)
     h|<name>|<i>                observations that fell in bucket i of histogram <name> (not cumulative)
     h|<name>|sum                sum of the observations
 
@@ -67,6 +68,16 @@ def count_requeue(pipe: Any, reason: str) -> None:
 def count_webhook(pipe: Any, outcome: str) -> None:
     """For the dispatcher: one delivery attempt ended with `outcome` (delivered, retrying, failed, gone...)."""
     pipe.hincrby(METRICS, f"webhook|{outcome}", 1)
+
+
+ADAPTER_EVENTS = ("load", "swap", "evict")
+
+
+def count_adapter(pipe: Any, event: str, seconds: float | None = None) -> None:
+    """For the workers: one adapter `event` (worker/adapters.py); load and swap also observe their seconds."""
+    pipe.hincrby(METRICS, f"adapter|{event}", 1)
+    if seconds is not None:
+        observe(pipe, f"adapter_{event}", seconds)
 
 
 def _num(value: Any) -> float | None:

@@ -42,3 +42,4 @@ class ErrorType(StrEnum):
     nan_output = "nan_output"
     prompt_too_long = "prompt_too_long"
     input_missing = "input_missing"  # an input image's upload was deleted or expired before the job ran
+    adapter_unavailable = "adapter_unavailable"  # a LoRA file changed, vanished or failed to load after submit

@@ -30,12 +30,18 @@ import pytest
 
 from tests.procs import ROOT, Proc, RedisServer, Service
 
+# tools/models.py build-tiny-adapters: beside the tiny model, as `make model` builds it (`tiny_adapters`)
+ADAPTERS_DIR = Path(os.environ.get("SDXL_TEST_MODEL_DIR", ROOT / ".models" / "tiny")).resolve() / "adapters"
+
 # The stacks whose worker starts early: fixture name -> the worker's settings (the stack's `extra`: its API
 # processes and views get them too).
 WORKER_ENV = {
     # progress written at every step: the SSE, CLI and playground tests follow a generation's progress events
     # one by one (the default, 0.25 s, would merge the tiny model's steps into one or two)
-    "shared_stack": {"SDXL_PROGRESS_INTERVAL_SECONDS": "0"},
+    # the tiny test adapters (`tiny_adapters`), with an adapter cache of two: tests/e2e/test_adapters_e2e.py
+    # watches it evict
+    "shared_stack": {"SDXL_PROGRESS_INTERVAL_SECONDS": "0", "SDXL_ADAPTERS_DIR": str(ADAPTERS_DIR),
+                     "SDXL_ADAPTER_CACHE_MAX": "2"},
     "batching_stack": {"SDXL_BATCH_MAX": "4", "SDXL_BATCH_WAIT_MS": "300", "SDXL_PROGRESS_INTERVAL_SECONDS": "0"},
     # the one webhook setting the worker reads: how often a generation may enqueue a progress webhook
     "webhooks_stack": {"SDXL_WEBHOOK_PROGRESS_INTERVAL_SECONDS": "0.2"},
@@ -88,6 +94,16 @@ def _stack(name: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
         yield svc
     finally:
         _stop(svc)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model: Path) -> Path:
+    """The tiny LoRA adapters and presets the shared stack serves (its registry is read when first used)."""
+    if not (ADAPTERS_DIR / "adapters.json").exists():
+        from tools.models import build_tiny_adapters
+
+        build_tiny_adapters(ADAPTERS_DIR)
+    return ADAPTERS_DIR
 
 
 @pytest.fixture(scope="session")

@@ -376,6 +376,23 @@ def test_generate_json_prints_the_final_resource(svc: Service, tmp_path: Path) -
     assert wait_final(svc.url, queued["id"], ALICE)["status"] == "succeeded"
 
 
+def test_lora_and_preset_options_and_the_adapters_listing(svc: Service, tmp_path: Path, tiny_adapters: Path
+                                                           ) -> None:
+    listing = sdxl(svc, "adapters", cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(r"^adapter +tiny-style ", listing.stdout, re.M) and re.search(r"^preset +lcm ", listing.stdout,
+                                                                                     re.M)
+    r = sdxl(svc, "generate", "a fox", "--json", "-q", "--lora", "tiny-style:0.5", "--lora", "tiny-kohya",
+             "--preset", "lcm", "--steps", "3", "--width", "64", "--height", "64", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    params = json.loads(r.stdout)["params"]
+    assert [(lora["name"], lora["scale"]) for lora in params["loras"]] == \
+        [("tiny-lcm", 1.0), ("tiny-style", 0.5), ("tiny-kohya", 1.0)]
+    assert (params["preset"], params["num_inference_steps"]) == ("lcm", 3)
+    bad = sdxl(svc, "generate", "a fox", "--lora", "no-such", *TINY_ARGS, cwd=tmp_path)
+    assert bad.returncode == 2 and "loras[0].name" in bad.stderr
+
+
 def test_download_writes_the_verified_image_later(svc: Service, tmp_path: Path) -> None:
     r = sdxl(svc, "generate", "two kites", "--no-wait", "-n", "2", "--seed", "30", *TINY_ARGS, cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -149,7 +149,8 @@ def test_page_and_assets_load_without_a_key(svc: Service) -> None:
         asset = httpx.get(f"{svc.url}/static/{name}")
         assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
         assert "https://" not in asset.text
-    assert httpx.get(f"{svc.url}/playground/config").json() == {"tiny_model": True}  # the stack's tiny model
+    # the stack's tiny model, with keys on
+    assert httpx.get(f"{svc.url}/playground/config").json() == {"tiny_model": True, "open": False}
     missing = httpx.get(f"{svc.url}/static/../main.py")
     assert missing.status_code == 404
     other = httpx.get(f"{svc.url}/static/index.py")
@@ -226,6 +227,48 @@ def test_generate_in_the_browser_with_a_key(svc: Service, browser: Any, tmp_path
 
     browser.refresh()  # the key was remembered in localStorage
     assert browser.find_element(By.ID, "api-key").get_attribute("value") == ALICE.secret
+
+
+# the live preview the page shows: decoded by the browser, at the preview's own size
+PREVIEW_SHOWN = """
+const img = document.querySelector('#previews img');
+return img && img.complete && img.naturalWidth > 0
+  ? {w: img.naturalWidth, h: img.naturalHeight, step: img.dataset.step, src: img.src.slice(0, 15)} : null;
+"""
+
+
+@needs_browser
+def test_live_previews_are_shown(svc: Service, browser: Any) -> None:
+    open_page(browser, svc, ALICE.secret, "a lighthouse", width="128", height="128", steps="10")
+    browser.find_element(By.ID, "previews-on").click()
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    preview = browser.execute_script(PREVIEW_SHOWN)
+    assert preview == {"w": 128, "h": 128, "step": "10", "src": "data:image/webp"}
+    assert logged_events(browser).count("generation.preview") == 2  # steps 5 and 10
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+
+
+@needs_browser
+def test_the_adapter_and_preset_pickers(svc: Service, browser: Any, tiny_adapters: Path) -> None:
+    open_page(browser, svc, ALICE.secret, "a lighthouse", width="64", height="64")
+    WebDriverWait(browser, 10).until(lambda d: d.find_element(By.ID, "adapters").is_displayed())
+    Select(browser.find_element(By.ID, "preset")).select_by_value("lcm")
+    assert browser.find_element(By.ID, "steps").get_attribute("value") == "4"  # the preset's own
+    assert browser.find_element(By.ID, "scheduler").get_attribute("disabled") is not None
+    Select(browser.find_element(By.ID, "lora-name")).select_by_value("tiny-style")
+    fill(browser, lora_scale="0.5")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 120).until(lambda d: d.execute_script(IMAGE_READY))
+    params = get(svc.url, f"/v1/generations/{text_of(browser, 'gen-id')}", ALICE).json()["params"]
+    assert (params["preset"], params["num_inference_steps"], params["scheduler"]) == ("lcm", 4, "lcm")
+    assert [(x["name"], x["scale"]) for x in params["loras"]] == [("tiny-lcm", 1.0), ("tiny-style", 0.5)]
+    fill(browser, lora_scale="9")  # beyond the adapter's range: marked at its field
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 30).until(
+        lambda d: d.find_element(By.ID, "lora-scale").get_attribute("aria-invalid") == "true")
+    assert "between -1.0 and 1.5" in text_of(browser, "lora-scale-error")
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "422" not in e["message"]] == []
 
 
 @needs_browser

@@ -289,3 +289,24 @@ def test_attempt_log_is_owner_checked(svc: Service) -> None:
         f"{svc.url}/v1/generations", json={"prompt": "no hook", **SMALL}, headers={"Prefer": "wait=30"}, timeout=40
     ).json()
     assert attempts(svc, gen["id"]) == []
+
+
+def test_previews_never_go_to_a_webhook(svc: Service, receiver: Receiver) -> None:
+    """A webhook subscribed to every event it may name gets no `generation.preview` (SSE only), and cannot name it."""
+    from app.schemas import EVENT_TYPES
+
+    every = list(EVENT_TYPES.__args__)
+    path = f"/ok/{tag()}"
+    r = httpx.post(f"{svc.url}/v1/generations", json={"prompt": "a hook", **SMALL, "previews": True,
+                   "preview_every": 1, "webhook": {"url": receiver.url(path), "events": every}},
+                   headers={"Prefer": "wait=30"}, timeout=40)
+    assert r.status_code == 201 and r.json()["params"]["preview_every"] == 1, r.text
+    gen_id = r.json()["id"]
+    log = attempts_until(svc, gen_id, lambda log: any(a["type"] == "generation.succeeded" for a in log))
+    stream: Any = redis.Redis.from_url(svc.redis_url).xrange(f"sdxl:events:{gen_id}")
+    assert sum(1 for _id, f in stream if f[b"type"] == b"generation.preview") == SMALL["num_inference_steps"]
+    assert "generation.preview" not in {a["type"] for a in log}
+    assert "generation.preview" not in {d.json["type"] for d in receiver.to(path)}
+    refused = httpx.post(f"{svc.url}/v1/generations", json={"prompt": "p", "webhook": {
+        "url": receiver.url(path), "events": ["generation.preview"]}}, timeout=10)
+    assert refused.status_code == 422

@@ -39,7 +39,7 @@ class OOMEngine:
     def free_memory(self) -> None:
         self.freed += 1
 
-    def scheduler_config(self, name: str) -> dict[str, Any]:
+    def scheduler_config(self, name: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"_class_name": "EulerDiscreteScheduler"}
 
     def model_info(self) -> dict[str, Any]:
