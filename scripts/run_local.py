@@ -67,6 +67,12 @@ def start_redis(data: Path) -> tuple[str, subprocess.Popen[bytes]]:
     return url, proc
 
 
+def images_at(env: dict[str, str]) -> str:
+    if env.get("SDXL_STORAGE_BACKEND") == "s3":
+        return f"s3 bucket {env.get('SDXL_S3_BUCKET', '?')} at {env.get('SDXL_S3_ENDPOINT_URL') or 'AWS'}"
+    return env["SDXL_STORAGE_DIR"]
+
+
 def is_tiny(env: dict[str, str]) -> bool:
     model_dir = env.get("MODEL_DIR", ".models/tiny")
     return os.path.normpath(env.get("SDXL_BASE_MODEL", "")) == os.path.normpath(f"{model_dir}/base")
@@ -136,7 +142,7 @@ def main() -> int:
             f"  playground  {url}/",
             f"  API docs    {url}/docs",
             f"  Redis       {redis_url}",
-            f"  data        {data} (images in {env['SDXL_STORAGE_DIR']})",
+            f"  data        {data} (images in {images_at(env)})",
             "  running     API, one worker, webhook dispatcher, cleanup; Ctrl-C stops everything",
         ]
         if local_hooks:

@@ -68,11 +68,14 @@ def image_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def api(service: Service, image_server: str) -> str:
+def api(service: Service, image_server: str) -> Iterator[str]:
     """An API on the shared worker that may fetch images from the module's loopback server (and nothing else)."""
     port = image_server.rsplit(":", 1)[1]
-    return service.view().start_api(SDXL_IMAGE_FETCH_ALLOW_HTTP="true",
-                                    SDXL_IMAGE_FETCH_ALLOW_ADDRESSES=f"127.0.0.1:{port}")
+    view = service.view()
+    try:
+        yield view.start_api(SDXL_IMAGE_FETCH_ALLOW_HTTP="true", SDXL_IMAGE_FETCH_ALLOW_ADDRESSES=f"127.0.0.1:{port}")
+    finally:
+        view.stop()  # a view's API processes are its own to stop
 
 
 def data_uri(data: bytes) -> str:
