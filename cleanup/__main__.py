@@ -166,7 +166,8 @@ class Cleanup:
             except redis.RedisError as exc:  # Redis down: the next sweep tries again
                 log.warning("cleanup step %s failed: %s", name, exc)
                 counts["errors"] += 1
-        log.info("cleanup sweep", extra=counts)
+        # a sweep that found nothing is DEBUG: at INFO, `make run` printed one line a minute for nothing
+        (log.info if any(counts.values()) else log.debug)("cleanup sweep", extra=counts)
         return counts
 
 

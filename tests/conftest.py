@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import ROOT, RedisServer, Service
+from tests.procs import ROOT, Proc, RedisServer, Service
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return next((i for i, prefix in enumerate(LAYERS) if path.startswith(prefix)), len(LAYERS))
 
     items.sort(key=layer)  # stable: module and test order within a layer stay as collected
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Processes a fixture started and forgot (an API of a `view` nobody stopped) are stopped here and named, so
+    a run never leaves servers behind on the machine."""
+    left = Proc.stop_leftovers()
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"stopped {len(left)} process(es) the tests left running: " + "; ".join(left))
 
 
 @pytest.fixture(scope="session")

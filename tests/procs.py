@@ -103,11 +103,24 @@ def base_env(redis_url: str, model_dir: Path, data_dir: Path, **extra: str) -> d
 
 
 class Proc:
+    started: "list[Proc]" = []  # every process the tests started: the session's end stops what is left running
+
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log
+        self.args = args
         self._fh = open(log, "ab")
         self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self._fh, stderr=subprocess.STDOUT)
         self._terminated = False
+        Proc.started.append(self)
+
+    @classmethod
+    def stop_leftovers(cls) -> list[str]:
+        """Stop every process a test started and never stopped; what they were (a fixture that leaks them)."""
+        left = [p for p in cls.started if p.proc.poll() is None]
+        for p in left:
+            p.stop(timeout=10)
+        cls.started = []
+        return [f"{' '.join(p.args[-2:])} (log {p.log})" for p in left]
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -141,3 +141,17 @@ def test_a_record_that_says_later_is_rescheduled(make_api: Callable[..., httpx.C
     assert_kept(r, storage_dir, upload_id)
     assert r.zscore(keys.UPLOAD_EXPIRY, upload_id) == pytest.approx(expires)
     assert api.get(f"/v1/image-uploads/{upload_id}").status_code == 200
+
+
+def test_an_empty_sweep_logs_at_debug(make_api: Callable[..., httpx.Client], r: redis.Redis, cleanup: Cleanup,
+                                      caplog: pytest.LogCaptureFixture) -> None:
+    """`make run` runs cleanup: a line a minute saying nothing happened was noise; a sweep that did something
+    is still INFO."""
+    caplog.set_level("DEBUG", logger="cleanup")
+    cleanup.sweep()
+    assert [r.levelname for r in caplog.records if r.getMessage() == "cleanup sweep"] == ["DEBUG"]
+    caplog.clear()
+    upload = make_upload(make_api(upload_ttl_seconds=1))
+    wait_expired(r, upload)
+    assert cleanup.sweep()["uploads_expired"] == 1
+    assert [r.levelname for r in caplog.records if r.getMessage() == "cleanup sweep"] == ["INFO"]
