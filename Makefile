@@ -41,7 +41,8 @@ $(VENV)/.installed: pyproject.toml | system
 	$(PY) -m pip install -q --upgrade pip
 	# torch alone first, from TORCH_INDEX (its deps come from PyPI below), so the extras keep this build
 	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# setuptools prints a boxed notice on every editable install (not a problem of ours): kept out of the output
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
 venv: $(VENV)/.installed
