@@ -36,12 +36,12 @@ help:
 system:
 	@scripts/ensure_system.sh $(if $(REDIS_URL),no,yes)
 
+# PYTHONWARNINGS: setuptools prints a boxed notice on every editable install (not a problem of ours)
 $(VENV)/.installed: pyproject.toml | system
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch alone first, from TORCH_INDEX (its deps come from PyPI below), so the extras keep this build
 	$(PY) -m pip install -q --no-deps --extra-index-url $(TORCH_INDEX) torch==2.13.0
-	# setuptools prints a boxed notice on every editable install (not a problem of ours): kept out of the output
 	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	@touch $@
 
