@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 
 from app.errors import Problem, field_error, validation_problem
@@ -49,13 +49,18 @@ async def read_json(request: Request, settings: Settings) -> tuple[dict[str, Any
     return data, raw
 
 
+async def parse_form(request: Request, max_files: int) -> FormData:
+    """Starlette's multipart parse, bounded; its own refusals (too many files, malformed parts) as our 422."""
+    try:
+        return await request.form(max_files=max_files, max_fields=100, max_part_size=256 * 1024)
+    except HTTPException as exc:
+        raise field_error("body", f"is not valid multipart/form-data: {exc.detail}", None) from None
+
+
 async def read_form(request: Request, file_fields: tuple[str, ...], max_files: int = 2
                     ) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
     """Form fields (JSON where JSON_FORM_FIELDS says, merged with a JSON `request` part) and file parts."""
-    try:
-        form = await request.form(max_files=max_files, max_fields=100, max_part_size=256 * 1024)
-    except HTTPException as exc:  # the multipart parser's own refusal (too many files, malformed parts)
-        raise field_error("body", f"is not valid multipart/form-data: {exc.detail}", None) from None
+    form = await parse_form(request, max_files)
     data: dict[str, Any] = {}
     files: dict[str, list[bytes]] = {}
     try:

@@ -12,12 +12,11 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
 from app.auth import Principal
 from app.errors import Problem, field_error
 from app.generations import GenerationService
-from app.image_inputs import check_no_clash, put_field, validate
+from app.image_inputs import check_no_clash, parse_form, put_field, validate
 from app.schemas import GenerationCreate, OpenAIImageOptions
 from app.signed_urls import UrlSigner
 from common import images
@@ -77,10 +76,7 @@ def renamed_fields(exc: Problem, renamed: dict[str, str]) -> Problem:
 async def read_edit_form(request: Request) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
     """The edit's form: fields (`a[b]` as {a: {b}}, `a[]` as lists, the way the openai client flattens
     `extra_body`; JSON_FORM_FIELDS may also be JSON text) and file parts by name."""
-    try:
-        form = await request.form(max_files=MAX_FILE_PARTS, max_fields=100, max_part_size=256 * 1024)
-    except HTTPException as exc:  # the multipart parser's own refusal (too many files, malformed parts)
-        raise field_error("body", f"is not valid multipart/form-data: {exc.detail}", None) from None
+    form = await parse_form(request, MAX_FILE_PARTS)
     data: dict[str, Any] = {}
     files: dict[str, list[bytes]] = {}
     try:

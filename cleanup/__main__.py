@@ -166,7 +166,7 @@ class Cleanup:
             except redis.RedisError as exc:  # Redis down: the next sweep tries again
                 log.warning("cleanup step %s failed: %s", name, exc)
                 counts["errors"] += 1
-        # a sweep that found nothing is DEBUG: at INFO, `make run` printed one line a minute for nothing
+        # a sweep that found nothing is DEBUG: at INFO it would be a line a minute saying nothing
         (log.info if any(counts.values()) else log.debug)("cleanup sweep", extra=counts)
         return counts
 

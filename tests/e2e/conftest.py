@@ -163,3 +163,15 @@ def idle_service(idle_stack: Service) -> Iterator[Service]:
     added = idle_stack.apis[before:]
     del idle_stack.apis[before:]
     idle_stack.stop(added)
+
+
+@pytest.fixture(scope="module")
+def aws_env() -> Iterator[None]:
+    """The test credentials and region (tests/e2e/test_storage_s3.py AWS_ENV) in this process's environment, for
+    the modules that talk to moto's S3 server."""
+    from tests.e2e.test_storage_s3 import AWS_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in AWS_ENV.items():
+            mp.setenv(k, v)
+        yield

@@ -35,14 +35,6 @@ RECHECK = 20  # seconds to wait for a re-check (the API's cache and the worker's
 
 
 @pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
 def moto(aws_env: None) -> Iterator[Moto]:
     server = Moto()
     server.start()

@@ -67,14 +67,6 @@ class Moto:
 
 
 @pytest.fixture(scope="module")
-def aws_env() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in AWS_ENV.items():
-            mp.setenv(k, v)
-        yield
-
-
-@pytest.fixture(scope="module")
 def moto(aws_env: None) -> Iterator[tuple[Moto, Moto]]:
     internal, public = Moto(), Moto()
     internal.start()

@@ -159,7 +159,7 @@ def test_invisible_watermark_is_on_where_installed_and_switchable(tiny_model: Pa
 
     assert image(auto, 256) != image(off, 256)  # the watermark is embedded at 256 px
     assert image(auto, 128) == image(off, 128)  # and, as diffusers does, skipped under 256 px
-    # 256 wide but under 256x256 in area: the library would refuse it (the job failed); it is skipped instead
+    # 256 wide but under 256x256 in area: the library refuses it, so the engine leaves it unmarked
     assert image(auto, 256, 192) == image(off, 256, 192)
 
 
@@ -256,8 +256,8 @@ def test_compile_warmup_covers_the_declared_sizes(tiny_model: Path, declared: st
 
 
 def test_the_image_modes_keep_the_engine_dtype(tiny_model: Path) -> None:
-    """from_pipe casts to float32 unless told otherwise: in half precision that doubled every resident weight
-    (found by bench/images.py)."""
+    """from_pipe casts to float32 unless told otherwise: in half precision that would double every resident
+    weight, since the modules are shared."""
     eng = Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model=str(tiny_model / "refiner"),
                                 dtype="bfloat16", watermark=False))
     for pipe in (eng.base, eng.refiner, eng.img2img, eng.inpaint, eng.refiner_inpaint):
