@@ -7,6 +7,9 @@ from contextlib import asynccontextmanager
 import redis
 import redis.asyncio as aredis
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from app import errors, openapi, shutdown
 from app.auth import KeyRing, check_open_mode
@@ -20,6 +23,14 @@ from app.settings import Settings, get_settings
 from common import logs
 from common.storage import ObjectStore, build_store
 
+# A Redis that stops answering (a partition that silently drops packets, not a refused connection) must become
+# a 503 with Retry-After (app/errors.py) within seconds, not a request that hangs through redis-py's default ten
+# retries of the whole read timeout (minutes). Every blocking read the API makes (XREAD for long-polls and SSE)
+# blocks for well under the read timeout. One retry at once replaces a connection a Redis restart broke; a silent
+# Redis costs one read timeout plus one connect timeout: tests/e2e/test_partitions.py measures it.
+REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+REDIS_RETRIES = 1
+
 # routes whose bodies may carry images: the image body limit, and multipart or raw image bodies besides JSON
 IMAGE_ROUTES = ("/v1/generations", "/v1/image-uploads", "/v1/images/edits")
 
@@ -32,10 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
-        # long-polls block in XREAD for up to max_wait_seconds: the read timeout must outlast them
-        ar = aredis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
-                                   socket_timeout=settings.max_wait_seconds + 10)
+        r = redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), REDIS_RETRIES), **REDIS_TIMEOUTS)
+        ar = aredis.Redis.from_url(settings.redis_url, retry=AsyncRetry(NoBackoff(), REDIS_RETRIES), **REDIS_TIMEOUTS)
         store: ObjectStore = build_store(settings)
         # checked now for a start-up log line that says whether images can be stored. The API starts either
         # way: a misconfigured store makes /readyz answer 503 until it is fixed (app/routes/health.py)
