@@ -28,7 +28,8 @@ from common.storage import ObjectStore, build_store
 # retries of the whole read timeout (minutes). Every blocking read the API makes (XREAD for long-polls and SSE)
 # blocks for well under the read timeout. One retry at once replaces a connection a Redis restart broke; a silent
 # Redis costs one read timeout plus one connect timeout: tests/e2e/test_partitions.py measures it.
-REDIS_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+REDIS_READ_TIMEOUT = 5.0  # seconds
+REDIS_CONNECT_TIMEOUT = 2.0
 REDIS_RETRIES = 1
 
 # routes whose bodies may carry images: the image body limit, and multipart or raw image bodies besides JSON
@@ -43,8 +44,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        r = redis.Redis.from_url(settings.redis_url, retry=Retry(NoBackoff(), REDIS_RETRIES), **REDIS_TIMEOUTS)
-        ar = aredis.Redis.from_url(settings.redis_url, retry=AsyncRetry(NoBackoff(), REDIS_RETRIES), **REDIS_TIMEOUTS)
+        r = redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_READ_TIMEOUT,
+                                 socket_connect_timeout=REDIS_CONNECT_TIMEOUT, retry=Retry(NoBackoff(), REDIS_RETRIES))
+        ar = aredis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_READ_TIMEOUT,
+                                   socket_connect_timeout=REDIS_CONNECT_TIMEOUT,
+                                   retry=AsyncRetry(NoBackoff(), REDIS_RETRIES))
         store: ObjectStore = build_store(settings)
         # checked now for a start-up log line that says whether images can be stored. The API starts either
         # way: a misconfigured store makes /readyz answer 503 until it is fixed (app/routes/health.py)

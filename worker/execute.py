@@ -95,6 +95,12 @@ class Executing:
                 for m in active:
                     if m.outcome == "canceled":
                         self.finish_canceled(m)
+                    elif m.outcome == "superseded":
+                        # its lease lapsed (a stall, or a network partition) and a reaper gave it a new token:
+                        # the attempt now running elsewhere is the one that finishes; said in the same words as
+                        # a copy dropped at the upload check (worker/finish.py), so one search finds either
+                        log.warning("generation %s was handed to another worker; dropping this copy", m.gen_id,
+                                    extra={"generation_id": m.gen_id, "attempt": m.payload.attempt})
                 # the others run again without the canceled member: none is lost to another's cancel
                 active = [m for m in active if m.outcome is None]
                 continue

@@ -26,7 +26,7 @@ from common.storage import ObjectNotFound, StorageUnavailable
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=oas.V1)
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-BLOCK_MS = 2000  # one XREAD wait; well under the API's Redis read timeout (app/main.py REDIS_TIMEOUTS)
+BLOCK_MS = 2000  # one XREAD wait; well under the API's Redis read timeout (app/main.py REDIS_READ_TIMEOUT)
 KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SETTLE_MS = 1000  # status is final but its event not yet in the stream: the emitter is a few ms behind
 
