@@ -59,7 +59,8 @@ def test_weights_job_marks_the_cache_and_workers_wait_for_their_own_settings(
     marker = Path(run(["worker.weights", "marker"], env).stdout.strip())
     assert marker.parent == hf_home / "sdxl-weights" and marker.is_file()
     recorded = json.loads(marker.read_text())
-    assert recorded["base_model"] == str(tiny_model / "base") and recorded["refiner_model"] == str(tiny_model / "refiner")
+    assert recorded["base_model"] == str(tiny_model / "base")
+    assert recorded["refiner_model"] == str(tiny_model / "refiner")
     assert run(["worker.weights", "wait", "--timeout", "0"], env).returncode == 0
     # workers configured for other weights do not start on this cache: their marker is another one
     other = {**env, "SDXL_VARIANT": "fp16"}

@@ -333,7 +333,8 @@ def test_every_secret_is_in_the_build_or_created_as_the_docs_say(build: Path) ->
             needed |= {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
             needed |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
                        if "secretKeyRef" in e.get("valueFrom", {})}
-    needed |= {ref["name"] for o in objs if o["kind"] == "TriggerAuthentication" for ref in o["spec"]["secretTargetRef"]}
+    needed |= {ref["name"] for o in objs if o["kind"] == "TriggerAuthentication"
+               for ref in o["spec"]["secretTargetRef"]}
     for name in sorted(needed):
         if name in held:
             continue
