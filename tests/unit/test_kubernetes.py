@@ -175,9 +175,9 @@ def test_gpu_worker_one_gpu_drain_and_grace_period_covering_the_longest_job(buil
     assert main["resources"].get("requests", {}).get("nvidia.com/gpu", 1) == 1
     assert "replicas" not in worker["spec"], "KEDA owns the worker count"
     assert worker["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0  # a surge pod would need a free GPU
-    # the drain: SIGTERM to the worker (its warm shutdown), and the hook holds until it has exited
-    drain = main["lifecycle"]["preStop"]["exec"]["command"]
-    assert drain[:2] == ["/bin/sh", "-c"] and "kill -TERM 1" in drain[2] and "kill -0 1" in drain[2]
+    # the drain: SIGTERM to the worker (its warm shutdown), the hook holding until it has drained
+    # (worker/drain.py; run for real in tests/e2e/test_worker_k8s_commands.py)
+    assert main["lifecycle"]["preStop"]["exec"]["command"] == ["python", "-m", "worker.drain"]
     # the grace period covers what the worker may take after SIGTERM, from the settings the worker gets
     settings = WorkerSettings(**lower(env_of(objs, main)))
     grace = spec["terminationGracePeriodSeconds"]
@@ -361,3 +361,10 @@ def test_settings_parse_with_each_process_own_class(build: Path) -> None:
             where = f"{workload['metadata']['name']}/{c['name']}"
             assert not set(values) - known, f"{where}: not a setting of any process: {set(values) - known}"
             cls(**{k: v for k, v in values.items() if k in cls.model_fields})
+
+
+def test_hook_and_probe_commands_start_without_torch() -> None:
+    """The preStop hook and the probes run often or at the worst moment: they must not import torch."""
+    code = ("import sys, worker.drain, worker.health; "
+            "sys.exit(1 if {'torch', 'diffusers'} & set(sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0
