@@ -3,6 +3,7 @@
 Real API processes and Redis; for running work, the shared stack's real worker holding a long generation.
 """
 
+import hashlib
 import json
 
 import httpx
@@ -70,8 +71,13 @@ def test_running_work_is_counted_until_it_ends(service: Service) -> None:
 
 
 def test_token_required_when_set_and_route_kept_out_of_the_public_spec(idle_service: Service) -> None:
-    guarded = idle_service.start_api(SDXL_METRICS_TOKEN="s3cret-scaling")
-    submit(guarded, "guarded", SMALL)
+    # as on Kubernetes: API keys and the metrics token both set; KEDA holds the token, not an API key
+    key = "sdxl_scaling-test-key"
+    keys_json = json.dumps([{"name": "scaler-test", "sha256": hashlib.sha256(key.encode()).hexdigest()}])
+    guarded = idle_service.start_api(SDXL_METRICS_TOKEN="s3cret-scaling", SDXL_API_KEYS=keys_json)
+    r = httpx.post(f"{guarded}/v1/generations", json={"prompt": "guarded", **SMALL},
+                   headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 202, r.text
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-scaling"}):
         r = httpx.get(f"{guarded}/metrics/scaling", headers=headers, timeout=10)
         assert r.status_code == 401, headers
