@@ -39,7 +39,7 @@ from common.contract import keys, queueing, stats
 log = logging.getLogger("app.access")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # logged at debug: gateways poll them every few seconds
+PROBES = frozenset({"/healthz", "/readyz", "/metrics", "/metrics/scaling"})  # logged at debug: polled every few seconds
 WEBHOOK_QUEUE_KEY = f"rq:queue:{keys.WEBHOOK_QUEUE}"
 
 
@@ -298,15 +298,16 @@ def build_registry(get_redis: Callable[[], "redis.Redis | None"]) -> tuple[Colle
     return registry, HttpMetrics(registry)
 
 
-def check_token(expected: str | None, authorization: str | None) -> None:
-    """With SDXL_METRICS_TOKEN set, /metrics wants `Authorization: Bearer <token>`; without it, it is open."""
+def check_token(expected: str | None, authorization: str | None, path: str = "/metrics") -> None:
+    """With SDXL_METRICS_TOKEN set, /metrics (and /metrics/scaling) want `Authorization: Bearer <token>`; without
+    it, they are open."""
     if not expected:
         return
     scheme, _, given = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
         raise Problem(
             401,
-            "/metrics needs `Authorization: Bearer <SDXL_METRICS_TOKEN>`",
+            f"{path} needs `Authorization: Bearer <SDXL_METRICS_TOKEN>`",
             headers={"WWW-Authenticate": 'Bearer realm="metrics"'},
         )
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the pinned Node tools (tools/node/package-lock.json: Redocly CLI, which lints openapi/openapi.json)
+# Install the pinned Node tools (tools/node/package-lock.json: Redocly CLI, which lints openapi/openapi.json, and
+# @kubernetes-models/keda, which validates the KEDA objects of deploy/kubernetes)
 # into tools/node/node_modules when they are missing or older than the lockfile. Without npm it says so and
 # exits 0: the tests that need the tools skip with that reason.
 set -euo pipefail
