@@ -4,6 +4,7 @@ usage is exactly the sum of their recorded timings' shares, in whole microsecond
 metrics and an API restart. The daily quota answers 429 at its limit, also to concurrent submits on two APIs."""
 
 import datetime as dt
+import json
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli import sdxl
 from common.usage import gpu_share_us, seconds_to_next_day, utc_day
 from tests.access import BLOCKER, TINY, Key, cancel, get, keys_env, post, wait_final, wait_status
 from tests.procs import Service
@@ -50,7 +52,8 @@ def hold_the_worker(url: str) -> str:
     return str(blocker["id"])
 
 
-def test_concurrent_generations_sum_exactly_and_survive_an_api_restart(keyed: Service) -> None:
+def test_concurrent_generations_sum_exactly_and_survive_an_api_restart(keyed: Service,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     url = keyed.url
     blocker = hold_the_worker(url)  # the others queue meanwhile, so the worker takes them in micro-batches
     with ThreadPoolExecutor(max_workers=len(SIZES)) as pool:
@@ -87,6 +90,13 @@ def test_concurrent_generations_sum_exactly_and_survive_an_api_restart(keyed: Se
     assert seen[("sdxl_usage_images_total", "user")] == sum(SIZES)
     assert seen[("sdxl_usage_gpu_seconds_total", "user")] == before["totals"]["gpu_microseconds"] / 1_000_000
     assert ("sdxl_usage_images_total", "blocks") not in seen
+
+    # the CLI prints the same report
+    assert sdxl.main(["usage", "--url", url, "--key", USER.secret, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == before
+    assert sdxl.main(["usage", "--url", url, "--key", USER.secret]) == 0
+    table = capsys.readouterr().out
+    assert f"{'total':<12}{sum(SIZES):>8}" in table and "key user" in table
 
     # the figures live in Redis: a restarted API answers the same
     first = keyed.apis.pop()
