@@ -159,3 +159,13 @@ def test_the_key_tool_sets_a_keys_daily_quota(tmp_path: Path, capsys: pytest.Cap
     assert apikeys.main(["set", "team-a", "--daily-image-quota", "-1", "--file", str(path)]) == 2
     assert "daily_image_quota" in capsys.readouterr().err
     assert apikeys.main(["set", "nobody", "--burst", "3", "--file", str(path)]) == 1
+
+
+def test_openai_routes_count_n_against_the_quota_in_openai_error_shape(api: httpx.Client) -> None:
+    body = {"prompt": "counted", "n": 4, "size": "256x256", "response_format": "b64_json"}
+    assert create(api, {**BODY, "num_images_per_prompt": 2}, QUOTA).status_code == 202
+    res = api.post("/v1/images/generations", json=body, headers=QUOTA.headers)  # 2 + 4 > 5: refused at submit
+    assert res.status_code == 429, res.text
+    error = res.json()["error"]
+    assert error["code"] == "insufficient_quota" and "this request asks for 4" in error["message"], error
+    assert int(res.headers["retry-after"]) >= 1
