@@ -23,6 +23,9 @@ def date_range(first: dt.date | None, last: dt.date | None, today: dt.date, rete
     last = last or today
     if last > today:
         raise field_error("to", f"is after today ({today.isoformat()} UTC)", last.isoformat())
+    if last < earliest:
+        raise field_error("to", f"is before the {retention_days} days usage is kept (the earliest is "
+                          f"{earliest.isoformat()})", last.isoformat())
     if first is None:
         first = max(earliest, min(last, today - dt.timedelta(days=DEFAULT_DAYS - 1)))
     if first < earliest:

@@ -58,6 +58,7 @@ def test_the_range_a_usage_request_may_ask_for() -> None:
                                                                                  dt.date(2026, 9, 30))
     for first, last, field, value in ((dt.date(2026, 9, 8), None, "from", "2026-09-08"),
                                       (None, dt.date(2026, 12, 8), "to", "2026-12-08"),
+                                      (None, dt.date(2026, 9, 8), "to", "2026-09-08"),
                                       (dt.date(2026, 12, 6), dt.date(2026, 12, 5), "from", "2026-12-06")):
         with pytest.raises(Problem) as exc:
             date_range(first, last, today, 90)
