@@ -24,8 +24,9 @@ async def get_usage(
     request: Request,
     principal: PrincipalDep,
     first: Annotated[dt.date | None, Query(
-        alias="from", description=f"First UTC day (`YYYY-MM-DD`); default: {DEFAULT_DAYS} days back from `to`, "
-        "or the oldest kept day")] = None,
+        alias="from", description=f"First UTC day (`YYYY-MM-DD`), within the kept days "
+        f"(`SDXL_USAGE_RETENTION_DAYS` back from today; 422 otherwise); default: {DEFAULT_DAYS} days back from "
+        "`to`, or the oldest kept day")] = None,
     last: Annotated[dt.date | None, Query(
         alias="to", description="Last UTC day (`YYYY-MM-DD`), at most today; default: today")] = None,
 ) -> dict[str, Any]:
