@@ -42,6 +42,7 @@ class Limits:
     burst: int  # bucket size: requests allowed at once
     max_queued: int  # non-final generations at once
     max_priority: int  # highest `priority` this key may ask for
+    daily_image_quota: int = 0  # images admitted per UTC day (common/usage.py); 0 = no quota
 
 
 DEFAULT_LIMITS = Limits(rate_per_minute=60000, burst=1000, max_queued=10000, max_priority=2)
@@ -68,6 +69,7 @@ class KeySpec(BaseModel):
     burst: int | None = Field(None, ge=1)
     max_queued: int | None = Field(None, ge=1)
     max_priority: int | None = Field(None, ge=0, le=2)
+    daily_image_quota: int | None = Field(None, ge=0, description="images per UTC day; 0 = none")
 
     @field_validator("sha256")
     @classmethod
@@ -92,6 +94,7 @@ def default_limits(settings: Settings) -> Limits:
         settings.default_burst,
         settings.default_max_queued,
         settings.default_max_priority,
+        settings.default_daily_image_quota,
     )
 
 
@@ -155,6 +158,8 @@ class KeyRing:
                 burst=spec.burst or base.burst,
                 max_queued=spec.max_queued or base.max_queued,
                 max_priority=base.max_priority if spec.max_priority is None else spec.max_priority,
+                daily_image_quota=base.daily_image_quota if spec.daily_image_quota is None
+                else spec.daily_image_quota,
             )
             entries.append((bytes.fromhex(spec.sha256), Principal(owner_for(spec.name), spec.name, limits)))
         return cls(entries, Principal(OPEN.owner, OPEN.name, base))

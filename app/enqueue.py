@@ -34,6 +34,7 @@ from common.contract.status import GenerationStatus, Stage
 from common.images import nearest_valid_size
 from common.retention import RECORD_GRACE_SECONDS
 from common.state import GenerationState, generation_job, no_image_urls
+from common.usage import day_expires_at, utc_day
 
 
 def new_generation_id() -> str:
@@ -186,8 +187,10 @@ def token_counts(params: GenerationParams, counter: "TokenCounter | None") -> di
 class Submission:
     gen_id: str
     record: dict[str, Any]
-    admitted: int = 0  # admission code: 0 written, 1 owner at its cap, 2 queue full (nothing written then)
-    count: int = 0  # the owner's unfinished generations when admitted, else the refusing count or depth
+    # admission code: 0 written, 1 owner at its cap, 2 queue full, 3 over the daily quota (nothing written then)
+    admitted: int = 0
+    # the owner's unfinished generations when admitted, else the refusing count or depth (3: images admitted today)
+    count: int = 0
     position: int | None = None  # jobs ahead of it once fed; None when not waiting
 
 
@@ -227,6 +230,7 @@ class Enqueuer:
         extra: dict[str, Any] | None = None,
         gen_id: str | None = None,
         limits: tuple[int, int] | None = None,  # (max unfinished for the owner, max queue depth): admit first
+        daily_quota: int = 0,  # images the owner may submit per UTC day (0: no quota)
     ) -> tuple[dict[str, Any], list[str], list[Any]]:
         """(record fields, CREATE keys, CREATE args) for one submission."""
         gen_id = gen_id or new_generation_id()
@@ -259,13 +263,15 @@ class Enqueuer:
         }
         record = json.dumps(encode(fields), separators=(",", ":"), ensure_ascii=False)
         cap, depth = limits or (0, 0)
+        day = utc_day(now_s)  # the quota's day: the submit's, on this API's clock
         create_keys = [keys.generation(gen_id), keys.rq_job(rq_job_id), keys.active(owner),
                        keys.RQ_QUEUE_KEY, keys.ACTIVE_OWNERS, keys.pending(owner), keys.owner_index(owner),
-                       keys.EXPIRY, keys.RQ_QUEUES_SET]
+                       keys.EXPIRY, keys.RQ_QUEUES_SET, keys.usage_day(owner, day)]
         args = [gen_id, repr(now_s), "1" if limits else "0", cap, depth, ttl, ttl + RECORD_GRACE_SECONDS,
                 queueing.pending_score(priority, int(now_s * 1000)), owner, repr(now_s + ttl),
                 self.settings.queue_feed_depth, keys.RQ_QUEUE_KEY,
-                *rq_job_fields(self.queue, rq_job_id, payload, self.settings.job_timeout_seconds, ttl), record]
+                *rq_job_fields(self.queue, rq_job_id, payload, self.settings.job_timeout_seconds, ttl), record,
+                params.num_images_per_prompt, daily_quota, day_expires_at(day, self.settings.usage_retention_days)]
         return fields, create_keys, args
 
     @staticmethod

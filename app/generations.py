@@ -138,11 +138,12 @@ class GenerationService:
         # admission, record, rq job, fair-share line, feed and queue position: one round trip, on this loop
         fields, create_keys, args = self.enqueuer.prepare(
             params, principal.owner, req.priority, req.deadline, webhook, counts, request_id, extra=extra,
-            gen_id=gen_id, limits=(principal.limits.max_queued, self.settings.max_queue_depth))
+            gen_id=gen_id, limits=(principal.limits.max_queued, self.settings.max_queue_depth),
+            daily_quota=principal.limits.daily_image_quota)
         sub = await self.enqueuer.submit_async(fields, create_keys, args)
         if sub.admitted:  # refused: nothing was written, and the inputs this request stored go too
             await self.uploads.discard(principal, inputs, gen_id)
-        await self.limiter.refuse(principal, sub.admitted, sub.count)  # 429 / 503
+        await self.limiter.refuse(principal, sub.admitted, sub.count, params.num_images_per_prompt)  # 429 / 503
         rec = dict(sub.record)
         for k in ("created_at", "expires_at"):
             rec[k] = str(rec[k])

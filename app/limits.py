@@ -7,6 +7,9 @@
   ADMIT prunes the final ones lazily (nobody has to remember to decrement a counter on every path to a final
   state), checks the cap and reserves the new id in the same script, so concurrent submits cannot overshoot.
   It runs inside app/enqueue.py's CREATE, the submit's one round trip, which writes nothing when it refuses.
+- Images per UTC day (`daily_image_quota`, common/usage.py): CREATE reserves a request's images against the
+  owner's day in the same script as admission, and refuses (429 `daily-quota-exceeded`, Retry-After until the
+  next UTC midnight) a request that would go over, so concurrent submits cannot overshoot it.
 - Global queue depth: ADMIT counts what waits (rq list + every owner's pending zset). Over it: 503 with a
   Retry-After from the measured drain rate (see `drain_rate`).
 """
@@ -25,6 +28,7 @@ from app.settings import Settings
 from common import scripts
 from common.contract import keys
 from common.contract.records import as_str
+from common.usage import seconds_to_next_day, utc_day
 
 NO_WORKER_RETRY_SECONDS = 30  # nothing drains the queue until a worker registers
 UNMEASURED_RETRY_SECONDS = 10  # workers are up but none has finished a job yet
@@ -69,10 +73,13 @@ class Limiter:
                 headers={"Retry-After": str(wait)},
             )
 
-    async def refuse(self, principal: Principal, code: int, count: int) -> None:
-        """ADMIT's answer -> nothing (0, admitted), 429 (1, the key's cap) or 503 (2, the queue is full)."""
+    async def refuse(self, principal: Principal, code: int, count: int, images: int = 1) -> None:
+        """CREATE's answer -> nothing (0, admitted), 429 (1, the key's cap; 3, its daily quota, `count` images
+        already admitted today, `images` asked for) or 503 (2, the queue is full)."""
         if code == 0:
             return
+        if code == 3:
+            raise quota_exceeded(principal, count, images, time.time())
         live, per_second = await self.drain_rate()
         if code == 1:
             wait = retry_after(1, live, per_second)
@@ -112,6 +119,20 @@ class Limiter:
             if done > 0 and seconds > 0:
                 per_second += done / seconds
         return live, per_second
+
+
+def quota_exceeded(principal: Principal, used: int, images: int, now: float) -> Problem:
+    quota = principal.limits.daily_image_quota
+    wait = seconds_to_next_day(now)
+    return Problem(
+        429,
+        f"API key {principal.name!r} has a daily quota of {quota} images (UTC day {utc_day(now)}): {used} already "
+        f"submitted today and this request asks for {images}; the quota starts afresh at the next UTC midnight, "
+        f"in {wait} s",
+        kind="daily-quota-exceeded",
+        title="Daily image quota exceeded",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 class RateLimitHeadersMiddleware:

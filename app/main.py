@@ -18,8 +18,20 @@ from app.generations import GenerationService
 from app.limits import RateLimitHeadersMiddleware
 from app.metrics import ObservabilityMiddleware, build_registry
 from app.middleware import RequestGuardMiddleware, RequestIdMiddleware
-from app.routes import adapters, events, generations, health, metrics, openai_images, playground, uploads, webhooks
+from app.routes import (
+    adapters,
+    events,
+    generations,
+    health,
+    metrics,
+    openai_images,
+    playground,
+    uploads,
+    usage,
+    webhooks,
+)
 from app.settings import Settings, get_settings
+from app.usage import UsageService
 from common import logs
 from common.storage import ObjectStore, build_store
 
@@ -56,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.storage.refresh()
         app.state.settings = settings
         app.state.service = GenerationService(r, ar, settings, store)
+        app.state.usage = UsageService(ar, settings)
         stop_watching = shutdown.watch(app.state.service.stopping)  # SIGTERM: long-polls answer at once
         registry_watch = asyncio.create_task(app.state.service.watch_workers())
         try:
@@ -91,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(webhooks.router)
     app.include_router(uploads.router)
     app.include_router(adapters.router)  # GET /v1/adapters (docs/adapters.md)
+    app.include_router(usage.router)  # GET /v1/usage (docs/access.md)
     app.include_router(openai_images.router)  # OpenAI's images API, in its error shape (docs/openai.md)
     app.include_router(metrics.router)
     app.include_router(playground.router)  # the web page at / (no key needed to load it)

@@ -149,7 +149,10 @@ class ClusterCollector(Collector):
         pipe.eval(scripts.source("pending"), 1, keys.ACTIVE_OWNERS, queueing.PRIORITY_SPAN)
         pipe.scard(keys.RUNNING)
         pipe.zrange(keys.WORKERS, 0, -1)
-        raw_stats, gen_len, gen_head, hook_len, hook_head, (pending_len, pending_oldest), running, wids = pipe.execute()
+        pipe.hgetall(keys.USAGE_IMAGES)
+        pipe.hgetall(keys.USAGE_GPU_US)
+        (raw_stats, gen_len, gen_head, hook_len, hook_head, (pending_len, pending_oldest), running, wids,
+         usage_images, usage_gpu_us) = pipe.execute()
         pipe = r.pipeline(transaction=False)
         # the heads' ages: a generation counts from its creation, a webhook job from its enqueueing
         gen_id = gen_head.decode().rsplit("-", 1)[0] if gen_head else ""
@@ -178,6 +181,7 @@ class ClusterCollector(Collector):
         running_g.add_metric([], float(running))
         out.append(running_g)
         out += self.counters(raw_stats)
+        out += usage(_text_hash(usage_images), _text_hash(usage_gpu_us))
         out += self.workers([_text_hash(w) for w in workers if w], now)
         return out
 
@@ -287,6 +291,20 @@ class ClusterCollector(Collector):
         ready_total = GaugeMetricFamily("sdxl_workers_ready", "Workers ready to take jobs (ready or busy)")
         ready_total.add_metric([], float(ready_n))
         return [live, ready_total, up, ready, state, beat, jobs, imgs, busy, loads, load_s, mem, peak]
+
+
+def usage(images: dict[str, str], gpu_us: dict[str, str]) -> list[Metric]:
+    """Usage per API key name, all time (common/usage.py; `GET /v1/usage` has it per day): one series per key
+    that has produced anything, so the label's values are bounded by the keys configured."""
+    img = CounterMetricFamily("sdxl_usage_images", "Images of succeeded generations, by API key name "
+                              "(`open` without keys)", labels=["key"])
+    gpu = CounterMetricFamily("sdxl_usage_gpu_seconds", "GPU seconds of succeeded generations (each one's share of "
+                              "its pipeline call), by API key name", labels=["key"])
+    for owner in sorted(images.keys() | gpu_us.keys()):
+        name = owner.removeprefix("key:")
+        img.add_metric([name], float(images.get(owner, 0)))
+        gpu.add_metric([name], int(gpu_us.get(owner, 0)) / 1_000_000)
+    return [img, gpu]
 
 
 def build_registry(get_redis: Callable[[], "redis.Redis | None"]) -> tuple[CollectorRegistry, HttpMetrics]:

@@ -16,7 +16,8 @@ OPENAI_PREFIX = "/v1/images/"
 # OpenAI answers 400 for invalid input, where our own routes say 422
 STATUS = {422: 400}
 # where OpenAI's own code is known and clients may look for it; otherwise the problem kind, in snake case
-CODES = {"unauthorized": "invalid_api_key", "rate-limited": "rate_limit_exceeded"}
+CODES = {"unauthorized": "invalid_api_key", "rate-limited": "rate_limit_exceeded",
+         "daily-quota-exceeded": "insufficient_quota"}
 
 
 def applies(path: str) -> bool:

@@ -44,6 +44,7 @@ TAGS = [
     {"name": "generations", "description": "Submit, follow, download, cancel and delete generations"},
     {"name": "webhooks", "description": "What happened to a generation's webhook deliveries"},
     {"name": "adapters", "description": "The LoRA adapters and few-step presets a generation may use"},
+    {"name": "usage", "description": "Your API key's images and GPU time per UTC day, and its daily quota"},
     {"name": "health", "description": "Probes for orchestrators and load balancers (no key needed)"},
 ]
 SERVERS = [{"url": "http://127.0.0.1:8000", "description": "`make run` on this machine; deployments use their own"}]
@@ -172,8 +173,9 @@ STANDARD: dict[int, dict[str, Any]] = {
     ),
     429: problem(
         429,
-        "The key is over its request rate (`rate-limited`) or has as many unfinished "
-        "generations as it may (`too-many-unfinished`); wait `Retry-After` seconds",
+        "The key is over its request rate (`rate-limited`), has as many unfinished generations as it may "
+        "(`too-many-unfinished`), or a submit would go over its daily image quota (`daily-quota-exceeded`: "
+        "`Retry-After` is the next UTC midnight); wait `Retry-After` seconds",
         "API key 'team-a' is over its rate limit of 600 requests per minute (burst 20); retry in 1 s",
         headers=RATE_LIMIT_HEADERS,
     ),

@@ -1,5 +1,6 @@
 """HTTP wire types: what clients send and receive."""
 
+import datetime as dt
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
@@ -188,6 +189,9 @@ class Timings(BaseModel):
     uploading: float | None = None
     total: float | None = Field(None, description="Created to finished", examples=[2.6])
     batch_images: int | None = Field(None, description="Images computed in the same pipeline call", examples=[1])
+    gpu_seconds: float | None = Field(None, description="This generation's share of the pipeline call (`pipeline` "
+                                      "x its images / `batch_images`, to the microsecond): what `GET /v1/usage` "
+                                      "counts", examples=[2.4])
 
 
 class Generation(BaseModel):
@@ -377,3 +381,42 @@ class OpenAIError(BaseModel):
     """OpenAI's error envelope: what every error of the /v1/images routes answers (not RFC 9457)."""
 
     error: OpenAIErrorDetail
+
+
+class UsageFigures(BaseModel):
+    """What a key's generations produced (succeeded ones, counted when they finished) and what it submitted."""
+
+    images: int = Field(..., description="Images of succeeded generations", examples=[12])
+    gpu_seconds: float = Field(..., description="GPU time of those generations (`gpu_microseconds` / 1e6): each "
+                               "one's share of its pipeline call, `timings.gpu_seconds`", examples=[28.8])
+    gpu_microseconds: int = Field(..., description="The same, exact, in integer microseconds", examples=[28800000])
+    generations: int = Field(..., description="Succeeded generations", examples=[5])
+    images_submitted: int = Field(..., description="Images asked for by generations admitted (submitted) that "
+                                  "day, whatever became of them: what the daily quota counts", examples=[13])
+
+
+class UsageDay(UsageFigures):
+    date: dt.date = Field(..., description="The UTC day", examples=["2026-12-07"])
+
+
+class UsageQuota(BaseModel):
+    daily_images: int = Field(..., description="Images this key may submit per UTC day", examples=[100])
+    submitted_today: int = Field(..., examples=[13])
+    remaining_today: int = Field(..., examples=[87])
+    resets_at: Timestamp = Field(..., description="The next UTC midnight")
+
+
+class UsageReport(BaseModel):
+    """The calling key's usage per UTC day, oldest first (every day of the range, zeros included), and totals."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    key: str = Field(..., description="The API key's name (`open` where the deployment has no keys)",
+                     examples=["team-a"])
+    from_: dt.date = Field(..., alias="from", description="First UTC day of the range")
+    to: dt.date = Field(..., description="Last UTC day of the range")
+    retention_days: int = Field(..., description="How many UTC days back the figures are kept "
+                                "(`SDXL_USAGE_RETENTION_DAYS`)", examples=[90])
+    days: list[UsageDay]
+    totals: UsageFigures
+    quota: UsageQuota | None = Field(None, description="The key's daily image quota; null when it has none")

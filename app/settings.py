@@ -60,7 +60,8 @@ class Settings(CommonSettings):
     webhook_allow_addresses: str = ""  # comma-separated exact IPs or ip:port allowed even if private/loopback
     webhook_allow_http: bool = False  # accept plain http webhook URLs (tests, closed networks)
     # access and limits (app/auth.py, app/limits.py; docs/access.md)
-    api_keys: str | None = None  # JSON list of {name, sha256, rate_per_minute, burst, max_queued, max_priority}
+    api_keys: str | None = None  # JSON list of {name, sha256, rate_per_minute, burst, max_queued, max_priority,
+    # daily_image_quota}
     api_keys_file: Path | None = None  # a file holding the same JSON list (python -m cli.apikeys create --file)
     allow_open: bool = Field(  # serve without keys on a non-loopback SDXL_HOST (otherwise refused at start)
         default=False, validation_alias=AliasChoices("SDXL_ALLOW_OPEN", "SDXL_ALLOW_OPEN_NON_LOOPBACK", "allow_open")
@@ -70,6 +71,8 @@ class Settings(CommonSettings):
     default_max_queued: int = Field(default=10000, ge=1)  # non-final generations per key
     default_max_priority: int = Field(default=2, ge=0, le=2)
     max_queue_depth: int = Field(default=100000, ge=1)  # queued generations, all keys: 503 beyond
+    # images a key may submit per UTC day unless its entry says (app/limits.py, common/usage.py); 0 = no quota
+    default_daily_image_quota: int = Field(default=0, ge=0)
     cors_origins: Annotated[list[str], NoDecode] = []  # JSON list or comma-separated; none: no CORS headers
     # observability (app/metrics.py, common/logs.py; docs/operations.md)
     metrics_token: SecretStr | None = None  # set: /metrics wants `Authorization: Bearer <token>`; unset: open

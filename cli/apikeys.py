@@ -1,4 +1,4 @@
-"""Manage API keys: `python -m cli.apikeys create NAME`, `hash KEY`, `list`, `revoke NAME`.
+"""Manage API keys: `python -m cli.apikeys create NAME`, `hash KEY`, `list`, `set NAME`, `revoke NAME`.
 
 The service stores only each key's sha256, in SDXL_API_KEYS (a JSON list) or SDXL_API_KEYS_FILE (the same
 list in a file). `create` prints the secret once: it cannot be recovered later, only replaced. API processes
@@ -52,6 +52,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         "burst": args.burst,
         "max_queued": args.max_queued,
         "max_priority": args.max_priority,
+        "daily_image_quota": args.daily_image_quota,
     }
     try:
         entry = KeySpec.model_validate(fields).model_dump(exclude_none=True)
@@ -98,6 +99,32 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+LIMIT_FIELDS = ("rate_per_minute", "burst", "max_queued", "max_priority", "daily_image_quota")
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    """Change an existing key's limits in a keys file (the secret stays the same)."""
+    changes = {f: getattr(args, f) for f in LIMIT_FIELDS if getattr(args, f) is not None}
+    if not changes:
+        print("error: name at least one limit to set (--daily-image-quota, --rate-per-minute, ...)", file=sys.stderr)
+        return 2
+    entries = read_file(args.file)
+    for i, e in enumerate(entries):
+        if e["name"] == args.name:
+            try:
+                entries[i] = KeySpec.model_validate({**e, **changes}).model_dump(exclude_none=True)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                print(f"error: {'.'.join(str(p) for p in first['loc'])}: {first['msg']}", file=sys.stderr)
+                return 2
+            write_file(args.file, entries)
+            print(f"Set {', '.join(f'{k}={v}' for k, v in changes.items())} for {args.name!r} in {args.file}; "
+                  "restart the API processes to apply.")
+            return 0
+    print(f"error: {args.file} has no key named {args.name!r}", file=sys.stderr)
+    return 1
+
+
 def cmd_revoke(args: argparse.Namespace) -> int:
     entries = read_file(args.file)
     kept = [e for e in entries if e["name"] != args.name]
@@ -118,6 +145,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--burst", type=int, help="requests allowed at once (bucket size)")
     c.add_argument("--max-queued", type=int, help="unfinished generations at once")
     c.add_argument("--max-priority", type=int, help="highest priority (0..2) this key may request")
+    c.add_argument("--daily-image-quota", type=int,
+                   help="images this key may submit per UTC day (429 beyond); 0 = none")
     c.add_argument("--file", type=Path, help="also add the entry to this SDXL_API_KEYS_FILE")
     c.add_argument("--json", action="store_true", help='print {"key": ..., "entry": ...} as one JSON line')
     c.set_defaults(func=cmd_create)
@@ -127,6 +156,15 @@ def parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="names and limits of the configured keys (never secrets)")
     ls.add_argument("--file", type=Path, help="read this file instead of the SDXL_API_KEYS* settings")
     ls.set_defaults(func=cmd_list)
+    st = sub.add_parser("set", help="change an existing key's limits in a keys file")
+    st.add_argument("name")
+    st.add_argument("--rate-per-minute", type=int)
+    st.add_argument("--burst", type=int)
+    st.add_argument("--max-queued", type=int)
+    st.add_argument("--max-priority", type=int)
+    st.add_argument("--daily-image-quota", type=int, help="images per UTC day; 0 = none")
+    st.add_argument("--file", type=Path, required=True)
+    st.set_defaults(func=cmd_set)
     r = sub.add_parser("revoke", help="remove a key from a keys file")
     r.add_argument("name")
     r.add_argument("--file", type=Path, required=True)

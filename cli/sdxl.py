@@ -556,6 +556,27 @@ def cmd_adapters(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(client: Client, args: argparse.Namespace) -> int:
+    params = {k: v for k, v in (("from", args.from_), ("to", args.to)) if v}
+    body = client.json("GET", "/v1/usage", params=params)
+    if args.json:
+        print_json(body)
+        return 0
+    print(f"key {body['key']}, {body['from']} to {body['to']} (UTC days)")
+    print(f"{'date':<12}{'images':>8}{'gpu seconds':>14}{'generations':>13}{'submitted':>11}")
+    for d in body["days"]:
+        if d["images"] or d["images_submitted"] or args.all_days:
+            print(f"{d['date']:<12}{d['images']:>8}{d['gpu_seconds']:>14.3f}{d['generations']:>13}"
+                  f"{d['images_submitted']:>11}")
+    t = body["totals"]
+    print(f"{'total':<12}{t['images']:>8}{t['gpu_seconds']:>14.3f}{t['generations']:>13}{t['images_submitted']:>11}")
+    q = body.get("quota")
+    if q:
+        print(f"daily quota {q['daily_images']} images: {q['submitted_today']} submitted today, "
+              f"{q['remaining_today']} left until {q['resets_at']}")
+    return 0
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -721,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
                               description="GET /v1/adapters: what `generate --lora` and `--preset` may name.")
     ada_list.add_argument("--json", action="store_true", help="print the raw listing")
     ada_list.set_defaults(func=cmd_adapters)
+    use = sub.add_parser("usage", parents=[conn], help="your key's images and GPU seconds per UTC day",
+                         description="GET /v1/usage: images and GPU seconds of your succeeded generations per UTC "
+                         "day, the images you submitted (what a daily quota counts) and the quota, if any.")
+    use.add_argument("--from", dest="from_", metavar="YYYY-MM-DD", help="first UTC day (default: 30 days back)")
+    use.add_argument("--to", metavar="YYYY-MM-DD", help="last UTC day (default: today)")
+    use.add_argument("--all-days", action="store_true", help="print days without activity too")
+    use.add_argument("--json", action="store_true", help="print the raw report")
+    use.set_defaults(func=cmd_usage)
     return parser
 
 

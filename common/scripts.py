@@ -26,7 +26,11 @@ def _key_table() -> str:
     for name in ("generation", "pending", "lease", "events", "owner_index", "active"):
         head, _, tail = getattr(keys, name)(_MARK).partition(_MARK)
         lines.append(f"function KEY.{name}(x) return '{head}' .. x .. '{tail}' end")
-    for name in ("STATS", "RUNNING", "ACTIVE_OWNERS"):
+    for name in ("usage_day",):  # functions of two ids
+        head, _, rest = getattr(keys, name)(_MARK, _MARK).partition(_MARK)
+        mid, _, tail = rest.partition(_MARK)
+        lines.append(f"function KEY.{name}(x, y) return '{head}' .. x .. '{mid}' .. y .. '{tail}' end")
+    for name in ("STATS", "RUNNING", "ACTIVE_OWNERS", "USAGE_IMAGES", "USAGE_GPU_US"):
         lines.append(f"KEY.{name} = '{getattr(keys, name)}'")
     return "\n".join(lines) + "\n"
 

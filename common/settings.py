@@ -20,5 +20,7 @@ class CommonSettings(StorageSettings):
     webhook_progress_interval_seconds: float = 2.0  # progress webhooks: at most one per generation per this
     # input images (common/images.py): checked from the header before decoding, in the API and the worker
     max_input_pixels: int = Field(default=16 * 1024 * 1024, ge=64 * 64)
+    # usage per key (common/usage.py): each UTC day's figures are kept this many days (API and worker write them)
+    usage_retention_days: int = Field(default=90, ge=1, le=3660)
     log_level: str = "INFO"
     log_prompts: bool = False  # prompts stay out of the logs unless this is on

@@ -35,6 +35,7 @@ from common.contract.status import TERMINAL_STATUSES, ErrorType, GenerationStatu
 from common.retention import purge
 from common.settings import CommonSettings
 from common.storage import ObjectStore
+from common.usage import Success
 
 log = logging.getLogger("common.state")
 
@@ -77,12 +78,24 @@ class GenerationState:
         self._transition = scripts.register(r, "transition")
         self._transition_read = scripts.register(r, "transition_read")
         self._transition_emit = scripts.register(r, "transition_emit")
+        self._succeed = scripts.register(r, "succeed")  # transition_emit + the usage it counts
+        self._succeed_read = scripts.register(r, "succeed_read")
         self._start = scripts.register(r, "start_and_feed")
         self._feed = scripts.register(r, "feed")
         self._cancel = scripts.register(r, "cancel")
         self._requeue = scripts.register(r, "requeue")
         self._create = scripts.register(r, "create")
         self._acreate = scripts.register(ar, "create") if ar is not None else None
+
+    def load_success_scripts(self) -> None:
+        """A worker's successes go through their own scripts (usage counted in them): loaded at its start, so its
+        first success is one round trip like every other change (not NOSCRIPT, then SCRIPT LOAD, then again).
+        Redis down now: they load on first use instead."""
+        try:
+            for script in (self._succeed, self._succeed_read):
+                self.r.script_load(script.script)
+        except redis.RedisError:
+            log.warning("could not load the success scripts now; they load on first use")
 
     # --- the API's transitions -------------------------------------------------------------------
     def submit(self, create_keys: list[str], args: list[Any]) -> list[Any]:
@@ -151,20 +164,26 @@ class GenerationState:
         self.emit_record(rec, EventType.started)
         return outcome
 
-    def change(self, a: Owned, fields: dict[str, Any], event: EventType, queue_length: bool = False) -> Change:
+    def change(self, a: Owned, fields: dict[str, Any], event: EventType, queue_length: bool = False,
+               usage: Success | None = None) -> Change:
         """A running generation's change and its event in one script: the resource is rendered from the owner's
         record plus this change, as no one else writes a running record but its owner (a cancel or a requeue
         fails the compare-and-set, and then no event is appended). The change goes through encode/decode
-        first, so the event is exactly what rendering the stored record gives."""
+        first, so the event is exactly what rendering the stored record gives. `usage`: a success's, counted
+        in the same script (common/lua/succeed.lua), only when the change is made."""
         stored = encode(fields)
         rec = {**a.record, **decode(stored)}
         resource = render(rec, self.image_url)
+        args = [a.token, RUNNING, STREAM_MAXLEN, self.settings.generation_ttl_seconds, event.value,
+                json.dumps(resource, separators=(",", ":")), *(x for pair in stored.items() for x in pair)]
         try:
-            res = self._transition_emit(
-                keys=[keys.generation(a.gen_id), keys.events(a.gen_id),
-                      *([keys.RQ_QUEUE_KEY] if queue_length else [])],
-                args=[a.token, RUNNING, STREAM_MAXLEN, self.settings.generation_ttl_seconds, event.value,
-                      json.dumps(resource, separators=(",", ":")), *(x for pair in stored.items() for x in pair)])
+            if usage is not None:
+                res = self._succeed(keys=[keys.generation(a.gen_id), keys.events(a.gen_id)],
+                                    args=[*usage.args(), *args])
+            else:
+                res = self._transition_emit(
+                    keys=[keys.generation(a.gen_id), keys.events(a.gen_id),
+                          *([keys.RQ_QUEUE_KEY] if queue_length else [])], args=args)
         except redis.RedisError:
             a.record_exact = False  # the change may have been written anyway: finish reads the hash instead
             raise
@@ -189,13 +208,14 @@ class GenerationState:
                   json.dumps(data, separators=(",", ":"))])
         return as_str(res[0])
 
-    def finish(self, a: Owned, fields: dict[str, Any], event: EventType) -> str:
+    def finish(self, a: Owned, fields: dict[str, Any], event: EventType, usage: Success | None = None) -> str:
         """End a running generation with its final event; then, off the waiting clients' path (the event has
         woken them), drop the RUNNING entry and lease, count the metrics and enqueue the webhook. A refusal:
-        `stale*` (another attempt's now) touches nothing, any other releases."""
+        `stale*` (another attempt's now) touches nothing, any other releases. `usage`: what a success counts
+        for its owner (common/usage.py), in the transition's own script."""
         if not a.record or not a.record_exact:
-            return self._finish_from_hash(a, fields, event)
-        c = self.change(a, fields, event)
+            return self._finish_from_hash(a, fields, event, usage)
+        c = self.change(a, fields, event, usage=usage)
         if c.outcome != "OK":
             if not c.outcome.startswith("stale"):
                 self.release(a.gen_id)
@@ -211,10 +231,15 @@ class GenerationState:
         self._webhook(c, event)
         return c.outcome
 
-    def _finish_from_hash(self, a: Owned, fields: dict[str, Any], event: EventType) -> str:
+    def _finish_from_hash(self, a: Owned, fields: dict[str, Any], event: EventType,
+                          usage: Success | None = None) -> str:
         """`finish` when the owner's record may be behind the hash: the script answers the record it wrote."""
-        outcome, rec = read_answer(self._transition_read(keys=[keys.generation(a.gen_id)],
-                                                         args=[a.token, RUNNING, *flatten(fields)]))
+        args = [a.token, RUNNING, *flatten(fields)]
+        if usage is not None:
+            answer = self._succeed_read(keys=[keys.generation(a.gen_id)], args=[*usage.args(), *args])
+        else:
+            answer = self._transition_read(keys=[keys.generation(a.gen_id)], args=args)
+        outcome, rec = read_answer(answer)
         also = (lambda pipe: drop_entries(a.gen_id, pipe)) if not outcome.startswith("stale") else None
         if rec is not None:
             self.emit_record(rec, event, also)

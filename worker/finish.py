@@ -13,6 +13,7 @@ from common import logs
 from common.contract.events import EventType
 from common.contract.status import ErrorType, GenerationStatus, Stage
 from common.storage import StorageUnavailable, image_key, put_with_retry
+from common.usage import Success
 from worker import encode as encoding
 from worker.attempt import Member, progress_value
 from worker.pipeline import Progress
@@ -79,6 +80,9 @@ class Finishing:
         now = time.time()
         created = float(m.record.get("created_at") or now)
         started = float(m.record.get("started_at") or now)
+        # usage counts this generation's share of the call from the `pipeline` figure its record shows
+        usage = Success.of(now, len(records), round(pipeline_seconds, 4), batch_images,
+                           self.settings.usage_retention_days)
         timings = {
             "queued": round(started - created, 4),
             "pipeline": round(pipeline_seconds, 4),
@@ -89,13 +93,14 @@ class Finishing:
             "uploading": round(uploading_seconds, 4),
             "total": round(now - created, 4),
             "batch_images": batch_images,  # images computed in the same pipeline call
+            "gpu_seconds": usage.gpu_us / 1_000_000,  # this generation's share of the call: what usage counts
         }
         total = m.total_steps
         outcome = self.state.finish(m, {
             "status": GenerationStatus.succeeded.value, "finished_at": now, "images": records, "timings": timings,
             "manifest": manifest,
             "progress": {"step": total, "total_steps": total, "stage": Stage.done.value, "eta_seconds": 0},
-        }, EventType.succeeded)
+        }, EventType.succeeded, usage)
         self.after_final(m, outcome, EventType.succeeded)
         if outcome == "OK":
             self.jobs_done += 1

@@ -45,6 +45,7 @@ class Runner(Claiming, Executing, Finishing):
         self.worker_id = worker_id
         self.queue = Queue(keys.GENERATION_QUEUE, connection=r, serializer=JSONSerializer)
         self.state = GenerationState(r, settings, self.image_url)
+        self.state.load_success_scripts()
         # one per worker process: the heartbeat's sweeps and the shutdown requeue share it
         self.reaper = Reaper(r, settings, self.state)
         self.lock = threading.Lock()

@@ -100,3 +100,14 @@ def owner_upload_bytes(owner: str) -> str:
 def upload_users(upload_id: str) -> str:
     """Set: generation ids that reference the upload (DELETE answers 409 while one of them is unfinished)."""
     return f"{PREFIX}:upload-users:{upload_id}"
+
+
+# usage per API key (common/usage.py): what each owner's generations produced, per UTC day, and all-time totals
+USAGE_IMAGES = f"{PREFIX}:usage-images"  # hash: owner -> images produced, all time (the metrics' counter)
+USAGE_GPU_US = f"{PREFIX}:usage-gpu-us"  # hash: owner -> GPU microseconds, all time (the metrics' counter)
+
+
+def usage_day(owner: str, day: str) -> str:
+    """Hash {images, gpu_us, generations, admitted}: one owner's usage on one UTC day (`YYYY-MM-DD`). `admitted`
+    counts images of generations submitted that day (the daily quota's figure); the others count successes."""
+    return f"{PREFIX}:usage:{owner}:{day}"

@@ -2,11 +2,16 @@
 -- The whole submit, atomic: admission (a refused submit writes nothing), the rq job hash, the generation record
 -- and its indexes, the owner's fair-share line, FEED and the queue position.
 -- KEYS: 1 gen hash, 2 rq job hash, 3 owner's active zset, 4 rq queue list, 5 owners zset, 6 owner's pending
--- zset, 7 owner's index zset, 8 expiry zset, 9 rq queues set.
+-- zset, 7 owner's index zset, 8 expiry zset, 9 rq queues set, 10 the owner's usage hash of today (UTC).
 -- ARGV: see the names below. The job's fields (all but `data`) and the record's come as JSON objects of strings.
--- Returns {0, unfinished, position} written, or admit's refusal {1 | 2, count, -1} with nothing written.
+-- `images` are reserved against the owner's daily quota (`quota`, 0 = none) in the same script as admission,
+-- so concurrent submits cannot overshoot it.
+-- Returns {0, unfinished, position} written, admit's refusal {1 | 2, count, -1}, or {3, images admitted today,
+-- -1} over the daily quota, with nothing written.
 local gen_id, now, check, cap, max_depth, ttl, record_ttl, score, owner, expires_at, feed_depth, rq_queue,
-      job_fields, job_data, record = unpack(ARGV)
+      job_fields, job_data, record, images, quota, usage_expires_at = unpack(ARGV)
+local admitted = tonumber(redis.call('HGET', KEYS[10], 'admitted') or '0')
+if tonumber(quota) > 0 and admitted + tonumber(images) > tonumber(quota) then return {3, admitted, -1} end
 local count = 0
 if check == '1' then
   local res = admit({KEYS[3], KEYS[4], KEYS[5]}, {gen_id, now, cap, max_depth, ttl})
@@ -20,6 +25,8 @@ local function hset(key, fields, extra)
   end
   redis.call('HSET', key, unpack(extra))
 end
+redis.call('HINCRBY', KEYS[10], 'admitted', images)
+redis.call('EXPIREAT', KEYS[10], usage_expires_at)
 hset(KEYS[2], job_fields, {'data', job_data})
 hset(KEYS[1], record, {})
 redis.call('EXPIRE', KEYS[1], record_ttl)
