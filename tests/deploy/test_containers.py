@@ -10,7 +10,6 @@ gateway and the S3 stand-in on loopback ports only.
 import base64
 import hashlib
 import io
-import json
 import os
 import secrets
 import subprocess
@@ -95,6 +94,9 @@ def stack(tiny_model: Path) -> Iterator[Stack]:
         "SDXL_BASE_MODEL": "/tiny/base", "SDXL_REFINER_MODEL": "/tiny/refiner",
         "SDXL_CI_MODEL_DIR": str(tiny_model.resolve()),  # a real folder: Docker mounts what a symlink names
         "HF_HUB_OFFLINE": "1",
+        # removing a container copies nothing but deletes its whole tree on the vfs driver: over compose's 60 s
+        # for the worker's 2 GB
+        "COMPOSE_HTTP_TIMEOUT": "600",
     }
     s = Stack(f"sdxl-ci-{uuid.uuid4().hex[:8]}", env, f"http://127.0.0.1:{http_port}", key)
     try:
@@ -104,7 +106,7 @@ def stack(tiny_model: Path) -> Iterator[Stack]:
         yield s
     finally:
         print(s.compose("logs", "--no-color", "--tail", "60"))  # shown with a failure (pytest -rA: always)
-        s.compose("down", "-v", "--remove-orphans", "-t", "10")
+        s.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=900)
 
 
 def fetch_image(stack: Stack, done: dict[str, Any]) -> bytes:
@@ -162,4 +164,3 @@ def test_a_killed_worker_container_s_job_completes_on_the_restarted_one(stack: S
     assert done["status"] == "succeeded" and done["attempt"] == 2, done
     png = Image.open(io.BytesIO(fetch_image(stack, done)))
     assert png.size == (512, 512)
-    assert json.loads(docker("inspect", "-f", "{{json .RestartCount}}", worker)) == 0  # started, not restarted

@@ -346,8 +346,9 @@ def lint(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize(("name", "path", "bad"), [
     ("hadolint", DOCKERFILE, "FROM python:latest\nRUN pip install requests\n"),
     ("check-jsonschema", COMPOSE, "services:\n  api:\n    image: x\n    replicas: 2\n"),
+    ("check-jsonschema", CI_COMPOSE, "services:\n  api:\n    volumes: /x\n"),
     ("shellcheck", MINIO_INIT, "#!/bin/sh\nrm $1\n"),
-], ids=["hadolint", "check-jsonschema", "shellcheck"])
+], ids=["hadolint", "check-jsonschema", "check-jsonschema-ci", "shellcheck"])
 def test_linter_passes_the_file_and_rejects_a_bad_one(tmp_path: Path, name: str, path: str, bad: str) -> None:
     proc = lint(tmp_path, name, str(ROOT / path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
