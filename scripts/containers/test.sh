@@ -112,6 +112,6 @@ build s3 sdxl-ci-s3 deploy/ci -f deploy/ci/Dockerfile --build-arg "API_IMAGE=sdx
 
 phase "compose stack tests"
 status=0
-"$PY" -m pytest -q -p no:cacheprovider -m containers tests/deploy/test_containers.py "$@" || status=$?
+SDXL_REQUIRE_DOCKER=1 "$PY" -m pytest -q -p no:cacheprovider --durations=0 -m containers tests/deploy/test_containers.py "$@" || status=$?
 phase "done"
 exit $status
