@@ -221,12 +221,13 @@ def check_ci_override(d: Deploy) -> list[str]:
                  if n in main and set(svc) - swaps.get(n, set())]
     gpu_only = {"SDXL_DEVICE", "SDXL_DTYPE", "SDXL_VARIANT", "HF_HUB_OFFLINE", "HF_TOKEN"}
     worker, cpu = main["worker-gpu0"], ci.get("worker-cpu", {})
-    problems += [f"worker-cpu {k}={cpu.get('environment', {}).get(k)!r}, GPU workers {v!r}"
-                 for k, v in worker["environment"].items() if k not in gpu_only and cpu.get("environment", {}).get(k) != v]
+    cpu_env = cpu.get("environment", {})
+    problems += [f"worker-cpu {k}={cpu_env.get(k)!r}, GPU workers {v!r}"
+                 for k, v in worker["environment"].items() if k not in gpu_only and cpu_env.get(k) != v]
     problems += [f"worker-cpu {k} differs" for k in ("image", "command", "init", "restart", "stop_signal",
                                                     "stop_grace_period", "depends_on") if cpu.get(k) != worker.get(k)]
-    return problems + [f"worker-cpu SDXL_DEVICE is {cpu.get('environment', {}).get('SDXL_DEVICE')}"
-                       for _ in [0] if cpu.get("environment", {}).get("SDXL_DEVICE") != "cpu"]
+    device = cpu_env.get("SDXL_DEVICE")
+    return problems + ([] if device == "cpu" else [f"worker-cpu runs on {device}"])
 
 
 def check_redis(d: Deploy) -> list[str]:
@@ -265,7 +266,8 @@ MUTATIONS: list[tuple[Callable[[Deploy], list[str]], str, str, str]] = [
     (check_worker_torch, DOCKERFILE, "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126",
      "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"),
     (check_worker_torch, DOCKERFILE, "ARG TORCH_VERSION=", "ARG TORCH_VERSION=9"),
-    (check_worker_torch, DOCKERFILE, "NVIDIA_DRIVER_CAPABILITIES=compute,utility", "NVIDIA_DRIVER_CAPABILITIES=utility"),
+    (check_worker_torch, DOCKERFILE, "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+     "NVIDIA_DRIVER_CAPABILITIES=utility"),
     (check_ca_secret, DOCKERFILE, "--mount=type=secret,id=ca,required=false \\\n    if", "if"),
     (check_ca_secret, DOCKERFILE, "id=ca,required=false", "id=ca"),
     (check_ci_override, CI_COMPOSE, "SDXL_S3_ADDRESSING_STYLE: path", "SDXL_S3_ADDRESSING_STYLE: virtual"),
