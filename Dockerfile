@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Images for the SDXL service. Build with BuildKit (the default since Docker 23):
 #
 #   docker build --target api    -t sdxl-api:local .
@@ -11,30 +9,62 @@
 #   worker     GPU worker (`python -m worker`): CUDA build of torch + the SDXL deps.
 #   dashboard  rq-dashboard on top of the api image (compose profile `dashboard`).
 #
+# Both start from debian:bookworm-slim with Debian's CPython 3.11 in a venv: an official image
+# that can also be rebuilt without a registry (debootstrap --variant=minbase bookworm, imported
+# under that name), which is how CI gets it (scripts/containers/test.sh). No `# syntax=` line:
+# its frontend image would be pulled, and the built-in frontend already knows RUN --mount.
+#
 # Model weights are never part of an image: the worker downloads them on first start
 # into HF_HOME=/models, which docker-compose.yml mounts as a named volume.
 #
 # The source tree is bind-mounted into the RUN step that installs it (RUN --mount), so
 # no copy of the source stays in a layer; .dockerignore limits what the build sees.
+#
+# Optional, for builds behind a TLS-inspecting proxy (CI): a CA bundle as the BuildKit secret
+# `ca` (`--secret id=ca,src=/etc/ssl/certs/ca-certificates.crt`), which pip then trusts.
+# Without it the steps run exactly as they would anyway.
 
 ###############################################################################
-# api: slim CPython 3.11, no torch, no CUDA
+# base: Debian's CPython 3.11 in a venv, the sdxl user (shared by every target)
 ###############################################################################
-FROM python:3.11.14-slim-bookworm AS api
+FROM debian:bookworm-slim AS base
 
-ENV PYTHONDONTWRITEBYTECODE=1 \
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
+# One layer (every layer is a full copy of the tree on Docker's vfs driver, as in CI).
+# Versions are not pinned: the base image tag fixes the release, and a pinned .deb version
+# breaks the build as soon as Debian publishes a security update (the archive drops it).
+# A venv, so that `python` and `pip` are the venv's and Debian's python3 stays untouched.
 # Fixed numeric uid/gid so volume ownership is predictable across images and hosts.
-RUN groupadd --system --gid 10001 sdxl \
+ARG PIP_VERSION=26.3
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=ca,required=false \
+    apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3.11 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 sdxl \
     && useradd --system --uid 10001 --gid sdxl --home-dir /home/sdxl --create-home \
-       --shell /usr/sbin/nologin sdxl
+       --shell /usr/sbin/nologin sdxl \
+    && python3.11 -m venv /opt/venv \
+    && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && /opt/venv/bin/pip install --no-cache-dir "pip==${PIP_VERSION}"
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+###############################################################################
+# api: no torch, no CUDA
+###############################################################################
+FROM base AS api
 
 # The `api` extra must not pull in torch (tests/unit/test_deploy_files.py checks this file;
 # pyproject.toml is the lead's to keep that way).
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir "/src[api]"
+    --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install --no-cache-dir "/src[api]"
 
 WORKDIR /home/sdxl
 USER 10001:10001
@@ -58,7 +88,9 @@ FROM api AS dashboard
 USER 0:0
 # rq-dashboard 0.9.0 imports `six` without declaring it (seen: ModuleNotFoundError).
 ARG RQ_DASHBOARD_VERSION=0.9.0
-RUN pip install --no-cache-dir "rq-dashboard==${RQ_DASHBOARD_VERSION}" "six==1.17.0"
+RUN --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install --no-cache-dir "rq-dashboard==${RQ_DASHBOARD_VERSION}" "six==1.17.0"
 USER 10001:10001
 EXPOSE 9181
 
@@ -70,54 +102,40 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
 CMD ["rq-dashboard", "--bind", "0.0.0.0", "--port", "9181", "--json"]
 
 ###############################################################################
-# worker: CUDA userspace + CPython 3.11 + CUDA build of torch
+# worker: CPython 3.11 + the CUDA build of torch (or the CPU one: TORCH_INDEX_URL)
 ###############################################################################
-# The `base` flavour (not `runtime`/`cudnn-runtime`) on purpose: the CUDA wheels of
-# torch bring their own cuBLAS/cuDNN/NCCL as nvidia-* wheels, so the runtime image's
-# copies would only add ~3 GB. The base image still sets NVIDIA_REQUIRE_CUDA and the
-# NVIDIA_* variables that the NVIDIA container toolkit reads. Keep its CUDA minor in
-# step with TORCH_INDEX_URL below (cu126 <-> 12.6).
-FROM nvidia/cuda:12.6.3-base-ubuntu22.04 AS worker
+# No CUDA base image: the CUDA wheels of torch bring their own CUDA runtime, cuBLAS, cuDNN
+# and NCCL as nvidia-* wheels, and the NVIDIA container toolkit mounts the driver. The toolkit
+# acts on the two variables below, which is all that nvidia/cuda's base images add for it.
+FROM base AS worker
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# Ubuntu 22.04 ships CPython 3.11 as python3.11 (universe). Versions are not pinned:
-# the base image tag fixes the release, and pinning a .deb version breaks the build as
-# soon as Ubuntu publishes a security update (the archive drops superseded versions).
-# libgl1 + libglib2.0-0: opencv, pulled in by invisible-watermark (SDXL's watermark).
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates python3.11 python3.11-venv libgl1 libglib2.0-0 \
-    && rm -rf /var/lib/apt/lists/*
-
-RUN groupadd --system --gid 10001 sdxl \
-    && useradd --system --uid 10001 --gid sdxl --home-dir /home/sdxl --create-home \
-       --shell /usr/sbin/nologin sdxl \
-    && mkdir -p /models \
-    && chown sdxl:sdxl /models
-
-# A venv, so that `python` and `pip` are 3.11 and the distro's python3 is untouched.
-ARG PIP_VERSION=26.3
-RUN python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "pip==${PIP_VERSION}"
-ENV VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:$PATH
-
-# torch alone, from the PyTorch index, in its own layer: it is ~3 GB with its nvidia-*
+# torch alone, in its own layer with the system libraries: it is ~3 GB with its nvidia-*
 # wheels and changes far less often than the source. PyTorch 2.13 is built for CUDA 12.6
-# (cu126) and 13.0 (cu130); use cu130 with nvidia/cuda:13.0.x for Blackwell GPUs.
+# (cu126) and 13.0 (cu130, for Blackwell GPUs); TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# gives the CPU build (CI builds that, from a local copy of the index). --no-deps: torch's own
+# requirements (the nvidia-* wheels among them) come from PyPI with the project below.
+# libgl1 + libglib2.0-0: opencv, pulled in by invisible-watermark (SDXL's watermark).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 ARG TORCH_VERSION=2.13.0
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+# hadolint ignore=DL3008
+RUN --mount=type=secret,id=ca,required=false \
+    apt-get update \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
+    && rm -rf /var/lib/apt/lists/* \
+    && mkdir -p /models && chown sdxl:sdxl /models \
+    && if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # The project and the rest of the SDXL deps (diffusers, transformers, ...) from PyPI.
 # Naming torch again keeps pip from replacing the CUDA build: 2.13.0+cu126 satisfies
 # torch==2.13.0, so nothing is downloaded for it.
 RUN --mount=type=bind,source=.,target=/src,rw \
-    pip install --no-cache-dir "/src[worker]" "torch==${TORCH_VERSION}"
+    --mount=type=secret,id=ca,required=false \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
+    && pip install --no-cache-dir "/src[worker]" "torch==${TORCH_VERSION}"
 
 ENV HF_HOME=/models \
     HF_HUB_DISABLE_TELEMETRY=1

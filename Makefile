@@ -24,13 +24,14 @@ export SDXL_REFINER_MODEL := $(MODEL_DIR)/refiner
 export HF_HUB_OFFLINE := 1
 endif
 
-.PHONY: help venv system model run test test-tools lint openapi bench load chaos clean
+.PHONY: help venv system model run test test-tools lint openapi bench load chaos test-containers clean
 
 help:
 	@echo "make run    - serve the API on 127.0.0.1:$(PORT) with one worker (tiny model unless SDXL_BASE_MODEL is set)"
 	@echo "make test   - run the test suite (unit, in-process API, end-to-end), all but the slow fault drills"
 	@echo "make lint   - ruff + mypy"
 	@echo "make chaos  - the slow fault drills (kill -9, Redis restarts, outages): pytest -m slow"
+	@echo "make test-containers - build the images and run the compose stack in Docker (root, Debian)"
 	@echo "make bench  - CPU benchmarks (JSON lines)   make load - load run"
 
 system:
@@ -73,7 +74,7 @@ TEST_ENV := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 SDXL_TEST_MODEL_DIR=$(MODEL_DIR)
 
 # tests/unit, tests/api (in-process) and tests/e2e (real processes); the fault drills (marked slow) are `make chaos`
 test: venv model test-tools
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow and not containers" $(PYTEST_ARGS)
 
 PACKAGES := app worker common cli dispatcher cleanup tools
 
@@ -93,7 +94,12 @@ load: venv model
 
 # exactly the tests marked slow: kill -9 and SIGTERM of busy workers, Redis restarts, storage outages
 chaos: venv model
-	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "slow and not containers" $(PYTEST_ARGS)
+
+# the images built and the compose stack run in Docker (tests/deploy/test_containers.py): starts dockerd and
+# builds the debian:bookworm-slim base when they are missing (scripts/containers/test.sh says how)
+test-containers: venv model
+	$(TEST_ENV) PY=$(PY) scripts/containers/test.sh $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .models .data .pytest_cache

@@ -23,6 +23,9 @@ from dockerfile_parse import DockerfileParser
 from tests.procs import ROOT
 
 DOCKERFILE, COMPOSE, ENV_EXAMPLE, PYPROJECT = "Dockerfile", "docker-compose.yml", "deploy/env.example", "pyproject.toml"
+CI_COMPOSE = "deploy/ci/docker-compose.ci.yml"
+TARGETS = ("api", "worker", "dashboard")
+BASE_IMAGE = "debian:bookworm-slim"  # official, and rebuilt faithfully by debootstrap where no registry answers
 MINIO_INIT = "deploy/minio/init.sh"
 SECRETS = ("SDXL_API_KEYS", "SDXL_WEBHOOK_SECRETS", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD",
            "S3_APP_ACCESS_KEY_ID", "S3_APP_SECRET_ACCESS_KEY")
@@ -52,12 +55,15 @@ class Deploy:
                 current.append((item["instruction"], item["value"]))
         return stages
 
-    @cached_property
-    def services(self) -> dict[str, dict[str, Any]]:
+    def compose(self, path: str) -> dict[str, dict[str, Any]]:
         # What compose sees with an empty .env: defaults, and a stand-in for each required `${X:?}`.
         text = re.sub(r"\$\{(\w+)(?::?([-?])([^}]*))?\}",
-                      lambda m: m[3] if m[2] == "-" else "x" * 8 if m[2] else "", self.texts[COMPOSE])
+                      lambda m: m[3] if m[2] == "-" else "x" * 8 if m[2] else "", self.texts[path])
         return yaml.safe_load(text)["services"]
+
+    @cached_property
+    def services(self) -> dict[str, dict[str, Any]]:
+        return self.compose(COMPOSE)
 
     def lineage(self, target: str) -> tuple[str, list[tuple[str, str]]]:
         """A target's external base image and its instructions, those of the stages it is FROM first."""
@@ -121,7 +127,7 @@ def check_gpus(d: Deploy) -> list[str]:
 
 def check_non_root(d: Deploy) -> list[str]:
     # A USER set in a parent stage is inherited, so `last` follows FROM <stage>.
-    users = {t: d.last(t, "USER").split(":")[0] for t in d.stages}
+    users = {t: d.last(t, "USER").split(":")[0] for t in TARGETS}
     return [f"target {t} runs as root" for t, user in users.items() if user in {"", "root", "0"}]
 
 
@@ -165,21 +171,63 @@ def check_api_image(d: Deploy) -> list[str]:
     return problems + [f"pyproject: the api side requires {n}" for n in sorted(names & set(TORCH_STACK))]
 
 
+def check_base_images(d: Deploy) -> list[str]:
+    # Without a registry (CI) the base is rebuilt with debootstrap, and a `# syntax=` frontend cannot be pulled.
+    problems = [f"target {t} is FROM {d.lineage(t)[0]}" for t in TARGETS if d.lineage(t)[0] != BASE_IMAGE]
+    return problems + (["the Dockerfile names a frontend image (# syntax=)"]
+                       if re.search(r"(?m)^#\s*syntax\s*=", d.texts[DOCKERFILE]) else [])
+
+
 def check_worker_torch(d: Deploy) -> list[str]:
-    base, instructions = d.lineage("worker")
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\S+", base)
-    text = d.texts[DOCKERFILE] + d.texts[COMPOSE] + d.texts[ENV_EXAMPLE]
-    wheels = set(re.findall(r"download\.pytorch\.org/whl/(cu\d+)", text))
-    # A torch built for another CUDA than the base image's fails at the first kernel launch.
-    problems = [] if cuda and wheels == {f"cu{cuda[1]}{cuda[2]}"} else [f"{base} vs torch index {wheels}"]
-    version = dict(v.partition("=")[::2] for k, v in instructions if k == "ARG").get("TORCH_VERSION")
-    if f"torch=={version}" not in tomllib.loads(d.texts[PYPROJECT])["project"]["optional-dependencies"]["worker"]:
-        problems.append(f"TORCH_VERSION={version} is not the worker extra's torch pin")
+    instructions = d.lineage("worker")[1]
+    args = dict(v.partition("=")[::2] for k, v in instructions if k == "ARG")
+    # Users get the CUDA build, the same index wherever the files name one (CI passes the CPU one as an argument).
+    compose_arg = d.services["worker-gpu0"]["build"]["args"]["TORCH_INDEX_URL"]
+    example = re.search(r"(?m)^TORCH_INDEX_URL=(\S+)", d.texts[ENV_EXAMPLE])
+    indexes = {args.get("TORCH_INDEX_URL", ""), compose_arg, example[1] if example else ""}
+    problems = [] if len(indexes) == 1 and re.fullmatch(r"https://download\.pytorch\.org/whl/cu\d+", *indexes) else [
+        f"the default torch index is not one CUDA index: {sorted(indexes)}"]
+    if f"torch=={args.get('TORCH_VERSION')}" not in tomllib.loads(d.texts[PYPROJECT])["project"][
+            "optional-dependencies"]["worker"]:
+        problems.append(f"TORCH_VERSION={args.get('TORCH_VERSION')} is not the worker extra's torch pin")
     runs = [v for k, v in instructions if k == "RUN"]
-    # Naming torch beside the extra keeps pip from swapping the CUDA build for PyPI's wheel.
+    # Naming torch beside the extra keeps pip from swapping the index's build for PyPI's wheel.
     ok = any('--index-url "${TORCH_INDEX_URL}"' in r for r in runs) and any(
         "[worker]" in r and '"torch==${TORCH_VERSION}"' in r for r in runs)
-    return problems + ([] if ok else ["torch must come from TORCH_INDEX_URL and stay pinned beside the extra"])
+    problems += [] if ok else ["torch must come from TORCH_INDEX_URL and stay pinned beside the extra"]
+    # What nvidia/cuda images set for the NVIDIA container toolkit: without them it gives the container no GPU.
+    env = " ".join(v for k, v in instructions if k == "ENV")
+    return problems + [f"worker image lacks {v}" for v in ("NVIDIA_VISIBLE_DEVICES=all",
+                                                          "NVIDIA_DRIVER_CAPABILITIES=compute,utility")
+                       if not re.search(rf"(^|\s){v}(\s|$)", env)]
+
+
+def check_ca_secret(d: Deploy) -> list[str]:
+    # Every download during the build may need the host's CA bundle (CI), given as a secret that user builds omit.
+    runs = [v for t in TARGETS for k, v in d.lineage(t)[1] if k == "RUN" and "pip install" in v]
+    mount = "--mount=type=secret,id=ca,required=false"
+    return sorted({f"RUN without the optional CA secret: {r[:80]}" for r in runs
+                   if mount not in r or "if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi" not in r})
+
+
+def check_ci_override(d: Deploy) -> list[str]:
+    # The CI stack is docker-compose.yml with only registry-only images, the GPUs and Prometheus swapped: a
+    # service it adds or a setting it changes would make the run test something users do not deploy.
+    ci, main = d.compose(CI_COMPOSE), d.services
+    swaps = {"gateway": {"image", "volumes", "healthcheck"}, "redis": {"image"}, "api": {"volumes"},
+             "minio": {"image", "command", "healthcheck"}, "minio-init": {"image", "entrypoint"}}
+    problems = [f"CI override adds service {n}" for n in ci if n not in main and n != "worker-cpu"]
+    problems += [f"CI override changes {n}: {sorted(set(svc) - swaps.get(n, set()))}" for n, svc in ci.items()
+                 if n in main and set(svc) - swaps.get(n, set())]
+    gpu_only = {"SDXL_DEVICE", "SDXL_DTYPE", "SDXL_VARIANT", "HF_HUB_OFFLINE", "HF_TOKEN"}
+    worker, cpu = main["worker-gpu0"], ci.get("worker-cpu", {})
+    cpu_env = cpu.get("environment", {})
+    problems += [f"worker-cpu {k}={cpu_env.get(k)!r}, GPU workers {v!r}"
+                 for k, v in worker["environment"].items() if k not in gpu_only and cpu_env.get(k) != v]
+    problems += [f"worker-cpu {k} differs" for k in ("image", "command", "init", "restart", "stop_signal",
+                                                    "stop_grace_period", "depends_on") if cpu.get(k) != worker.get(k)]
+    device = cpu_env.get("SDXL_DEVICE")
+    return problems + ([] if device == "cpu" else [f"worker-cpu runs on {device}"])
 
 
 def check_redis(d: Deploy) -> list[str]:
@@ -211,8 +259,20 @@ MUTATIONS: list[tuple[Callable[[Deploy], list[str]], str, str, str]] = [
     (check_healthchecks, COMPOSE, 'test: ["CMD", "mc", "ready", "local"]', "disable: true"),
     (check_api_image, DOCKERFILE, '"/src[api]"', '"/src[api,worker]"'),
     (check_api_image, PYPROJECT, 'api = ["', 'api = ["torch==2.13.0", "'),
-    (check_worker_torch, DOCKERFILE, "download.pytorch.org/whl/cu", "download.pytorch.org/whl/cu9"),
+    (check_base_images, DOCKERFILE, "FROM debian:bookworm-slim AS base", "FROM python:3.11-slim-bookworm AS base"),
+    (check_base_images, DOCKERFILE, "# Images for the SDXL", "# syntax=docker/dockerfile:1\n# Images for the SDXL"),
+    (check_worker_torch, DOCKERFILE, "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126",
+     "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130"),
+    (check_worker_torch, DOCKERFILE, "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126",
+     "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu"),
     (check_worker_torch, DOCKERFILE, "ARG TORCH_VERSION=", "ARG TORCH_VERSION=9"),
+    (check_worker_torch, DOCKERFILE, "NVIDIA_DRIVER_CAPABILITIES=compute,utility",
+     "NVIDIA_DRIVER_CAPABILITIES=utility"),
+    (check_ca_secret, DOCKERFILE, "--mount=type=secret,id=ca,required=false \\\n    if", "if"),
+    (check_ca_secret, DOCKERFILE, "id=ca,required=false", "id=ca"),
+    (check_ci_override, CI_COMPOSE, "SDXL_S3_ADDRESSING_STYLE: path", "SDXL_S3_ADDRESSING_STYLE: virtual"),
+    (check_ci_override, CI_COMPOSE, "  api:\n    volumes:", "  api:\n    ports: [\"8000:8000\"]\n    volumes:"),
+    (check_ci_override, CI_COMPOSE, "  worker-cpu:", "  worker-extra:"),
     (check_redis, COMPOSE, '"--appendonly", "yes"', '"--appendonly", "no"'),
     (check_dockerignore, ".dockerignore", "\n.env\n", "\n"),
 ]
@@ -221,7 +281,8 @@ CHECKS = list(dict.fromkeys(m[0] for m in MUTATIONS))  # so every check has at l
 
 @pytest.fixture(scope="module")
 def real() -> Deploy:
-    return Deploy({f: (ROOT / f).read_text() for f in (DOCKERFILE, COMPOSE, ENV_EXAMPLE, PYPROJECT, ".dockerignore")})
+    files = (DOCKERFILE, COMPOSE, ENV_EXAMPLE, PYPROJECT, ".dockerignore", CI_COMPOSE)
+    return Deploy({f: (ROOT / f).read_text() for f in files})
 
 
 @pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__)
@@ -287,8 +348,9 @@ def lint(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedProcess[s
 @pytest.mark.parametrize(("name", "path", "bad"), [
     ("hadolint", DOCKERFILE, "FROM python:latest\nRUN pip install requests\n"),
     ("check-jsonschema", COMPOSE, "services:\n  api:\n    image: x\n    replicas: 2\n"),
+    ("check-jsonschema", CI_COMPOSE, "services:\n  api:\n    volumes: /x\n"),
     ("shellcheck", MINIO_INIT, "#!/bin/sh\nrm $1\n"),
-], ids=["hadolint", "check-jsonschema", "shellcheck"])
+], ids=["hadolint", "check-jsonschema", "check-jsonschema-ci", "shellcheck"])
 def test_linter_passes_the_file_and_rejects_a_bad_one(tmp_path: Path, name: str, path: str, bad: str) -> None:
     proc = lint(tmp_path, name, str(ROOT / path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
