@@ -56,6 +56,10 @@ class WorkerSettings(CommonSettings):
     adapters_dir: Path | None = None
     adapter_cache_max: int = Field(default=8, ge=1)  # adapters kept loaded (on the device)
     adapter_cache_bytes: int = Field(default=4 * 1024**3, ge=1)  # their LoRA weights' bytes, all together
+    # the CPU tier: adapters evicted from the device wait here (pinned memory on a GPU) and come back with one
+    # copy, no file read; 0 turns the tier off
+    adapter_cpu_cache_max: int = Field(default=32, ge=0)
+    adapter_cpu_cache_bytes: int = Field(default=16 * 1024**3, ge=0)
 
 
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size

@@ -100,3 +100,8 @@ def owner_upload_bytes(owner: str) -> str:
 def upload_users(upload_id: str) -> str:
     """Set: generation ids that reference the upload (DELETE answers 409 while one of them is unfinished)."""
     return f"{PREFIX}:upload-users:{upload_id}"
+
+
+def adapter_url(url_sha256: str) -> str:
+    """An adapter URL fetched at submit (by the sha256 of the URL) -> its file's sha256 and base, for a while."""
+    return f"{PREFIX}:adapter-url:{url_sha256}"
