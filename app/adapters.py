@@ -47,7 +47,7 @@ def resolve_adapters(req: GenerationCreate, settings: Settings, by_url: dict[int
     if len(req.loras) > settings.max_loras:
         raise field_error("loras", f"takes at most {settings.max_loras} adapters (SDXL_MAX_LORAS) but has "
                           f"{len(req.loras)}", len(req.loras))
-    urls = [lora.url for lora in req.loras if lora.url is not None]
+    urls = [lora.url for lora in req.loras]
     for i, lora in enumerate(req.loras):
         if lora.url is None:
             continue
