@@ -150,6 +150,9 @@ def main() -> int:
                     load_seconds=round(engine.load_seconds, 3))
     if settings.warmup:
         engine.warmup()
+    from worker.pipeline import freeze_heap
+
+    freeze_heap()  # the long-lived heap out of every later full collection
     try:
         wait_for_storage(store, registry, state="warming")  # the last step before serving: no job it cannot store
     except SystemExit:  # SIGTERM while waiting: nothing taken, no registry entry left behind
