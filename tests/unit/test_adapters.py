@@ -300,3 +300,34 @@ def test_the_lru_evicts_at_its_limit_in_both_tiers_and_a_cpu_hit_reads_no_file(t
     assert reads == ["tiny-lcm", "tiny-kohya"]
     events = cache.take_events()
     assert ("evict", "cpu", None) in events and any(e[:2] == ("load", "cpu") and e[2] is not None for e in events)
+
+
+def test_an_adapter_by_url_is_read_from_the_object_store_and_checked_against_its_sha256(tiny_model: Path,
+                                                                                          tmp_path: Path) -> None:
+    from common.adapter_urls import adapter_key
+    from common.storage import LocalStore
+    from worker.adapters import AdapterUnavailable
+    from worker.pipeline import Engine, ImageSpec
+    from worker.settings import WorkerSettings
+
+    data = lora_bytes(tmp_path)
+    sha = hashlib.sha256(data).hexdigest()
+    settings = WorkerSettings(base_model=str(tiny_model / "base"), refiner_model="", watermark=False,
+                              storage_dir=tmp_path / "store")
+    store = LocalStore(settings.storage_dir)
+    store.put(adapter_key(settings.adapter_prefix, sha), data, "application/octet-stream", {})
+    eng = Engine(settings)
+    url = "https://cdn.example.com/loras/style.safetensors"
+
+    def image(*loras: LoraRef) -> bytes:
+        p = GenerationParams(prompt="x", width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=1,
+                             loras=loras)
+        return bytes(eng.run(p, [ImageSpec("x", None, None, None, 1)], lambda _p: None)[0][0].tobytes())
+
+    assert image(LoraRef(name="style", sha256=sha, scale=0.8, url=url)) != image()
+    assert eng.adapters.tier_counts[("load", "file")] == 1
+    with pytest.raises(AdapterUnavailable, match="not in the object store"):
+        eng.adapters.apply((LoraRef(name="style", sha256="1" * 64, scale=0.8, url=url),))
+    store.put(adapter_key(settings.adapter_prefix, "2" * 64), data, "application/octet-stream", {})
+    with pytest.raises(AdapterUnavailable, match="do not have the sha256"):
+        eng.adapters.apply((LoraRef(name="style", sha256="2" * 64, scale=0.8, url=url),))
