@@ -302,8 +302,12 @@ def test_the_lru_evicts_at_its_limit_in_both_tiers_and_a_cpu_hit_reads_no_file(t
     assert ("evict", "cpu", None) in events and any(e[:2] == ("load", "cpu") and e[2] is not None for e in events)
 
 
-def test_an_adapter_by_url_is_read_from_the_object_store_and_checked_against_its_sha256(tiny_model: Path,
-                                                                                          tmp_path: Path) -> None:
+def test_adapters_by_url_and_by_hub_id_load_in_the_worker(tiny_model: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """By URL: from the object store, checked against its sha256. By hub id: hf_hub_download from a local hub
+    cache (offline), then diffusers' loader, as for a registry file."""
+    from huggingface_hub import constants
+
     from common.adapter_urls import adapter_key
     from common.storage import LocalStore
     from worker.adapters import AdapterUnavailable
@@ -331,3 +335,14 @@ def test_an_adapter_by_url_is_read_from_the_object_store_and_checked_against_its
     store.put(adapter_key(settings.adapter_prefix, "2" * 64), data, "application/octet-stream", {})
     with pytest.raises(AdapterUnavailable, match="do not have the sha256"):
         eng.adapters.apply((LoraRef(name="style", sha256="2" * 64, scale=0.8, url=url),))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "org/tiny-lora", {"style.safetensors": data})
+    root = tmp_path / "reg"
+    root.mkdir()
+    manifest(root, {"adapters": {"hubby": {"hub_id": "org/tiny-lora", "weight_name": "style.safetensors"}}})
+    eng.adapters.registry = Registry(root)
+    by_hub = image(LoraRef(name="hubby", sha256=sha, scale=0.8))
+    assert by_hub == image(LoraRef(name="style", sha256=sha, scale=0.8, url=url))  # the same bytes, the same image
+    assert eng.adapters.tier_counts[("load", "file")] == 2
