@@ -7,6 +7,8 @@
   device allocations (cudaMalloc) it made: where a cached adapter's extra time goes. Measured twice: with the
   collector as Python leaves it, then after `freeze_heap` (what the worker does once warm);
 - a CPU-tier hit (an adapter evicted from the device, back with one copy and no file read) versus a file load;
+- fusing an adapter the worker's way (one float32 scratch buffer) against the plain way (full-size float32
+  temporaries per layer), same layers, same process;
 - the swap between two cached adapters (restore the pristine weights, fuse the other) as a ratio to one denoising
   step of the same run;
 - recompilations across 10 swaps with torch.compile on (dynamo's unique graphs; goal 0);
@@ -210,6 +212,52 @@ class Bench:
         return {"figure": "cpu_tier", "runs": runs, "file_load_and_fuse_s": round(f, 4),
                 "cpu_tier_and_fuse_s": round(c, 4), "cpu_over_file": round(c / f, 3)}
 
+    def fuse_cost(self, reps: int) -> dict[str, Any]:
+        """Fusing one adapter into every layer it touches from the pristine weights: the worker's way (one float32
+        scratch buffer, one addmm_ per layer) against the plain one (a float32 copy of the weight, B @ A and its
+        scaled copy, all full size, per layer), on the same layers in one process. The weights end pristine."""
+        from worker.adapters import Scratch, fuse
+
+        cache = self.engine.adapters
+        a = self.ref("tiny-style", 0.8)
+        cache.apply((a,))
+        cache.apply(())  # cached, pristine copies taken, weights pristine
+        layers = cache.loaded[(a.name, a.sha256)].layers
+        pristine = [cache._pristine_weight(layer.module) for layer in layers]
+
+        def scratch_way() -> None:
+            scratch = Scratch(max(layer.module.weight.numel() for layer in layers))
+            for layer, w0 in zip(layers, pristine, strict=True):
+                fuse(layer.module, w0, [(layer, a.scale)], scratch)
+
+        def plain_way() -> None:
+            for layer, w0 in zip(layers, pristine, strict=True):
+                w = w0.to(torch.float32, copy=True)
+                delta = (layer.up.flatten(1).float() @ layer.down.flatten(1).float()).reshape(w0.shape)
+                w.add_(delta * layer.scaling, alpha=a.scale)
+                layer.module.weight.copy_(w)
+
+        times: dict[str, list[float]] = {"scratch": [], "plain": []}
+        with torch.no_grad():
+            for _ in range(reps):
+                for name, way in (("scratch", scratch_way), ("plain", plain_way)):
+                    sync(self.engine)
+                    t0 = time.perf_counter()
+                    way()
+                    sync(self.engine)
+                    times[name].append(time.perf_counter() - t0)
+            scratch_way()
+            by_scratch = [layer.module.weight.detach().float().clone() for layer in layers]
+            plain_way()
+            worst = max((layer.module.weight.detach().float() - w).abs().max().item()
+                        for layer, w in zip(layers, by_scratch, strict=True))
+            for layer, w0 in zip(layers, pristine, strict=True):
+                layer.module.weight.copy_(w0)
+        s, p = statistics.median(times["scratch"]), statistics.median(times["plain"])
+        return {"figure": "fuse", "reps": reps, "layers": len(layers), "scratch_ms": round(s * 1000, 3),
+                "plain_ms": round(p * 1000, 3), "scratch_over_plain": round(s / p, 3),
+                "max_weight_difference": worst}
+
     def swap_cost(self, reps: int) -> dict[str, Any]:
         a, b = self.ref("tiny-style"), self.ref("tiny-kohya")
         self.engine.adapters.apply((a,))
@@ -338,6 +386,7 @@ def main() -> int:
     freeze_heap()  # as the worker does once warm (worker/__main__.py): then the same figure again
     emit({"model": model, "device": str(engine.device), **bench.time_to_first_image(args.runs)})
     emit({"model": model, "device": str(engine.device), **bench.cpu_tier(args.runs)})
+    emit({"model": model, "device": str(engine.device), **bench.fuse_cost(max(10, args.runs * 4))})
     emit({"model": model, "device": str(engine.device), **bench.swap_cost(max(10, args.runs * 4))})
     for row in preset_latency(engine, adapters_dir, size if args.full else 256, 3, "eager"):
         emit({"model": model, "device": str(engine.device), **row})

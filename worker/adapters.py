@@ -142,20 +142,14 @@ class AdapterCache:
         applied: list[Any] = []
         try:
             with torch.no_grad():
-                scratch = _Scratch(max((m.weight.numel() for m in order if by_module[id(m)]), default=0))
+                scratch = Scratch(max((m.weight.numel() for m in order if by_module[id(m)]), default=0))
                 for m in order:
                     pristine = self._pristine_weight(m)
                     deltas = by_module[id(m)]
                     if not deltas:
                         m.weight.copy_(pristine)
                         continue
-                    # weight = pristine + sum(scale x scaling x up @ down), in float32, in one reused buffer:
-                    # a full-size float32 temporary per layer would churn the allocator on every swap
-                    w = scratch.take(pristine)
-                    for layer, scale in deltas:
-                        w.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(),
-                                 alpha=scale * layer.scaling)
-                    m.weight.copy_(w.view(m.weight.shape))
+                    fuse(m, pristine, deltas, scratch)
                     applied.append(m)
         except BaseException:
             # half applied (out of memory, say): the next request restores every layer either set touched
@@ -347,7 +341,16 @@ def _uncompiled(pipe: Any) -> Iterator[None]:
         pipe.unet = compiled
 
 
-class _Scratch:
+def fuse(module: Any, pristine: torch.Tensor, deltas: list[tuple[LayerDelta, float]], scratch: "Scratch") -> None:
+    """module.weight = pristine + sum(scale x scaling x up @ down), in float32, in place. In one reused buffer: a
+    full-size float32 temporary per layer would churn the allocator on every swap (bench/adapters.py `fuse`)."""
+    w = scratch.take(pristine)
+    for layer, scale in deltas:
+        w.addmm_(layer.up.flatten(1).float(), layer.down.flatten(1).float(), alpha=scale * layer.scaling)
+    module.weight.copy_(w.view(module.weight.shape))
+
+
+class Scratch:
     """One float32 buffer reused for every layer of a swap, grown to the largest layer's size."""
 
     def __init__(self, numel: int) -> None:
