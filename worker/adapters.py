@@ -249,8 +249,9 @@ class AdapterCache:
         try:
             data = get_with_retry(self._store, key, self.settings.storage_retry_seconds).data
         except ObjectNotFound:
-            raise AdapterUnavailable(f"adapter `{ref.url}` is not in the object store (`{key}`): submit the "
-                                     "request again to fetch it") from None
+            raise AdapterUnavailable(f"adapter `{ref.url}` is not in the object store (`{key}`): objects under "
+                                     "SDXL_ADAPTER_PREFIX must outlive SDXL_ADAPTER_URL_TTL_SECONDS, during which "
+                                     "the API takes the stored copy for the URL's") from None
         except StorageUnavailable as exc:
             raise AdapterUnavailable(f"adapter `{ref.url}` could not be read from the object store: {exc}") from None
         try:
