@@ -6,8 +6,10 @@ from typing import Any
 from app.errors import Problem, field_error
 from app.schemas import GenerationCreate
 from app.settings import Settings
-from common.adapters import Preset, Registry, RegistryError, registry_for
+from common.adapter_urls import check_adapter_url
+from common.adapters import DEFAULT_SCALE_RANGE, Preset, Registry, RegistryError, registry_for
 from common.contract.params import LoraRef
+from common.ssrf import split_list
 
 DEPLOYMENT_BASE = "sdxl"  # the model family this service serves: adapters for any other are refused
 
@@ -35,13 +37,29 @@ class Chosen:
     preset: Preset | None = None
 
 
-def resolve_adapters(req: GenerationCreate, settings: Settings) -> Chosen:
-    """422 for an unknown name, another base model's adapter, a scale out of range or too many adapters."""
+def resolve_adapters(req: GenerationCreate, settings: Settings, by_url: dict[int, LoraRef] | None = None) -> Chosen:
+    """422 for an unknown name, another base model's adapter, a scale out of range or too many adapters.
+
+    `by_url`: the request's adapters by URL, fetched and stored (app/adapter_fetch.py), by index in `loras`;
+    None: not fetched yet (the cheap checks before any fetch), so only their URLs and scales are checked."""
     if not req.loras and req.preset is None:
         return Chosen()
     if len(req.loras) > settings.max_loras:
         raise field_error("loras", f"takes at most {settings.max_loras} adapters (SDXL_MAX_LORAS) but has "
                           f"{len(req.loras)}", len(req.loras))
+    urls = [lora.url for lora in req.loras]
+    for i, lora in enumerate(req.loras):
+        if lora.url is None:
+            continue
+        reason = check_adapter_url(lora.url, split_list(settings.adapter_url_hosts), settings.adapter_fetch_allow_http)
+        if reason is not None:
+            raise field_error(f"loras[{i}].url", reason, lora.url)
+        if urls.index(lora.url) != i:
+            raise field_error(f"loras[{i}].url", "is already in this request: it is named twice", lora.url)
+        lo, hi = DEFAULT_SCALE_RANGE
+        if not lo <= lora.scale <= hi:
+            raise field_error(f"loras[{i}].scale", f"must be between {lo} and {hi} for an adapter by URL but is "
+                              f"{lora.scale}", lora.scale)
     try:
         adapters, presets = registry(settings).adapters(), registry(settings).presets()
     except RegistryError as exc:
@@ -58,6 +76,11 @@ def resolve_adapters(req: GenerationCreate, settings: Settings) -> Chosen:
             own = adapters[preset.adapter]
             refs.append(LoraRef(name=own.name, sha256=own.sha256, scale=preset.adapter_scale))
     for i, lora in enumerate(req.loras):
+        if lora.url is not None:
+            if by_url is not None:
+                refs.append(by_url[i])
+            continue
+        assert lora.name is not None  # LoraCreate: a name or a URL
         a = adapters.get(lora.name)
         if a is None:
             hint = f"; `{lora.name}` is a preset: send it as `preset`" if lora.name in presets else ""

@@ -26,6 +26,7 @@ from common.contract.params import (
     InputImage,
     JobPayload,
     LongPrompt,
+    LoraRef,
     RefinerMode,
     RefinerParams,
 )
@@ -88,12 +89,13 @@ def check_inputs(req: GenerationCreate, image: InputImage | None, mask: InputIma
 
 
 def resolve(req: GenerationCreate, settings: Settings, refiner_available: bool, image: InputImage | None = None,
-            mask: InputImage | None = None) -> GenerationParams:
+            mask: InputImage | None = None, by_url: dict[int, LoraRef] | None = None) -> GenerationParams:
     """Apply deployment defaults and limits; refuse what this deployment cannot serve (422 at submit).
 
-    `image`/`mask`: the request's inputs, already stored (app/uploads.py)."""
+    `image`/`mask`: the request's inputs, already stored (app/uploads.py); `by_url`: its adapters by URL, fetched
+    and stored (app/adapter_fetch.py)."""
     check_inputs(req, image, mask)
-    chosen = resolve_adapters(req, settings)  # loras and preset (app/adapters.py)
+    chosen = resolve_adapters(req, settings, by_url)  # loras and preset (app/adapters.py)
     adapter_fields = preset_fields(req, chosen)
     if chosen.preset is not None:  # the preset's steps and guidance, where the request did not set its own
         req = req.model_copy(update={k: adapter_fields[k] for k in ("num_inference_steps", "guidance_scale")})

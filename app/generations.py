@@ -12,6 +12,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 from starlette.concurrency import run_in_threadpool
 
+from app.adapter_fetch import AdapterUrls
 from app.auth import Principal
 from app.enqueue import Enqueuer, check_input_fields, new_generation_id, resolve, token_counts
 from app.errors import Problem, field_error
@@ -56,6 +57,7 @@ class GenerationService:
         self.state = GenerationState(r, settings, self.image_url, ar)
         self.enqueuer = Enqueuer(r, settings, ar, self.state)
         self.uploads = UploadService(ar, settings, store)
+        self.adapter_urls = AdapterUrls(ar, settings, store)
         self.limiter = Limiter(ar, settings)  # rate, unfinished-per-key and queue-depth limits (app/limits.py)
         self.idempotency = IdempotencyStore(ar, settings.generation_ttl_seconds)
         self.public_base_url = (settings.public_base_url or "").rstrip("/")
@@ -121,9 +123,10 @@ class GenerationService:
         refiner_ok = await self.refiner_available()
         resolve(req.model_copy(update={"image": None, "mask_image": None, "strength": None,
                                        "padding_mask_crop": None}), self.settings, refiner_ok)  # cheap 422s first
+        by_url = await self.adapter_urls.resolve(req)  # adapters by URL: fetched (or known) and stored
         image_in, mask_in = await self.inputs(req, principal, files)
         image, mask = (p.ref if p else None for p in (image_in, mask_in))
-        params = resolve(req, self.settings, refiner_ok, image, mask)
+        params = resolve(req, self.settings, refiner_ok, image, mask, by_url)
         self.model_limits.get().check(params)
         counts = token_counts(params, counter_for(self.settings.base_model))
         webhook = req.webhook.model_dump() if req.webhook else None

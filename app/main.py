@@ -78,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.storage.close()
             stop_watching()
             await app.state.service.uploads.fetcher.aclose()
+            await app.state.service.adapter_urls.aclose()
             await ar.aclose()
             r.close()
 

@@ -203,8 +203,12 @@ class ClusterCollector(Collector):
         )
         images.add_metric([], counters.get("images", 0.0))
         adapter_events = CounterMetricFamily(
-            "sdxl_adapter_events", "LoRA adapter cache events on the workers: load (cold), swap (the weights "
-            "changed to another adapter set), evict", labels=["event"])
+            "sdxl_adapter_events", "LoRA adapter cache events on the workers: load (tier file: read from its "
+            "file; cpu: back from the CPU tier), swap (the weights changed to another adapter set), evict (tier "
+            "device: down to the CPU tier; cpu: dropped)", labels=["event", "tier"])
+        adapter_urls = CounterMetricFamily(
+            "sdxl_adapter_url_fetches", "Adapters by URL at submit: fetched, or cached (the URL's file known from "
+            "an earlier fetch)", labels=["result"])
         for field, value in sorted(counters.items()):
             kind, _, rest = field.partition("|")
             if kind == "gen":
@@ -215,7 +219,10 @@ class ClusterCollector(Collector):
             elif kind == "webhook":
                 hooks.add_metric([rest], value)
             elif kind == "adapter":
-                adapter_events.add_metric([rest], value)
+                event, _, tier = rest.partition("|")
+                adapter_events.add_metric([event, tier], value)
+            elif kind == "adapter_url":
+                adapter_urls.add_metric([rest], value)
         stages = HistogramMetricFamily(
             "sdxl_generation_stage_seconds",
             "Time spent per stage: queue_wait "
@@ -230,12 +237,13 @@ class ClusterCollector(Collector):
         h = hists.get(stats.TOTAL, stats.Histogram())
         total.add_metric([], h.cumulative(), h.sum)
         adapter_seconds = HistogramMetricFamily(
-            "sdxl_adapter_seconds", "Seconds per adapter load (file to device) and swap (fusing into the weights)",
-            labels=["event"])
+            "sdxl_adapter_seconds", "Seconds per adapter load (tier file: file to device; cpu: CPU tier to "
+            "device) and swap (fusing into the weights)", labels=["event", "tier"])
         for event in ("load", "swap"):
-            h = hists.get(f"adapter_{event}", stats.Histogram())
-            adapter_seconds.add_metric([event], h.cumulative(), h.sum)
-        return [gens, images, requeues, hooks, stages, total, adapter_events, adapter_seconds]
+            for tier in stats.ADAPTER_TIERS[event]:
+                h = hists.get(f"adapter_{event}_{tier}", stats.Histogram())
+                adapter_seconds.add_metric([event, tier], h.cumulative(), h.sum)
+        return [gens, images, requeues, hooks, stages, total, adapter_events, adapter_urls, adapter_seconds]
 
     def workers(self, hashes: list[dict[str, str]], now: float) -> list[Metric]:
         lab = ["worker"]

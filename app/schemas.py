@@ -3,7 +3,7 @@
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from common.contract.params import MAX_SEED, SCHEDULERS, GenerationParams, LongPrompt, OutputFormat, RefinerMode
 
@@ -33,14 +33,25 @@ class WebhookCreate(BaseModel):
 
 
 class LoraCreate(BaseModel):
-    """One LoRA adapter for a request: a name from `GET /v1/adapters` and its weight."""
+    """One LoRA adapter for a request: a name from `GET /v1/adapters`, or an `https` URL of a safetensors LoRA
+    from a host this deployment allows (SDXL_ADAPTER_URL_HOSTS), and its weight."""
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(..., min_length=1, max_length=64, description="An adapter's name (`GET /v1/adapters`)",
-                      examples=["tiny-style"])
-    scale: float = Field(1.0, description="Its weight; within the adapter's `scale_min`..`scale_max`",
-                         examples=[0.8])
+    name: str | None = Field(None, min_length=1, max_length=64, description="An adapter's name "
+                             "(`GET /v1/adapters`); give `name` or `url`", examples=["tiny-style"])
+    url: str | None = Field(None, min_length=1, max_length=2048, description="An `https` URL of a safetensors "
+                            "LoRA (PEFT or kohya format), where the deployment allows adapters by URL: fetched at "
+                            "submit and stored by sha256 (the manifest records URL, sha256 and scale)",
+                            examples=["https://huggingface.co/org/repo/resolve/main/lora.safetensors"])
+    scale: float = Field(1.0, description="Its weight; within the adapter's `scale_min`..`scale_max` (-2 to 2 for "
+                         "an adapter by URL)", examples=[0.8])
+
+    @model_validator(mode="after")
+    def _name_or_url(self) -> "LoraCreate":
+        if (self.name is None) == (self.url is None):
+            raise ValueError("give exactly one of `name` (a registry adapter) and `url`")
+        return self
 
 
 class GenerationCreate(BaseModel):

@@ -55,6 +55,16 @@ class Settings(CommonSettings):
     # LoRA adapters and presets (common/adapters.py, docs/adapters.md): the registry the workers load from too
     adapters_dir: Path | None = None  # unset: no adapters, no presets
     max_loras: int = Field(default=4, ge=0)  # `loras` per request (a preset's own adapter not counted)
+    # adapters by URL (`loras: [{url}]`, common/adapter_urls.py): hosts they may come from (exact names or
+    # `*.example.com`; empty: off), fetched at submit through the SSRF policy with their own allows, stored once
+    # in the object store by sha256; a URL fetched before is not fetched again for adapter_url_ttl_seconds
+    adapter_url_hosts: str = ""
+    adapter_url_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    adapter_url_ttl_seconds: int = Field(default=24 * 3600, ge=0)
+    adapter_fetch_allow_addresses: str = ""  # comma-separated IPs or ip:port allowed even if private/loopback
+    adapter_fetch_allow_http: bool = False
+    adapter_fetch_timeout_seconds: float = Field(default=120.0, gt=0)  # the whole fetch, body included
+    adapter_fetch_max_redirects: int = Field(default=5, ge=0)  # each hop is checked against the SSRF policy
 
     # webhook SSRF policy at submit (common/ssrf.py); the dispatcher applies the same two settings again
     webhook_allow_addresses: str = ""  # comma-separated exact IPs or ip:port allowed even if private/loopback

@@ -531,14 +531,21 @@ def cmd_upload(client: Client, args: argparse.Namespace) -> int:
 
 
 def lora_spec(text: str) -> dict[str, Any]:
-    """`--lora NAME[:SCALE]` -> {"name": NAME, "scale": SCALE}; the scale defaults to 1."""
-    name, sep, scale = text.rpartition(":") if ":" in text else (text, "", "")
-    if not name:
-        raise argparse.ArgumentTypeError(f"must be NAME or NAME:SCALE, not {text!r}")
+    """`--lora NAME[:SCALE]` -> {"name": NAME, "scale": SCALE}; `--lora URL[:SCALE]` (https://...) ->
+    {"url": URL, "scale": SCALE}, where the deployment allows adapters by URL. The scale defaults to 1."""
+    is_url = text.lower().startswith(("https://", "http://"))
+    head, sep, tail = text.rpartition(":")
+    if is_url and (not sep or "/" in tail or head.lower() in ("https", "http")):
+        head, sep, tail = text, "", ""  # the last colon is the URL's own (scheme or port): no scale given
+    elif not sep:
+        head = text
+    if not head:
+        raise argparse.ArgumentTypeError(f"must be NAME, NAME:SCALE, URL or URL:SCALE, not {text!r}")
     try:
-        return {"name": name, "scale": float(scale) if sep else 1.0}
+        scale = float(tail) if sep else 1.0
     except ValueError:
         raise argparse.ArgumentTypeError(f"the scale in {text!r} must be a number") from None
+    return {"url" if is_url else "name": head, "scale": scale}
 
 
 def cmd_adapters(client: Client, args: argparse.Namespace) -> int:
@@ -677,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     ada = gen.add_argument_group("adapters and presets (`sdxl adapters` lists them; docs/adapters.md)")
     ada.add_argument("--lora", action="append", type=lora_spec, metavar="NAME[:SCALE]",
-                     help="apply a LoRA adapter at SCALE (default 1); repeat for several, applied in order")
+                     help="apply a LoRA adapter at SCALE (default 1); repeat for several, applied in order. "
+                     "An https URL of a safetensors LoRA in place of NAME where the deployment allows it")
     ada.add_argument("--preset", metavar="NAME", help="a few-step preset (its adapter, scheduler, steps and "
                      "guidance; --steps may change the steps within its range)")
     gen.set_defaults(func=cmd_generate)

@@ -9,6 +9,8 @@ stem, and an optional `adapters.json` manifest names, describes and bounds them 
                           "scheduler_config": {}, "steps": 4, "steps_min": 2, "steps_max": 8,
                           "guidance_scale": 1.0, "description": "..."}}}
 
+An entry may name a hub file instead (`"hub_id": "org/name"`, optional `weight_name` and `revision`), resolved
+with huggingface_hub's `hf_hub_download` into the local hub cache (from it alone under HF_HUB_OFFLINE=1).
 The API lists and validates with it (no torch: safetensors headers are parsed here); workers load the files it
 names. The base model an adapter is for comes from the manifest, else from kohya metadata in the file's header
 (`ss_base_model_version`, `modelspec.architecture`), else the deployment's own is assumed. File hashes are
@@ -28,6 +30,8 @@ from typing import Any
 from common.contract.params import SCHEDULERS
 
 MANIFEST = "adapters.json"
+HUB_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_SCALE_RANGE = (-2.0, 2.0)  # an adapter's scale range unless its manifest entry says otherwise
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -213,11 +217,17 @@ class Registry:
             raise RegistryError(f"{where}: names are 1-64 letters, digits, `.`, `_` or `-`")
         if not isinstance(entry, dict):
             raise RegistryError(f"{where} must be an object")
-        unknown = set(entry) - {"file", "base", "scale_min", "scale_max", "description", "refiner_file"}
+        unknown = set(entry) - {"file", "base", "scale_min", "scale_max", "description", "refiner_file", "hub_id",
+                                "weight_name", "revision"}
         if unknown:
             raise RegistryError(f"{where}: unknown keys {sorted(unknown)}")
         assert self.root is not None
-        path = self._file(where, entry.get("file", f"{name}.safetensors"))
+        if entry.get("hub_id") is not None:
+            path = self._hub_file(where, entry)
+        elif {"weight_name", "revision"} & set(entry):
+            raise RegistryError(f"{where}: `weight_name` and `revision` go with `hub_id`")
+        else:
+            path = self._file(where, entry.get("file", f"{name}.safetensors"))
         header = safetensors_header(path)
         if entry.get("base"):
             base, source = base_family(str(entry["base"])) or str(entry["base"]), "manifest"
@@ -243,6 +253,26 @@ class Registry:
         if not path.is_file():
             raise RegistryError(f"{where}: {path} does not exist")
         return path
+
+    @staticmethod
+    def _hub_file(where: str, entry: dict[str, Any]) -> Path:
+        """A hub adapter (`hub_id`, optional `weight_name` and `revision`) in the local hub cache, downloaded into
+        it first unless HF_HUB_OFFLINE=1: every process resolves the same file (share the cache like the model)."""
+        if "file" in entry:
+            raise RegistryError(f"{where}: give `file` or `hub_id`, not both")
+        hub_id, weight = entry["hub_id"], entry.get("weight_name", HUB_WEIGHT_NAME)
+        if not isinstance(hub_id, str) or not HUB_ID_RE.match(hub_id):
+            raise RegistryError(f"{where}: `hub_id` must be a hub repository id (`org/name`), not {hub_id!r}")
+        if not isinstance(weight, str) or not weight.endswith(".safetensors") or ".." in weight:
+            raise RegistryError(f"{where}: `weight_name` must be a `.safetensors` file of the repository, "
+                                f"not {weight!r}")
+        from huggingface_hub import hf_hub_download  # the hub client: only registries that name hub ids need it
+
+        try:
+            return Path(hf_hub_download(hub_id, weight, revision=entry.get("revision")))
+        except Exception as exc:  # offline and not cached, unknown repo or file, network: all say why
+            raise RegistryError(f"{where}: `{hub_id}` file `{weight}` could not be resolved "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
     def _preset(self, name: str, entry: Any, adapters: dict[str, Adapter]) -> Preset:
         where = f"{MANIFEST}: preset `{name}`"

@@ -269,6 +269,7 @@ class StorageSettings(BaseSettings):
     storage_dir: Path = Path(".data/images")
     storage_prefix: str = "generations/"
     upload_prefix: str = "uploads/"  # input images (POST /v1/image-uploads, and every image a request carries)
+    adapter_prefix: str = "adapters/"  # LoRA adapters given by URL, stored once by sha256 (common/adapter_urls.py)
     image_url_mode: Literal["api", "presigned"] = "api"
     # S3-compatible store (storage_backend="s3"); credentials come from the standard AWS chain
     s3_bucket: str = ""

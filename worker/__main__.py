@@ -164,6 +164,9 @@ def main() -> int:
     CancelListener(r, runner).start()
     registry.update(state="ready", warm=1)
     log.info("worker ready", extra={"worker_id": worker_id})
+    from worker.pipeline import freeze_heap
+
+    freeze_heap()  # the long-lived heap out of every later full collection (after `ready`: startup waits not)
     try:
         worker.work(logging_level=os.environ.get("SDXL_LOG_LEVEL", "INFO"))
     except StopRequested:

@@ -157,8 +157,8 @@ class Executing:
             if events:
                 try:
                     pipe = self.r.pipeline(transaction=False)
-                    for kind, seconds in events:
-                        stats.count_adapter(pipe, kind, seconds)
+                    for kind, tier, seconds in events:
+                        stats.count_adapter(pipe, kind, tier, seconds)
                     pipe.execute()
                 except redis.RedisError:
                     log.warning("adapter metrics not recorded", exc_info=True)

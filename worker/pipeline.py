@@ -4,6 +4,8 @@ Runs on the worker's main thread only: a diffusers pipeline is not safe to share
 torch's CPU thread pool is per thread.
 """
 
+import copy
+import gc
 import json
 import logging
 import math
@@ -150,8 +152,11 @@ class Engine:
                 self._fp8(pipe.unet)
             if settings.compile_mode:
                 pipe.unet = self._compile(pipe.unet)
-        # our own decode path only (Engine.decode): the shared VAE module itself stays as it is
-        self._vae_decode = self._compile(self.base.vae.decode, cudagraphs=False) if settings.compile_vae else None
+        # our own decode path (Engine.decode) decodes with `decode_vae`: the shared VAE, or, where it must decode in
+        # another dtype (SDXL's VAE overflows in float16: force_upcast), a copy of its decoder in that dtype made
+        # once here, rather than casting the whole shared VAE there and back around every decode
+        self.decode_vae = self.decode_vae_for(self._decode_dtype())
+        self._vae_decode = self._compile(self.decode_vae.decode, cudagraphs=False) if settings.compile_vae else None
         # image to image and inpainting: the same modules as the text-to-image pipelines (from_pipe shares them,
         # compiled UNet included), so these modes cost no second copy of any weight (bench/images.py measures it).
         # from_pipe ends with `.to(dtype)`, float32 unless told: without `dtype` it would cast the shared modules,
@@ -171,6 +176,25 @@ class Engine:
         self.load_seconds = time.monotonic() - t0
         log.info("models loaded", extra={"seconds": round(self.load_seconds, 3), "base": settings.base_model,
                                          "refiner": settings.refiner_model})
+
+    def _decode_dtype(self) -> torch.dtype:
+        """SDXL_VAE_DECODE_DTYPE; auto: float32 where the VAE asks for the upcast in float16, else the model's."""
+        if self.settings.vae_decode_dtype != "auto":
+            return DTYPES[self.settings.vae_decode_dtype]
+        vae = self.base.vae
+        return torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+
+    def decode_vae_for(self, dtype: torch.dtype) -> Any:
+        """The shared VAE if it is in `dtype`, else a copy of its decoding half (no encoder) in `dtype`."""
+        vae = self.base.vae
+        if vae.dtype == dtype:
+            return vae
+        encoder, vae.encoder = vae.encoder, None  # not copied: decoding never uses it
+        try:
+            decoder = copy.deepcopy(vae)
+        finally:
+            vae.encoder = encoder
+        return decoder.to(dtype=dtype)
 
     def _compile(self, module: Any, cudagraphs: bool = True) -> Any:
         backend = self.settings.compile_backend
@@ -456,18 +480,13 @@ class Engine:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode as diffusers does it, one image at a time when slicing (bounded peak memory)."""
-        vae = self.base.vae
-        needs_upcast = vae.dtype == torch.float16 and vae.config.force_upcast
-        if needs_upcast:
-            vae.to(dtype=torch.float32)
-        latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
-        latents = latents / vae.config.scaling_factor
+        """VAE decode as diffusers does it (in float32 where the VAE asks for it), one image at a time when slicing
+        (bounded peak memory)."""
+        vae = self.decode_vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
         chunks = latents.split(1) if self.settings.vae_slicing else [latents]
         decode = self._vae_decode or vae.decode
         out = torch.cat([decode(c, return_dict=False)[0] for c in chunks])
-        if needs_upcast:
-            vae.to(dtype=torch.float16)
         if not torch.isfinite(out).all():
             raise NonFiniteOutput("the VAE produced NaN or Inf pixels")
         return out
@@ -508,6 +527,18 @@ class Engine:
         if self.device.type != "cuda":
             return {}
         return {"allocated": torch.cuda.memory_allocated(), "peak": torch.cuda.max_memory_allocated()}
+
+
+def freeze_heap() -> None:
+    """Once the models are loaded and warm: every object alive now moves to the collector's permanent generation.
+
+    Python's full (generation 2) collections traverse every tracked object of the process; a worker holds
+    hundreds of thousands (torch, diffusers, transformers, the modules of the pipelines) that live as long as it
+    does, so each full collection, which a request that allocates many objects (an adapter load makes PEFT layers
+    by the hundred) sets off at some later point, pauses whichever request is running then (bench/adapters.py
+    counts them per request). Frozen, a full collection traverses only what was made since."""
+    gc.collect()
+    gc.freeze()
 
 
 class NonFiniteOutput(Exception):

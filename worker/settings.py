@@ -42,9 +42,12 @@ class WorkerSettings(CommonSettings):
     # it (torch's automatic dynamic shapes make the later ones cheap); default: SDXL's nine trained buckets
     warmup_sizes: Annotated[list[tuple[int, int]], NoDecode] = list(SDXL_BUCKETS)
     fuse_qkv: bool = False
-    # torch.compile the VAE decode too (the compile mode's inductor settings without CUDA graphs: the VAE's weights
-    # are cast to fp32 and back around each decode, so their addresses change between calls)
+    # torch.compile the VAE decode too (the compile mode's inductor settings without CUDA graphs)
     compile_vae: bool = False
+    # the dtype the VAE decodes in; auto: float32 where SDXL's VAE would overflow in float16 (its force_upcast),
+    # from a float32 copy of its decoder made once at start (~0.2 GB), else the model's dtype. bfloat16 has
+    # float32's range, so it decodes without the upcast at tensor-core speed (images differ slightly)
+    vae_decode_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # opt-in: torchao float8 dynamic activation + weight quantization of the UNets' linear layers (per-tensor
     # scales); needs torchao and a CUDA GPU of compute capability 8.9+ (Ada, Hopper); changes the images
     fp8: bool = False
@@ -56,6 +59,10 @@ class WorkerSettings(CommonSettings):
     adapters_dir: Path | None = None
     adapter_cache_max: int = Field(default=8, ge=1)  # adapters kept loaded (on the device)
     adapter_cache_bytes: int = Field(default=4 * 1024**3, ge=1)  # their LoRA weights' bytes, all together
+    # the CPU tier: adapters evicted from the device wait here (pinned memory on a GPU) and come back with one
+    # copy, no file read; 0 turns the tier off
+    adapter_cpu_cache_max: int = Field(default=32, ge=0)
+    adapter_cpu_cache_bytes: int = Field(default=16 * 1024**3, ge=0)
 
 
     png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib level: speed on the worker vs file size

@@ -111,3 +111,8 @@ def usage_day(owner: str, day: str) -> str:
     """Hash {images, gpu_us, generations, admitted}: one owner's usage on one UTC day (`YYYY-MM-DD`). `admitted`
     counts images of generations submitted that day (the daily quota's figure); the others count successes."""
     return f"{PREFIX}:usage:{owner}:{day}"
+
+
+def adapter_url(url_sha256: str) -> str:
+    """An adapter URL fetched at submit (by the sha256 of the URL) -> its file's sha256 and base, for a while."""
+    return f"{PREFIX}:adapter-url:{url_sha256}"

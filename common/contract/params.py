@@ -7,8 +7,9 @@ resource shows exactly what ran. Field names follow diffusers where one exists.
 import hashlib
 import json
 from enum import StrEnum
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 MAX_SEED = 2**53 - 1  # seeds stay exact in JavaScript numbers
 PAYLOAD_VERSION = 1
@@ -66,13 +67,22 @@ class InputImage(BaseModel):
 
 
 class LoraRef(BaseModel):
-    """One LoRA adapter of a generation, by registry name and the sha256 of the file (the manifest's proof)."""
+    """One LoRA adapter of a generation, by registry name and the sha256 of the file (the manifest's proof); an
+    adapter given by URL also carries the URL (its bytes are in the object store under their sha256)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     name: str
     sha256: str
     scale: float
+    url: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_url(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("url") is None:
+            data.pop("url", None)  # registry adapters: {name, sha256, scale}, as the manifest has always said
+        return data
 
 
 class GenerationParams(BaseModel):

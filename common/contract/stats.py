@@ -8,7 +8,9 @@ the hash back (app/metrics.py), so one scrape of any replica shows the whole clu
     images                      images stored by succeeded generations
     requeue|<reason>            generations put back in line (lease_expired, shutdown)
     webhook|<outcome>           webhook delivery attempts by outcome
-    adapter|<event>             LoRA adapter cache events on the workers (load, swap, evict)
+    adapter|<event>|<tier>      LoRA adapter cache events on the workers (load from file or cpu; swap on the
+                                device; evict from device or cpu)
+    adapter_url|<result>        adapters by URL at submit: fetched, or cached (the URL's file known already)
     h|<name>|<i>                observations that fell in bucket i of histogram <name> (not cumulative)
     h|<name>|sum                sum of the observations
 
@@ -71,13 +73,20 @@ def count_webhook(pipe: Any, outcome: str) -> None:
 
 
 ADAPTER_EVENTS = ("load", "swap", "evict")
+ADAPTER_TIERS = {"load": ("file", "cpu"), "swap": ("device",), "evict": ("device", "cpu")}
 
 
-def count_adapter(pipe: Any, event: str, seconds: float | None = None) -> None:
-    """For the workers: one adapter `event` (worker/adapters.py); load and swap also observe their seconds."""
-    pipe.hincrby(METRICS, f"adapter|{event}", 1)
+def count_adapter(pipe: Any, event: str, tier: str, seconds: float | None = None) -> None:
+    """For the workers: one adapter `event` in `tier` (worker/adapters.py); load and swap also observe their
+    seconds."""
+    pipe.hincrby(METRICS, f"adapter|{event}|{tier}", 1)
     if seconds is not None:
-        observe(pipe, f"adapter_{event}", seconds)
+        observe(pipe, f"adapter_{event}_{tier}", seconds)
+
+
+def count_adapter_url(pipe: Any, result: str) -> None:
+    """For the API: an adapter URL at submit was `fetched`, or `cached` (its file known from an earlier fetch)."""
+    pipe.hincrby(METRICS, f"adapter_url|{result}", 1)
 
 
 def _num(value: Any) -> float | None:

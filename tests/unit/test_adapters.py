@@ -170,3 +170,179 @@ def test_swapping_fused_adapters_restores_exactly_and_never_recompiles(tiny_mode
     assert counters["stats"]["unique_graphs"] - before == 0
     assert eng.adapters.counts["load"] == 2 and len(eng.adapters._pristine) > 0
     torch._dynamo.reset()
+
+
+# --- adapters by URL: the checks API and worker share (common/adapter_urls.py) ---------------------------------
+def lora_bytes(tmp_path: Path) -> bytes:
+    from tools.models import build_tiny_adapters
+
+    folder = tmp_path / "tiny-adapters"
+    if not (folder / "tiny-style.safetensors").exists():
+        build_tiny_adapters(folder)
+    return (folder / "tiny-style.safetensors").read_bytes()
+
+
+def test_a_lora_file_is_recognised_and_other_bytes_are_refused_saying_why(tmp_path: Path) -> None:
+    from common.adapter_urls import LoraFileError, check_lora_file
+
+    good = lora_bytes(tmp_path)
+    assert any("lora_A" in k for k in check_lora_file(good, hashlib.sha256(good).hexdigest()))
+    plain = write_safetensors(tmp_path / "full.safetensors", payload=b"\0" * 16).read_bytes()
+    cases = [(plain, "holds no LoRA weights"), (good[:-4], "not a complete safetensors file"),
+             (b"<html>not found</html>", "not a safetensors file"), (b"abc", "not a safetensors file")]
+    for data, message in cases:
+        with pytest.raises(LoraFileError, match=message):
+            check_lora_file(data)
+    with pytest.raises(LoraFileError, match="sha256"):
+        check_lora_file(good, "0" * 64)
+
+
+@pytest.mark.parametrize(("url", "hosts", "message"), [
+    ("https://cdn.example.com/a.safetensors", [], "off in this deployment"),
+    ("https://evil.example.org/a.safetensors", ["cdn.example.com"], "not among the hosts"),
+    ("http://cdn.example.com/a.safetensors", ["cdn.example.com"], "must be an https URL"),
+    ("ftp://cdn.example.com/a.safetensors", ["cdn.example.com"], "must be an https URL"),
+    ("https://u:p@cdn.example.com/a.safetensors", ["cdn.example.com"], "credentials"),
+    ("https://cdn.example.com.evil.org/a", ["cdn.example.com"], "not among the hosts"),
+    ("https://cdn.example.com/a.safetensors", ["cdn.example.com"], None),
+    ("https://x.hf.co/a.safetensors", ["*.hf.co"], None),
+])
+def test_adapter_urls_come_only_over_https_from_allowed_hosts(url: str, hosts: list[str], message: str | None
+                                                              ) -> None:
+    from common.adapter_urls import check_adapter_url
+
+    reason = check_adapter_url(url, hosts, allow_http=False)
+    assert reason is None if message is None else message in (reason or "")
+
+
+def test_an_adapter_by_url_is_named_after_its_file() -> None:
+    from common.adapter_urls import url_name
+
+    assert url_name("https://h/org/resolve/main/my%20style.safetensors?x=1") == "my-style"
+    assert url_name("https://h/") == "url-adapter"
+
+
+# --- hub ids in the registry: resolved from the local hub cache (HF_HUB_OFFLINE=1) -----------------------------
+def fake_hub_cache(cache: Path, repo: str, files: dict[str, bytes], revision: str = "0" * 40) -> None:
+    """The layout huggingface_hub reads offline: models--org--name/{refs/main, snapshots/<rev>/<file>}."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    for name, data in files.items():
+        (root / "snapshots" / revision).mkdir(parents=True, exist_ok=True)
+        (root / "snapshots" / revision / name).write_bytes(data)
+
+
+def test_hub_ids_in_the_manifest_resolve_from_the_local_hub_cache(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    data = lora_bytes(tmp_path)
+    fake_hub_cache(tmp_path / "hub", "org/tiny-lora", {"pytorch_lora_weights.safetensors": data,
+                                                       "other.safetensors": data[:100]})
+    root = tmp_path / "reg"
+    root.mkdir()
+    manifest(root, {"adapters": {"hubby": {"hub_id": "org/tiny-lora", "scale_max": 1.0}}})
+    a = Registry(root).adapters()["hubby"]
+    assert a.sha256 == hashlib.sha256(data).hexdigest() and a.bytes == len(data)
+    assert a.path.parent.name == "0" * 40 and a.scale_max == 1.0
+    for entry, message in [({"hub_id": "org/missing"}, "could not be resolved"),
+                            ({"hub_id": "not a repo"}, "hub repository id"),
+                            ({"hub_id": "org/tiny-lora", "file": "x.safetensors"}, "not both"),
+                            ({"weight_name": "x.safetensors"}, "go with `hub_id`")]:
+        manifest(root, {"adapters": {"hubby": entry}})
+        with pytest.raises(RegistryError, match=message):
+            Registry(root).adapters()
+
+
+# --- the worker's two tiers (worker/adapters.py) on the tiny model ---------------------------------------------
+def test_the_lru_evicts_at_its_limit_in_both_tiers_and_a_cpu_hit_reads_no_file(tiny_model: Path,
+                                                                              tmp_path: Path) -> None:
+    from tools.models import build_tiny_adapters
+    from worker.pipeline import Engine, ImageSpec
+    from worker.settings import WorkerSettings
+
+    folder = build_tiny_adapters(tmp_path / "adapters")
+    registry = Registry(folder)
+    eng = Engine(WorkerSettings(base_model=str(tiny_model / "base"), refiner_model="", watermark=False,
+                                adapters_dir=str(folder), adapter_cache_max=1, adapter_cpu_cache_max=1))
+    cache = eng.adapters
+    cache.registry = registry
+    reads: list[str] = []
+    real_read = cache._read
+
+    def counting_read(pipe: Any, source: Any, name: str) -> Any:
+        reads.append(name)
+        return real_read(pipe, source, name)
+
+    cache._read = counting_read  # type: ignore[method-assign]
+
+    def image(name: str) -> bytes:
+        ref = LoraRef(name=name, sha256=registry.adapters()[name].sha256, scale=0.9)
+        p = GenerationParams(prompt="x", width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=1,
+                             loras=(ref,))
+        return bytes(eng.run(p, [ImageSpec("x", None, None, None, 1)], lambda _p: None)[0][0].tobytes())
+
+    a = image("tiny-style")
+    image("tiny-kohya")  # the device holds one: tiny-style goes down to the CPU tier
+    assert list(cache.loaded) == [("tiny-kohya", registry.adapters()["tiny-kohya"].sha256)]
+    assert [k[0] for k in cache.cpu] == ["tiny-style"] and cache.tier_counts[("evict", "device")] == 1
+    reads.clear()
+    assert image("tiny-style") == a  # back from the CPU tier: the same weights, no file read
+    assert reads == [] and cache.tier_counts[("load", "cpu")] == 1
+    assert [k[0] for k in cache.cpu] == ["tiny-kohya"]
+    image("tiny-lcm")  # a third: tiny-style down to the CPU tier, which holds one: tiny-kohya dropped
+    assert reads == ["tiny-lcm"] and [k[0] for k in cache.cpu] == ["tiny-style"]
+    assert cache.tier_counts[("evict", "cpu")] == 1 and cache.tier_counts[("load", "file")] == 3
+    image("tiny-kohya")  # dropped from both tiers: read from its file again
+    assert reads == ["tiny-lcm", "tiny-kohya"]
+    events = cache.take_events()
+    assert ("evict", "cpu", None) in events and any(e[:2] == ("load", "cpu") and e[2] is not None for e in events)
+
+
+def test_adapters_by_url_and_by_hub_id_load_in_the_worker(tiny_model: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """By URL: from the object store, checked against its sha256. By hub id: hf_hub_download from a local hub
+    cache (offline), then diffusers' loader, as for a registry file."""
+    from huggingface_hub import constants
+
+    from common.adapter_urls import adapter_key
+    from common.storage import LocalStore
+    from worker.adapters import AdapterUnavailable
+    from worker.pipeline import Engine, ImageSpec
+    from worker.settings import WorkerSettings
+
+    data = lora_bytes(tmp_path)
+    sha = hashlib.sha256(data).hexdigest()
+    settings = WorkerSettings(base_model=str(tiny_model / "base"), refiner_model="", watermark=False,
+                              storage_dir=tmp_path / "store")
+    store = LocalStore(settings.storage_dir)
+    store.put(adapter_key(settings.adapter_prefix, sha), data, "application/octet-stream", {})
+    eng = Engine(settings)
+    url = "https://cdn.example.com/loras/style.safetensors"
+
+    def image(*loras: LoraRef) -> bytes:
+        p = GenerationParams(prompt="x", width=64, height=64, num_inference_steps=2, guidance_scale=5.0, seed=1,
+                             loras=loras)
+        return bytes(eng.run(p, [ImageSpec("x", None, None, None, 1)], lambda _p: None)[0][0].tobytes())
+
+    assert image(LoraRef(name="style", sha256=sha, scale=0.8, url=url)) != image()
+    assert eng.adapters.tier_counts[("load", "file")] == 1
+    with pytest.raises(AdapterUnavailable, match="not in the object store"):
+        eng.adapters.apply((LoraRef(name="style", sha256="1" * 64, scale=0.8, url=url),))
+    store.put(adapter_key(settings.adapter_prefix, "2" * 64), data, "application/octet-stream", {})
+    with pytest.raises(AdapterUnavailable, match="do not have the sha256"):
+        eng.adapters.apply((LoraRef(name="style", sha256="2" * 64, scale=0.8, url=url),))
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    fake_hub_cache(tmp_path / "hub", "org/tiny-lora", {"style.safetensors": data})
+    root = tmp_path / "reg"
+    root.mkdir()
+    manifest(root, {"adapters": {"hubby": {"hub_id": "org/tiny-lora", "weight_name": "style.safetensors"}}})
+    eng.adapters.registry = Registry(root)
+    by_hub = image(LoraRef(name="hubby", sha256=sha, scale=0.8))
+    assert by_hub == image(LoraRef(name="style", sha256=sha, scale=0.8, url=url))  # the same bytes, the same image
+    assert eng.adapters.tier_counts[("load", "file")] == 2
