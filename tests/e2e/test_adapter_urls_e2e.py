@@ -8,16 +8,17 @@ import re
 import struct
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from tests.file_server import FileServer, serve_files
 from tests.procs import Service, free_port
+
+OCT = "application/octet-stream"
 
 SMALL = {"prompt": "a red door", "width": 64, "height": 64, "num_inference_steps": 3, "seed": 11}
 MAX_BYTES = 400_000  # between the tiny style LoRA (~270 kB) and the tiny Lightning one (~490 kB)
@@ -29,35 +30,20 @@ def not_a_lora() -> bytes:
     return struct.pack("<Q", len(header)) + header + b"\0" * 16
 
 
-class _Files(BaseHTTPRequestHandler):
-    files: dict[str, bytes] = {}
-    hits: dict[str, int] = {}
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        self.hits[self.path] = self.hits.get(self.path, 0) + 1
-        data = self.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+@pytest.fixture(scope="module")
+def files(tiny_adapters: Path) -> Iterator[FileServer]:
+    with serve_files({
+        "/style.safetensors": (OCT, (tiny_adapters / "tiny-style.safetensors").read_bytes()),
+        "/big.safetensors": (OCT, (tiny_adapters / "tiny-lightning.safetensors").read_bytes()),
+        "/full.safetensors": (OCT, not_a_lora()),
+        "/page.safetensors": (OCT, b"<html>moved</html>"),
+    }) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def file_server(tiny_adapters: Path) -> Iterator[str]:
-    _Files.files = {"/style.safetensors": (tiny_adapters / "tiny-style.safetensors").read_bytes(),
-                    "/big.safetensors": (tiny_adapters / "tiny-lightning.safetensors").read_bytes(),
-                    "/full.safetensors": not_a_lora(), "/page.safetensors": b"<html>moved</html>"}
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Files)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+def file_server(files: FileServer) -> str:
+    return files.url
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +81,20 @@ def metric(api: str, pattern: str) -> float:
     return sum(float(m[1]) for m in re.finditer(rf"^{pattern} (\S+)$", text, re.M))
 
 
-def test_an_adapter_by_url_changes_the_image_and_a_second_request_uses_the_cache(api: str,
-                                                                                 file_server: str) -> None:
+def test_an_adapter_by_url_changes_the_image_and_a_second_request_uses_the_cache(api: str, file_server: str,
+                                                                                 files: FileServer) -> None:
     url = f"{file_server}/style.safetensors"
-    sha256 = hashlib.sha256(_Files.files["/style.safetensors"]).hexdigest()
+    sha256 = hashlib.sha256(files.data("/style.safetensors")).hexdigest()
     plain = generate(api)
     styled = generate(api, loras=[{"url": url, "scale": 0.8}])
     assert styled["images"][0]["sha256"] != plain["images"][0]["sha256"]
     assert styled["manifest"]["adapters"] == [{"name": "style", "sha256": sha256, "scale": 0.8, "url": url}]
-    assert _Files.hits["/style.safetensors"] == 1
+    assert files.hits["/style.safetensors"] == 1
     cached = metric(api, r'sdxl_adapter_url_fetches_total\{result="cached"\}')
     file_loads = metric(api, r'sdxl_adapter_events_total\{event="load",tier="file"\}')
     again = generate(api, loras=[{"url": url, "scale": 0.8}])
     assert again["images"][0]["sha256"] == styled["images"][0]["sha256"]  # the same bytes: the same image
-    assert _Files.hits["/style.safetensors"] == 1  # not fetched again: the URL's sha256 is known
+    assert files.hits["/style.safetensors"] == 1  # not fetched again: the URL's sha256 is known
     assert metric(api, r'sdxl_adapter_url_fetches_total\{result="cached"\}') == cached + 1
     assert metric(api, r'sdxl_adapter_events_total\{event="load",tier="file"\}') == file_loads  # resident
 
@@ -127,14 +113,15 @@ def test_an_adapter_by_url_counts_with_registry_adapters_and_the_cli_sends_it(ap
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
-def test_refusals_name_the_field_and_say_why(api: str, file_server: str, service: Service) -> None:
+def test_refusals_name_the_field_and_say_why(api: str, file_server: str, files: FileServer,
+                                            service: Service) -> None:
     err = refused(api, f"{file_server}/big.safetensors")
     assert err["field"] == "loras[0].url" and "SDXL_ADAPTER_URL_MAX_BYTES" in err["message"]
     err = refused(api, f"{file_server}/full.safetensors")
     assert "holds no LoRA weights" in err["message"]
     assert "not a safetensors file" in refused(api, f"{file_server}/page.safetensors")["message"]
     assert "HTTP 404" in refused(api, f"{file_server}/missing.safetensors")["message"]
-    hits = dict(_Files.hits)
+    hits = dict(files.hits)
     port = file_server.rsplit(":", 1)[1]
     err = refused(api, f"http://localhost:{port}/style.safetensors")  # loopback, but not an allowed host name
     assert "SDXL_ADAPTER_URL_HOSTS" in err["message"] and "localhost" in err["message"]
@@ -143,7 +130,7 @@ def test_refusals_name_the_field_and_say_why(api: str, file_server: str, service
     assert "SDXL_ADAPTER_FETCH_ALLOW_ADDRESSES" in err["message"]
     err = refused(api, f"{file_server}/style.safetensors", scale=2.5)
     assert err["field"] == "loras[0].scale"
-    assert _Files.hits == hits  # none of these fetched anything
+    assert files.hits == hits  # none of these fetched anything
     r = post(api, loras=[{"name": "tiny-style", "url": f"{file_server}/style.safetensors"}])
     assert r.status_code == 422 and "exactly one" in r.text
     # the shared API allows no host: adapters by URL are off there

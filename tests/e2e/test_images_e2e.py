@@ -6,15 +6,14 @@ import base64
 import hashlib
 import io
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from tests.file_server import serve_files
 from tests.procs import Service, free_port
 
 BODY = {"prompt": "a red barn", "num_inference_steps": 4, "seed": 11, "refiner": {"mode": "none"}}
@@ -42,29 +41,11 @@ def mask() -> bytes:
 IMAGE, MASK = picture(), mask()
 
 
-class _Images(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        data = {"/image.png": IMAGE, "/mask.png": MASK}.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_server() -> Iterator[str]:
     """A loopback server of the test images; the module's API allowlists exactly its address."""
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _Images)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
+    with serve_files({"/image.png": ("image/png", IMAGE), "/mask.png": ("image/png", MASK)}) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")
