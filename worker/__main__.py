@@ -23,6 +23,7 @@ from redis.retry import Retry
 from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
+from common.contract import keys
 from common.logs import configure
 from common.storage import ObjectStore, StorageStatus, build_store, check_storage
 from worker.settings import WorkerSettings
@@ -175,8 +176,20 @@ def main() -> int:
         if not runner.drain(settings.shutdown_grace_seconds):
             log.warning("results still being stored at exit: their leases lapse and they run again")
         registry.remove()
+        wait_for_drain_hook(r, worker_id)
     log.info("worker stopped", extra={"worker_id": worker_id})
     return 0
+
+
+def wait_for_drain_hook(r: redis.Redis, worker_id: str, limit: float = 5.0) -> None:
+    """A preStop hook (worker/drain.py) still watching this worker would be killed with the container when this
+    process exits, and the kubelet would report a failed hook: give it a moment to see the drain and let go."""
+    deadline = time.monotonic() + limit
+    try:
+        while r.exists(keys.worker_drain_hook(worker_id)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except redis.RedisError:
+        pass
 
 
 if __name__ == "__main__":

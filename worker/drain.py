@@ -29,8 +29,17 @@ from worker.settings import WorkerSettings
 
 log = logging.getLogger("worker.drain")
 
-POLL_SECONDS = 0.5
+POLL_SECONDS = 0.2
 REPORT_SECONDS = 30.0
+HOOK_KEY_SECONDS = 3600  # outlives any grace period; deleted as soon as the hook has seen the worker drained
+
+
+def release(r: redis.Redis, wid: str) -> None:
+    """Let the worker exit: it lingers after unregistering until this hook has returned its answer."""
+    try:
+        r.delete(keys.worker_drain_hook(wid))
+    except redis.RedisError:
+        pass  # the worker stops waiting on its own after a few seconds
 
 
 def alive(pid: int) -> bool:
@@ -49,6 +58,11 @@ def drain(pid: int, r: redis.Redis, worker_id: str | None, host: str) -> None:
     except redis.RedisError:
         wid = None  # Redis away: watch the process alone
     log.info("draining worker %s (pid %d)", wid or "?", pid)
+    if wid is not None:
+        try:  # the worker waits (briefly) for this to go before exiting: see `release` below
+            r.set(keys.worker_drain_hook(wid), str(os.getpid()), ex=HOOK_KEY_SECONDS)
+        except redis.RedisError:
+            pass
     os.kill(pid, signal.SIGTERM)
     started = reported = time.monotonic()
     while alive(pid):
@@ -59,6 +73,7 @@ def drain(pid: int, r: redis.Redis, worker_id: str | None, host: str) -> None:
                 fields = {"state": "unknown (redis unreachable)"}
             if not fields:
                 log.info("worker %s drained after %.1fs", wid, time.monotonic() - started)
+                release(r, wid)
                 return
             now = time.monotonic()
             if now - reported >= REPORT_SECONDS:

@@ -45,6 +45,12 @@ def worker(worker_id: str) -> str:
     return f"{PREFIX}:worker:{worker_id}"
 
 
+def worker_drain_hook(worker_id: str) -> str:
+    """Set by a running preStop hook (worker/drain.py): the worker, once unregistered, waits for the hook to see
+    it and delete this before exiting, since a hook still running when PID 1 exits is killed with the container."""
+    return f"{PREFIX}:worker-drain:{worker_id}"
+
+
 def owner_index(owner: str) -> str:
     """Per-owner zset of all its generation ids by creation time (for listing)."""
     return f"{PREFIX}:index:{owner}"
