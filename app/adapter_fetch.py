@@ -20,7 +20,7 @@ from app.image_fetch import FetchRefused, ImageFetcher
 from app.schemas import GenerationCreate
 from app.settings import Settings
 from common import ssrf
-from common.adapter_urls import LoraFileError, adapter_key, check_adapter_url, check_lora_file, file_base, url_name
+from common.adapter_urls import LoraFileError, adapter_key, check_lora_file, file_base, url_name
 from common.contract import keys, stats
 from common.contract.params import LoraRef
 from common.storage import ObjectStore, StorageUnavailable, put_with_retry
@@ -33,7 +33,6 @@ class AdapterUrls:
         self.ar = ar
         self.settings = settings
         self.store = store
-        self.hosts = ssrf.split_list(settings.adapter_url_hosts)
         self.fetcher = ImageFetcher(
             ssrf.Policy.build(ssrf.split_list(settings.adapter_fetch_allow_addresses),
                               settings.adapter_fetch_allow_http),
@@ -45,14 +44,9 @@ class AdapterUrls:
     async def aclose(self) -> None:
         await self.fetcher.aclose()
 
-    def check(self, url: str, field: str) -> None:
-        """422 naming `field` for a URL no adapter may come from here (before anything is fetched)."""
-        reason = check_adapter_url(url, self.hosts, self.settings.adapter_fetch_allow_http)
-        if reason is not None:
-            raise field_error(field, reason, url)
-
     async def resolve(self, req: GenerationCreate) -> dict[int, LoraRef]:
-        """The request's adapters by URL, by their index in `loras`: fetched (or known) and stored."""
+        """The request's adapters by URL, by their index in `loras`: fetched (or known) and stored. Their URLs have
+        passed app/adapters.py's checks (allowed host, https, named once) in the cheap pass before this."""
         refs: dict[int, LoraRef] = {}
         for i, lora in enumerate(req.loras):
             if lora.url is not None:
@@ -62,7 +56,6 @@ class AdapterUrls:
 
     async def fetch(self, url: str, field: str) -> str:
         """The sha256 of the LoRA file at `url`, stored in the object store; 422 naming `field` if it is not one."""
-        self.check(url, field)
         memo = keys.adapter_url(hashlib.sha256(url.encode()).hexdigest())
         known = await self.ar.get(memo)
         if known is not None:

@@ -167,7 +167,7 @@ def main() -> int:
     log.info("worker ready", extra={"worker_id": worker_id})
     from worker.pipeline import freeze_heap
 
-    freeze_heap()  # the long-lived heap out of every later full collection (after `ready`: startup waits not)
+    freeze_heap()  # the long-lived heap out of later full collections (after `ready`: start-up does not wait)
     try:
         worker.work(logging_level=os.environ.get("SDXL_LOG_LEVEL", "INFO"))
     except StopRequested:

@@ -97,7 +97,6 @@ class AdapterCache:
         self.applied: tuple[tuple[str, str, float], ...] = ()
         self._applied_modules: list[Any] = []  # nn.Linear / nn.Conv2d layers with adapters fused now
         self._pristine: dict[int, tuple[Any, torch.Tensor]] = {}  # id(module) -> (module, weight)
-        self.counts = {"load": 0, "swap": 0, "evict": 0}
         self.tier_counts: dict[tuple[str, str], int] = {}  # (event, tier) -> count
         self.pending: list[tuple[str, str, float | None]] = []  # events not yet counted in Redis (take_events)
         self._store: ObjectStore | None = None  # adapters by URL: their bytes, put there by the API
@@ -112,6 +111,14 @@ class AdapterCache:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.loaded.values())
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Events by kind (load, swap, evict), every tier together."""
+        out = {"load": 0, "swap": 0, "evict": 0}
+        for (kind, _tier), n in self.tier_counts.items():
+            out[kind] += n
+        return out
 
     @property
     def cpu_nbytes(self) -> int:
@@ -317,7 +324,6 @@ class AdapterCache:
         return events
 
     def _event(self, kind: str, tier: str, seconds: float | None) -> None:
-        self.counts[kind] += 1
         self.tier_counts[(kind, tier)] = self.tier_counts.get((kind, tier), 0) + 1
         self.pending.append((kind, tier, seconds))
         del self.pending[:-1000]  # bounded if nobody takes them (benchmarks)
