@@ -160,7 +160,8 @@ def main() -> int:
     worker = SDXLWorker([make_queue(r)], connection=r, name=worker_id, serializer=JSONSerializer,
                         exception_handlers=[runner.rq_exception_handler])
     worker.attach(runner, registry, settings)
-    Heartbeat(worker, settings).start()
+    heartbeat = Heartbeat(worker, settings)
+    heartbeat.start()
     loading_beat.set()
     CancelListener(r, runner).start()
     registry.update(state="ready", warm=1)
@@ -175,20 +176,28 @@ def main() -> int:
     finally:
         if not runner.drain(settings.shutdown_grace_seconds):
             log.warning("results still being stored at exit: their leases lapse and they run again")
+        heartbeat.stop.set()  # a beat after `remove` would register this worker again while it waits below
+        heartbeat.join(timeout=settings.heartbeat_seconds + 5)
         registry.remove()
         wait_for_drain_hook(r, worker_id)
     log.info("worker stopped", extra={"worker_id": worker_id})
     return 0
 
 
-def wait_for_drain_hook(r: redis.Redis, worker_id: str, limit: float = 5.0) -> None:
-    """A preStop hook (worker/drain.py) still watching this worker would be killed with the container when this
-    process exits, and the kubelet would report a failed hook: give it a moment to see the drain and let go."""
+def wait_for_drain_hook(r: redis.Redis, worker_id: str, limit: float = 10.0) -> None:
+    """A preStop hook (worker/drain.py) still running when this process, PID 1 of the container, exits is killed
+    with it, and the kubelet reports a failed hook: wait until the hook has seen the drain (it deletes its key)
+    and its process has exited (the key holds its pid), for at most `limit` seconds."""
+    from worker.drain import alive
+
+    key = keys.worker_drain_hook(worker_id)
     deadline = time.monotonic() + limit
     try:
-        while r.exists(keys.worker_drain_hook(worker_id)) and time.monotonic() < deadline:
+        hook = r.get(key)
+        pid = int(hook) if hook else None
+        while time.monotonic() < deadline and (r.exists(key) or (pid is not None and alive(pid))):
             time.sleep(0.05)
-    except redis.RedisError:
+    except (redis.RedisError, ValueError):
         pass
 
 
